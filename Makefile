@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv with the pinned
+# stack (torch comes from the local disk) and install this package into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+PKG_STAMP := $(VENV)/.papr-kernels-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv install demo info test clean
+
+venv: $(DEPS_STAMP)
+
+$(DEPS_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(PKG_STAMP)
+
+$(PKG_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+info: install
+	$(PY) -m papr_kernels info
+
+demo: install
+	$(PY) -m papr_kernels info
+	$(PY) -m papr_kernels demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info papr_kernels/*.so $(PKG_STAMP)

@@ -1,0 +1,92 @@
+"""Command line: `python -m papr_kernels info` and `python -m papr_kernels demo`."""
+import argparse
+import platform
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+import papr_kernels
+from papr_kernels import backends, testing
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = __import__(module_name)
+    except Exception as exc:
+        return f"not available ({type(exc).__name__}: {exc})"
+    return getattr(module, "__version__", "unknown")
+
+
+def info() -> None:
+    """Versions, devices and each backend with why it can or cannot run (like xformers.info)."""
+    cuda = torch.cuda.is_available()
+    rows = [
+        ("papr_kernels", papr_kernels.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA build", torch.version.cuda or "none (CPU build)"),
+        ("CUDA device", torch.cuda.get_device_name(0) if cuda else "none"),
+        ("triton", _version("triton")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print()
+    print(f"{'backend':<8}  {'device':<6}  {'status':<11}  description / reason")
+    for name in backends.names():
+        backend = backends._REGISTRY[name]
+        for device_type in backend.devices:
+            if device_type == "meta":
+                continue
+            reason = backends.unavailable_reason(name, device_type)
+            status = "available" if reason is None else "unavailable"
+            print(f"{name:<8}  {device_type:<6}  {status:<11}  {reason or backend.description}")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (JIT compilation, caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def demo(batch: int = 8, repeats: int = 20) -> bool:
+    """Prune ViT-B/16-224-shaped tokens with MobileOne-S0-shaped features on every backend."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 197, 768, generator=gen)
+    f = torch.randn(batch, 1024, 7, 7, generator=gen)
+    print(f"x {tuple(x.shape)} tokens (ViT-B/16, 224 px), f {tuple(f.shape)} proposal features "
+          f"(MobileOne-S0), fp32, CPU")
+    print(f"{'backend':<8}  {'z':>4}  {'tokens kept':>11}  {'latency (ms)':>12}  matches reference")
+    all_match = True
+    for name in papr_kernels.available_backends("cpu"):
+        for z in (0.7, 0.5, 0.3):
+            out, idx = papr_kernels.prune(x, f, z, backend=name, return_indices=True)
+            ok = not testing.mismatches(x, f, z, out, idx)
+            all_match &= ok
+            ms = _median_ms(lambda: papr_kernels.prune(x, f, z, backend=name), repeats)
+            print(f"{name:<8}  {z:>4}  {out.shape[1]:>11}  {ms:>12.3f}  {'yes' if ok else 'NO'}")
+    return all_match
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m papr_kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions and backend availability")
+    demo_parser = sub.add_parser("demo", help="prune ViT-B/16-shaped tokens on every backend")
+    demo_parser.add_argument("--batch", type=int, default=8)
+    demo_parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+        return 0
+    return 0 if demo(args.batch, args.repeats) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

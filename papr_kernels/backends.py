@@ -1,0 +1,96 @@
+"""The backend registry: which implementation of `prune` runs for given tensors.
+
+A backend is a module, imported on first use, that provides
+
+    unavailable_reason(device_type: str) -> Optional[str]   # None when it can run there
+    forward(x, f, plan) -> (out, indices)                   # plan: validation.Plan, z < 1, B > 0
+    backward(grad_out, indices, plan) -> grad_x             # unique indices: no atomics
+
+Auto selection (`backend=None`) takes, among the backends listed for the tensors' device type,
+the first that can run. `PAPR_KERNELS_BACKEND` overrides auto selection.
+"""
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+ENV_VAR = "PAPR_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str                  # import path of the module implementing it
+    devices: Tuple[str, ...]     # device types it supports
+    description: str
+
+
+# Registration order is the auto-selection preference, fastest first.
+_REGISTRY: Dict[str, Backend] = {}
+_AUTO_ORDER: Dict[str, List[str]] = {}   # device type -> backend names, preferred first
+_MODULES: Dict[str, object] = {}
+_IMPORT_ERRORS: Dict[str, str] = {}
+
+
+def register(backend: Backend, auto_for: Tuple[str, ...] = ()) -> None:
+    """Add a backend; `auto_for` lists the device types on which auto selection may pick it."""
+    _REGISTRY[backend.name] = backend
+    for device_type in auto_for:
+        _AUTO_ORDER.setdefault(device_type, []).append(backend.name)
+
+
+def names() -> List[str]:
+    return list(_REGISTRY)
+
+
+def _load(name: str):
+    if name not in _MODULES and name not in _IMPORT_ERRORS:
+        try:
+            _MODULES[name] = importlib.import_module(_REGISTRY[name].module)
+        except Exception as exc:  # a missing extension or triton must not break the package
+            _IMPORT_ERRORS[name] = f"{type(exc).__name__}: {exc}"
+    return _MODULES.get(name)
+
+
+def unavailable_reason(name: str, device_type: str) -> Optional[str]:
+    """None when backend `name` can run on `device_type`, else a sentence saying why not."""
+    backend = _REGISTRY[name]
+    if device_type not in backend.devices:
+        return f"runs on {'/'.join(backend.devices)} tensors only, not {device_type}"
+    module = _load(name)
+    if module is None:
+        return f"cannot be imported ({_IMPORT_ERRORS[name]})"
+    return module.unavailable_reason(device_type)
+
+
+def available(device_type: Optional[str] = None) -> List[str]:
+    """Backends that can run on `device_type`, or on any device of this machine when None."""
+    device_types = [device_type] if device_type else _local_device_types()
+    return [name for name in _REGISTRY
+            if any(unavailable_reason(name, d) is None for d in device_types)]
+
+
+def _local_device_types() -> List[str]:
+    import torch
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def resolve(name: Optional[str], device_type: str):
+    """The module of the backend that runs `prune` for tensors on `device_type`."""
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+    if name is None:
+        for candidate in _AUTO_ORDER.get(device_type, []) + ["torch"]:
+            if unavailable_reason(candidate, device_type) is None:
+                return _MODULES[candidate]
+        raise RuntimeError(f"no papr_kernels backend can run on {device_type} tensors")
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {names()} or None, got {name!r}")
+    reason = unavailable_reason(name, device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device_type} tensors here: {reason}")
+    return _MODULES[name]
+
+
+register(Backend("torch", "papr_kernels.reference", ("cpu", "cuda", "meta"),
+                 "pure-PyTorch reference (SPEC's executable form)"))

@@ -1,0 +1,73 @@
+"""`prune`: validation, backend dispatch and the autograd Function every backend plugs into."""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import backends, validation
+
+
+class PruneFunction(torch.autograd.Function):
+    """Forward: a backend's fused select + gather. Backward: a scatter at unique indices.
+
+    The gradient reaches x only; f and the indices get none.
+    """
+
+    @staticmethod
+    def forward(x, f, backend, plan):
+        return backend.forward(x, f, plan)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, backend, plan = inputs
+        _, indices = output
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
+        ctx.backend = backend
+        ctx.plan = plan
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices):
+        (indices,) = ctx.saved_tensors
+        grad_x = ctx.backend.backward(grad_out, indices, ctx.plan) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+def prune(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    z: float,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Optional[Sequence[int]] = None,
+    align_corners: bool = True,
+    order: str = "score",
+    return_indices: bool = False,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Keep the prefix tokens and the top-z fraction of patch tokens of x, ranked by f.
+
+    Args:
+        x: tokens (B, n, C); the first `num_prefix_tokens` are class/register tokens, the other
+            N = n - num_prefix_tokens are patch tokens laid out row-major over `grid`.
+        f: proposal features (B, K, h, w), or (B, K, t, h, w) for video.
+        z: keep ratio in (0, 1]; `int(n * z)` patch tokens are kept (at least 1, at most N).
+        num_prefix_tokens: leading tokens never pruned (timm's convention).
+        grid: token grid (H, W) or (T, H, W); None means square.
+        align_corners: passed to the bicubic/trilinear resize (True as in the published code).
+        order: "score" keeps tokens in descending significance, "spatial" in ascending index.
+        return_indices: also return the kept patch indices (B, k), int64, prefix excluded.
+        backend: "torch", "triton", "cpp", "cuda", or None for the fastest that can run here.
+
+    Returns:
+        (B, num_prefix_tokens + k, C) tokens, and the indices when `return_indices`.
+    """
+    plan = validation.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
+    impl = backends.resolve(backend, x.device.type)
+    if plan.identity:
+        out, indices = x, validation.all_patch_indices(x, plan)
+    elif x.shape[0] == 0:
+        out = x.new_empty(0, plan.num_prefix_tokens + plan.keep, x.shape[2])
+        indices = torch.empty(0, plan.keep, dtype=torch.int64, device=x.device)
+    else:
+        out, indices = PruneFunction.apply(x, f, impl, plan)
+    return (out, indices) if return_indices else out

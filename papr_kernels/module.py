@@ -1,0 +1,39 @@
+"""`PaPr`: the operator as an nn.Module, in the style of timm's PatchDropout."""
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import validation
+from .function import prune
+
+
+class PaPr(nn.Module):
+    """Keep the prefix tokens and the top-z fraction of patch tokens, ranked by proposal features.
+
+    Unlike PatchDropout it is a deterministic inference-time op: it prunes in train and eval mode
+    alike, and z = 1 returns x unchanged.
+    """
+
+    def __init__(self, z: float, num_prefix_tokens: int = 1, order: str = "score",
+                 grid: Optional[Sequence[int]] = None, align_corners: bool = True,
+                 return_indices: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        validation.check_z(z)
+        if order not in validation.ORDERS:
+            raise ValueError(f"order must be one of {validation.ORDERS}, got {order!r}")
+        self.z = z
+        self.num_prefix_tokens = num_prefix_tokens
+        self.order = order
+        self.grid = None if grid is None else tuple(grid)
+        self.align_corners = align_corners
+        self.return_indices = return_indices
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, f: torch.Tensor):
+        return prune(x, f, self.z, num_prefix_tokens=self.num_prefix_tokens, grid=self.grid,
+                     align_corners=self.align_corners, order=self.order,
+                     return_indices=self.return_indices, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"z={self.z}, num_prefix_tokens={self.num_prefix_tokens}, order={self.order!r}"

@@ -1,0 +1,104 @@
+"""PaPr patch pruning in plain PyTorch: the executable form of SPEC.md.
+
+Every other backend is tested against this module, so it favours plain, obviously correct code
+over speed. The four steps of the method are separate functions:
+
+    scores  = significance(f, grid)          # channel mean, resized to the token grid (fp32)
+    k       = keep_count(n, z, P)            # int(n * z) on the full token count, clamped
+    indices = select(scores, k, order)       # SPEC's total order, top k
+    out     = gather(x, indices, P)          # prefix tokens, then the kept patch tokens
+
+and `scatter` is the gradient of `gather`.
+"""
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import validation
+
+
+def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = True) -> torch.Tensor:
+    """Per-patch significance (B, prod(grid)) in float32.
+
+    The proposal features are averaged over channels, then resized to the token grid: bicubic
+    (A = -0.75, clamped border taps) for images (B, K, h, w), trilinear for video (B, K, t, h, w).
+    """
+    mode = "bicubic" if f.dim() == 4 else "trilinear"
+    channel_mean = f.float().mean(dim=1, keepdim=True)
+    resized = F.interpolate(channel_mean, size=tuple(grid), mode=mode, align_corners=align_corners)
+    return resized.flatten(1)
+
+
+def keep_count(n: int, z: float, num_prefix_tokens: int = 1) -> int:
+    """Number of patch tokens kept out of `n` tokens (prefix tokens included) at keep ratio `z`.
+
+    As in the published code, `int(n * z)` counts the prefix tokens: ViT-B/16 at 224 px
+    (n = 197) with z = 0.5 keeps 98 patches plus the class token.
+    """
+    return min(max(int(n * z), 1), n - num_prefix_tokens)
+
+
+def rank(scores: torch.Tensor) -> torch.Tensor:
+    """All patch indices (B, N) by descending score: SPEC's total order.
+
+    Ties go to the lower index (stable sort), -0.0 equals +0.0 and NaN ranks as -inf.
+    """
+    total_order = torch.where(scores.isnan(), float("-inf"), scores) + 0.0  # -0.0 + 0.0 == +0.0
+    return torch.argsort(total_order, dim=1, descending=True, stable=True)
+
+
+def select(scores: torch.Tensor, k: int, order: str = "score") -> torch.Tensor:
+    """The k kept patch indices (B, k), int64, in rank order or ascending ("spatial")."""
+    indices = rank(scores)[:, :k]
+    if order == "spatial":
+        indices = indices.sort(dim=1).values
+    return indices
+
+
+def gather(x: torch.Tensor, indices: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """The prefix tokens of x, then its patch tokens at `indices` (B, k)."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    patches = x[:, num_prefix_tokens:][rows, indices]
+    return torch.cat([x[:, :num_prefix_tokens], patches], dim=1)
+
+
+def scatter(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: int,
+            num_prefix_tokens: int) -> torch.Tensor:
+    """Gradient of `gather` for x: grad_out's rows put back in place, zeros at pruned tokens.
+
+    The indices of a row are unique, so this is a plain write, not an accumulation.
+    """
+    batch, _, channels = grad_out.shape
+    grad_x = grad_out.new_zeros(batch, num_tokens, channels)
+    grad_x[:, :num_prefix_tokens] = grad_out[:, :num_prefix_tokens]
+    rows = torch.arange(batch, device=grad_out.device)[:, None]
+    grad_x[:, num_prefix_tokens:][rows, indices] = grad_out[:, num_prefix_tokens:]
+    return grad_x
+
+
+def prune(x, f, z, *, num_prefix_tokens=1, grid=None, align_corners=True, order="score",
+          return_indices=False):
+    """SPEC's `prune` in plain PyTorch, differentiable through ordinary autograd."""
+    plan = validation.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
+    if plan.identity:
+        out, indices = x, validation.all_patch_indices(x, plan)
+    else:
+        indices = select(significance(f, plan.grid, align_corners), plan.keep, order)
+        out = gather(x, indices, num_prefix_tokens)
+    return (out, indices) if return_indices else out
+
+
+# The "torch" backend: the reference itself.
+
+def unavailable_reason(device_type: str):
+    return None
+
+
+def forward(x: torch.Tensor, f: torch.Tensor, plan: "validation.Plan"):
+    indices = select(significance(f, plan.grid, plan.align_corners), plan.keep, plan.order)
+    return gather(x, indices, plan.num_prefix_tokens), indices
+
+
+def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan: "validation.Plan"):
+    return scatter(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
