@@ -92,5 +92,13 @@ def resolve(name: Optional[str], device_type: str):
     return _MODULES[name]
 
 
+# Auto preference: CUDA tensors -> triton, then cuda; CPU tensors -> cpp; torch is the fallback.
+register(Backend("triton", "papr_kernels.ops.triton_prune", ("cuda", "cpu"),
+                 "fused Triton kernels (CPU tensors only under TRITON_INTERPRET=1)"),
+         auto_for=("cuda",))
+register(Backend("cuda", "papr_kernels.ops.cpp_prune", ("cuda",),
+                 "CUDA kernel of the C++ extension"), auto_for=("cuda",))
+register(Backend("cpp", "papr_kernels.ops.cpp_prune", ("cpu",),
+                 "C++ CPU kernel of the extension"), auto_for=("cpu",))
 register(Backend("torch", "papr_kernels.reference", ("cpu", "cuda", "meta"),
                  "pure-PyTorch reference (SPEC's executable form)"))

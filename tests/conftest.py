@@ -25,6 +25,10 @@ from papr_kernels import backends  # noqa: E402
 BACKENDS = [
     ("torch", "cpu"),
     ("torch", "cuda"),
+    ("triton", "cpu"),   # under TRITON_INTERPRET=1
+    ("triton", "cuda"),
+    ("cpp", "cpu"),
+    ("cuda", "cuda"),
 ]
 
 
