@@ -131,30 +131,35 @@ if triton is not None:
         return i0, i1, l0, l1
 
     @triton.jit
+    def _compare_exchange(keys, s: tl.constexpr, i: tl.constexpr, LOG_N: tl.constexpr,
+                          DESCENDING: tl.constexpr):
+        """One bitonic stage: partners 2**i apart, block direction from bit s of the position."""
+        N: tl.constexpr = 1 << LOG_N
+        D: tl.constexpr = 1 << i
+        A: tl.constexpr = N // (2 * D)
+        h = tl.reshape(keys, (A, 2, D))
+        side = tl.arange(0, 2)[None, :, None]
+        left = tl.sum(tl.where(side == 0, h, 0), axis=1)
+        right = tl.sum(tl.where(side == 1, h, 0), axis=1)
+        hi = tl.maximum(left, right)
+        lo = tl.minimum(left, right)
+        # bit s of the position is bit (s - i - 1) of the block number (0 in the last merge)
+        blk = (tl.arange(0, A)[:, None] >> (s - 1 - i)) & 1
+        if DESCENDING:
+            first_big = blk == 0
+        else:
+            first_big = blk == 1
+        first = tl.where(first_big, hi, lo)
+        second = tl.where(first_big, lo, hi)
+        h = tl.where(side == 0, first[:, None, :], second[:, None, :])
+        return tl.reshape(h, (N,))
+
+    @triton.jit
     def _bitonic_sort(keys, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
         """Sort int64 keys (2**LOG_N of them) with a bitonic network; masked sums pick halves."""
-        N: tl.constexpr = 1 << LOG_N
         for s in tl.static_range(1, LOG_N + 1):
             for t in tl.static_range(s):
-                i: tl.constexpr = s - 1 - t                  # compare partners 2**i apart
-                D: tl.constexpr = 1 << i
-                A: tl.constexpr = N // (2 * D)
-                h = tl.reshape(keys, (A, 2, D))
-                side = tl.arange(0, 2)[None, :, None]
-                left = tl.sum(tl.where(side == 0, h, 0), axis=1)
-                right = tl.sum(tl.where(side == 1, h, 0), axis=1)
-                hi = tl.maximum(left, right)
-                lo = tl.minimum(left, right)
-                # block direction: bit s of the position (always 0 in the last merge, s == LOG_N)
-                blk = (tl.arange(0, A)[:, None] >> (s - 1 - i)) & 1
-                if DESCENDING:
-                    first_big = blk == 0
-                else:
-                    first_big = blk == 1
-                first = tl.where(first_big, hi, lo)
-                second = tl.where(first_big, lo, hi)
-                h = tl.where(side == 0, first[:, None, :], second[:, None, :])
-                keys = tl.reshape(h, (N,))
+                keys = _compare_exchange(keys, s, s - 1 - t, LOG_N, DESCENDING)
         return keys
 
     @triton.jit
@@ -365,6 +370,12 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
                 BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
 
 
+def fwd_num_warps(num_patches: int) -> int:
+    """More warps for bigger sorts: the 2**LOG_N int64 keys live in registers."""
+    size = _next_pow2(num_patches)
+    return 4 if size <= 512 else 8 if size <= 2048 else 16
+
+
 def bwd_constexprs(interpreted: bool = False):
     return dict(BLOCK_T=256 if interpreted else BLOCK_T, BLOCK_J=1024 if interpreted else BLOCK_J,
                 BLOCK_C=BLOCK_C)
@@ -401,7 +412,7 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     _prune_fwd_kernel[(batch, -(-rows // rows_per), -(-channels // chans_per))](
         x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
         channels, f.shape[1], math.prod(src), N, P, keep,
-        *src, *dst, *scales, rows_per, chans_per, **meta)
+        *src, *dst, *scales, rows_per, chans_per, num_warps=fwd_num_warps(N), **meta)
     return out, indices
 
 
