@@ -34,3 +34,7 @@ test: install
 
 clean:
 	rm -rf build dist *.egg-info papr_kernels/*.so $(PKG_STAMP)
+
+.PHONY: gpu-report
+gpu-report: install
+	$(PY) tools/gpu_report_triton.py
