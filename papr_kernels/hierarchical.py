@@ -162,8 +162,17 @@ def _index(x_shape, indices: torch.Tensor):
     return rows, torch.div(indices, width, rounding_mode="floor"), indices % width
 
 
+def _flat_rows(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Row numbers of the kept positions in the (B*N, C) view."""
+    offsets = torch.arange(indices.shape[0], device=indices.device)[:, None] * num_positions
+    return (indices + offsets).reshape(-1)
+
+
 class TorchOps:
-    """Plain PyTorch: advanced indexing; the writes use index_put without accumulation."""
+    """Plain PyTorch. Dense (contiguous) tensors: index_select / index_copy_ on the (B*N, C) row
+    view (one gather, one plain write: indices are unique, nothing accumulates); any other
+    strides (e.g. an NCHW tensor seen channels-last): advanced indexing and index_put without
+    accumulation."""
 
     @staticmethod
     def unavailable_reason(device_type: str) -> Optional[str]:
@@ -171,19 +180,27 @@ class TorchOps:
 
     @staticmethod
     def gather_rows(x, indices):
+        if x.is_contiguous():
+            rows = _flat_rows(indices, math.prod(x.shape[1:-1]))
+            return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(*indices.shape, -1)
         return x[_index(x.shape, indices)]
 
     @staticmethod
     def scatter_rows(values, indices, shape):
         out = values.new_zeros(shape)
-        out[_index(shape, indices)] = values
+        rows = _flat_rows(indices, math.prod(shape[1:-1]))
+        out.view(-1, shape[-1]).index_copy_(0, rows, values.reshape(-1, shape[-1]))
         return out
 
     @staticmethod
     def scatter_back(x, indices, values, inplace=False):
-        out = x if inplace else x.clone()
-        where = _index(x.shape, indices)
-        out[where] = x[where] + values
+        out = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+        rows = _flat_rows(indices, math.prod(x.shape[1:-1]))
+        out2d = out.view(-1, x.shape[-1])
+        out2d.index_copy_(0, rows, out2d.index_select(0, rows) + values.reshape(-1, x.shape[-1]))
+        if inplace and out is not x:
+            x.copy_(out)
+            return x
         return out
 
 
