@@ -44,7 +44,7 @@ BENCH_ARGS ?=
 bench: install
 	@mkdir -p benchmarks/results
 	m=$$($(PY) benchmarks/papr_bench.py) && \
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.25 \
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.1 \
 		--benchmark-warmup=off --benchmark-columns=median,iqr,rounds --benchmark-sort=name -p no:randomly \
 		--benchmark-json=benchmarks/results/$$m.json $(BENCH_ARGS) && \
 	$(PY) benchmarks/report.py benchmarks/results/$$m.json $$(case $$m in cpu-*) echo --readme README.md;; esac)

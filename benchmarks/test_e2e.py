@@ -140,6 +140,6 @@ def test_e2e(benchmark, device, quick, batch, config):
         proposal_gflops_per_image=prop_gflops,
         backend=None if config == "unpruned" else papr_kernels.backends.resolve(None, device).__name__,
     )
-    benchmark.pedantic(timed, rounds=1 if quick else 5, warmup_rounds=0 if quick else 1)
+    benchmark.pedantic(timed, rounds=1 if quick else 3, warmup_rounds=0)
     if timed.event_median_s() is not None:
         benchmark.extra_info["event_median_s"] = timed.event_median_s()
