@@ -77,7 +77,7 @@ def main():
     proposal = make_proposal(device)
     print(f"device {device}, torch {torch.__version__}, timm {timm.__version__}, "
           f"threads {torch.get_num_threads()}, batch {args.batch}, best of {args.iters} interleaved rounds")
-    print(f"| model | z | images/s | speed-up | GFLOPs/img (proposal incl.) | FLOP ratio |")
+    print(f"| model | z | images/s | speed-up | GFLOPs/img (pruned rows: proposal incl.) | FLOP ratio |")
     print(f"| --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         model = timm.create_model(name, pretrained=False).to(device).eval()
