@@ -1,0 +1,136 @@
+"""papr_kernels.timm / papr_kernels.proposal: patched timm ViTs against hand-written pipelines.
+
+Random weights only (pretrained=False): nothing is downloaded. The reference pipeline below is
+written from timm's public pieces (patch_embed, pos_embed, blocks, norm, head) and
+`papr_kernels.reference`, not from the patched forward.
+"""
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm")
+from timm.layers import resample_abs_pos_embed  # noqa: E402
+
+import papr_kernels.timm as papr_timm  # noqa: E402
+from papr_kernels import proposal as papr_proposal  # noqa: E402
+from papr_kernels import reference  # noqa: E402
+
+
+class TinyProposal(nn.Module):
+    """A cheap stride-32 ConvNet: (B, 3, H, W) -> (B, 8, ceil(H/32), ceil(W/32))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 8, stride=8)
+        self.conv2 = nn.Conv2d(16, 8, 4, stride=4, padding=0)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        x = nn.functional.pad(x, (0, -w % 32, 0, -h % 32))
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def make_proposal(seed=0):
+    torch.manual_seed(seed)
+    return TinyProposal().eval()
+
+
+def make_vit(name, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def images_for(model, batch=1, size=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    size = size or model.patch_embed.img_size
+    return torch.randn(batch, 3, *size, generator=gen)
+
+
+def reference_tokens(model, net, images, z, order="score"):
+    """Tokens after pruning, by hand: patch embed, prefix tokens, pos embed, PaPr reference."""
+    batch, _, height, width = images.shape
+    patch = model.patch_embed.patch_size
+    grid = (height // patch[0], width // patch[1])
+    x = model.patch_embed.proj(images).flatten(2).transpose(1, 2)   # (B, N, C)
+    x = model.patch_embed.norm(x)
+    prefix = [t.expand(batch, -1, -1) for t in (model.cls_token, getattr(model, "dist_token", None),
+                                                model.reg_token) if t is not None]
+    num_prefix = sum(t.shape[1] for t in prefix)
+    pos = model.pos_embed
+    if tuple(grid) != tuple(model.patch_embed.grid_size):
+        pos = resample_abs_pos_embed(pos, new_size=grid, old_size=model.patch_embed.grid_size,
+                                     num_prefix_tokens=0 if model.no_embed_class else num_prefix)
+    if model.no_embed_class:
+        x = torch.cat(prefix + [x + pos], dim=1)
+    else:
+        x = torch.cat(prefix + [x], dim=1) + pos
+    if z < 1:
+        scores = reference.significance(net(images), grid)
+        keep = reference.keep_count(x.shape[1], z, num_prefix)
+        x = reference.gather(x, reference.select(scores, keep, order), num_prefix)
+    return x, num_prefix
+
+
+def reference_logits(model, net, images, z, order="score"):
+    x, num_prefix = reference_tokens(model, net, images, z, order)
+    for block in model.blocks:
+        x = block(x)
+    x = model.norm(x)
+    if model.global_pool == "token":
+        heads = [(model.head, x[:, 0])]
+        if getattr(model, "head_dist", None) is not None:
+            heads.append((model.head_dist, x[:, 1]))
+        return sum(head(model.fc_norm(t)) for head, t in heads) / len(heads)
+    assert model.global_pool == "avg"
+    return model.head(model.fc_norm(x[:, num_prefix:].mean(dim=1)))
+
+
+def count_block_tokens(model):
+    """A list that a forward fills with the token count entering each block's MLP."""
+    counts = []
+    for block in model.blocks:
+        block.mlp.register_forward_hook(lambda mod, inp, out: counts.append(inp[0].shape[1]))
+    return counts
+
+
+MODELS = [
+    # name, expected prefix tokens, input size
+    ("vit_base_patch16_224", 1),
+    ("vit_base_patch16_gap_224", 0),
+    ("vit_base_patch16_reg4_gap_256", 4),
+    ("vit_small_patch16_384", 1),
+    ("deit_tiny_distilled_patch16_224", 2),
+]
+
+
+@pytest.mark.parametrize("name,num_prefix", MODELS, ids=[m[0] for m in MODELS])
+def test_patched_vit_matches_hand_written_pipeline(name, num_prefix):
+    # The model's own configuration (prefix tokens, pooling, image size, width) with 3 blocks:
+    # the patch touches only what comes before the blocks, and CI time is short.
+    model = make_vit(name, depth=3)
+    net = make_proposal()
+    images = images_for(model)
+    original_class = type(model)
+    with torch.no_grad():
+        unpatched = model(images)
+        assert papr_timm.patch(model, net, z=0.5) is model
+        assert isinstance(model, original_class) and type(model) is not original_class
+        counts = count_block_tokens(model)
+        out = model(images)
+        expected = reference_logits(model, net, images, 0.5)
+        n = model.patch_embed.num_patches + num_prefix
+        assert counts[0] == num_prefix + reference.keep_count(n, 0.5, num_prefix)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, unpatched, atol=1e-3)  # pruning changed something
+
+        model.papr_z = 0.3  # changeable between calls
+        torch.testing.assert_close(model(images), reference_logits(model, net, images, 0.3),
+                                   rtol=1e-5, atol=1e-5)
+
+        model.papr_z = 1.0  # keeps every token: bit-identical to the unpatched model
+        assert torch.equal(model(images), unpatched)
+
+        papr_timm.unpatch(model)
+        assert type(model) is original_class
+        assert not papr_timm.is_patched(model) and not hasattr(model, "papr_z")
+        assert torch.equal(model(images), unpatched)
