@@ -23,7 +23,7 @@ class Proposal(nn.Module):
     def __init__(self, network: nn.Module):
         super().__init__()
         self.network = network
-        self.network.eval()
+        self.train(False)
         self.network.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "Proposal":

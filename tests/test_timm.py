@@ -134,3 +134,125 @@ def test_patched_vit_matches_hand_written_pipeline(name, num_prefix):
         assert type(model) is original_class
         assert not papr_timm.is_patched(model) and not hasattr(model, "papr_z")
         assert torch.equal(model(images), unpatched)
+
+
+def tiny_vit(**kwargs):
+    """A 2-block, 64-wide ViT: the same VisionTransformer class, cheap to run and to compile."""
+    torch.manual_seed(0)
+    args = dict(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    args.update(kwargs)
+    return timm.models.vision_transformer.VisionTransformer(**args).eval()
+
+
+@pytest.mark.parametrize("kind", ["dynamic_img_size", "non_square_model"])
+def test_non_square_and_dynamic_image_sizes(kind):
+    net = make_proposal()
+    if kind == "dynamic_img_size":
+        model = tiny_vit(dynamic_img_size=True)
+        sizes = [(160, 224), (224, 224), (288, 192)]  # grids 10x14, 14x14, 18x12
+    else:
+        model = tiny_vit(img_size=(160, 256))          # static 10x16 grid
+        sizes = [(160, 256)]
+    papr_timm.patch(model, net, z=0.4)
+    counts = count_block_tokens(model)
+    with torch.no_grad():
+        for size in sizes:
+            images = images_for(model, batch=2, size=size)
+            counts.clear()
+            out = model(images)
+            n = 1 + (size[0] // 16) * (size[1] // 16)
+            assert counts[0] == 1 + reference.keep_count(n, 0.4, 1)
+            torch.testing.assert_close(out, reference_logits(model, net, images, 0.4),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_spatial_order_and_patch_keeps_module_tree():
+    model = tiny_vit(global_pool="avg", class_token=False, reg_tokens=2)
+    net = make_proposal()
+    params_before = {k: v.clone() for k, v in model.state_dict().items()}
+    papr_timm.patch(model, net, z=0.5, order="spatial")
+    # The proposal is outside the module tree: parameters and state_dict are the model's alone.
+    assert list(model.state_dict()) == list(params_before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in params_before.items())
+    model.train()
+    assert not net.training  # the proposal stays in eval mode
+    model.eval()
+    images = images_for(model, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images),
+                                   reference_logits(model, net, images, 0.5, order="spatial"),
+                                   rtol=1e-5, atol=1e-5)
+    # Re-patching updates the settings, unpatch restores the class in one step.
+    papr_timm.patch(model, net, z=0.7)
+    assert model.papr_z == 0.7 and model.papr_order == "score"
+    papr_timm.unpatch(model)
+    assert type(model) is timm.models.vision_transformer.VisionTransformer
+
+
+def test_patch_rejects_bad_arguments():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="z"):
+        papr_timm.patch(model, make_proposal(), z=0.0)
+    with pytest.raises(ValueError, match="order"):
+        papr_timm.patch(model, make_proposal(), order="random")
+    with pytest.raises(ValueError, match="merge_r"):
+        papr_timm.patch(model, make_proposal(), merge_r=-1)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        papr_timm.patch(nn.Linear(2, 2), make_proposal())
+    assert not papr_timm.is_patched(model)
+
+
+def test_proposal_create_mobileone_is_frozen_reparameterized_stride_32():
+    proposal = papr_proposal.create("mobileone_s0")
+    assert not proposal.training and not proposal.network.training
+    assert all(not p.requires_grad for p in proposal.parameters())
+    # MobileOne's training-time branches are folded into single convolutions.
+    names = [n for n, _ in proposal.named_modules()]
+    assert not any("rbr" in n for n in names) and any("reparam_conv" in n for n in names)
+    images = torch.randn(1, 3, 224, 160, requires_grad=True)
+    f = proposal(images)
+    assert f.shape == (1, 1024, 7, 5) and not f.requires_grad
+    proposal.train()
+    assert not proposal.network.training
+    # The same network unfused computes the same features (reparameterization is exact).
+    torch.manual_seed(0)
+    unfused = timm.create_model("mobileone_s0", pretrained=False, features_only=True,
+                                out_indices=(-1,)).eval()
+    torch.manual_seed(0)
+    fused = papr_proposal.create("mobileone_s0")
+    with torch.no_grad():
+        a, b = fused(images), unfused(images)[-1]
+    scale = b.abs().max()  # random weights: activations grow large, compare relative to them
+    torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-5)
+
+
+def test_proposal_wraps_user_module():
+    net = make_proposal()
+    wrapped = papr_proposal.create(net)
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(wrapped(images), net(images))
+    assert papr_proposal.create(wrapped) is wrapped
+    with pytest.raises(ValueError, match="proposal network must return"):
+        papr_proposal.create(nn.Flatten())(images)
+
+
+def test_compile_and_inference_mode():
+    model = tiny_vit()
+    net = make_proposal()
+    papr_timm.patch(model, net, z=0.5)
+    images = images_for(model, batch=2)
+    with torch.inference_mode():
+        expected = reference_logits(model, net, images, 0.5)
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), expected, rtol=1e-4, atol=1e-4)
+        model.papr_z = 0.3  # a guard on papr_z: recompiles, follows the new ratio
+        torch.testing.assert_close(compiled(images), reference_logits(model, net, images, 0.3),
+                                   rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(images), reference_logits(model, net, images, 0.3),
+                                   rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
