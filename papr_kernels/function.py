@@ -3,7 +3,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import backends, validation
+from . import backends, reference, validation
 
 
 class PruneFunction(torch.autograd.Function):
@@ -28,8 +28,30 @@ class PruneFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_indices):
         (indices,) = ctx.saved_tensors
-        grad_x = ctx.backend.backward(grad_out, indices, ctx.plan) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ScatterFunction.apply(grad_out, indices, ctx.backend, ctx.plan)
         return grad_x, None, None, None
+
+
+class ScatterFunction(torch.autograd.Function):
+    """The backward of PruneFunction as a Function of its own, so that double backward works on
+    every backend: the gradient of a scatter is the gather of the same rows."""
+
+    @staticmethod
+    def forward(grad_out, indices, backend, plan):
+        return backend.backward(grad_out, indices, plan)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, indices, _, plan = inputs
+        ctx.save_for_backward(indices)
+        ctx.num_prefix_tokens = plan.num_prefix_tokens
+
+    @staticmethod
+    def backward(ctx, grad_grad_x):
+        (indices,) = ctx.saved_tensors
+        return reference.gather(grad_grad_x, indices, ctx.num_prefix_tokens), None, None, None
 
 
 def prune(

@@ -1,0 +1,118 @@
+"""Public API: backend selection, the nn.Module, the command line, torch.compile."""
+import pytest
+import torch
+
+import papr_kernels
+from papr_kernels import backends, reference, testing
+from papr_kernels.__main__ import main
+
+
+def _inputs(batch=2):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 197, 8, generator=gen), torch.randn(batch, 4, 7, 7, generator=gen)
+
+
+def test_public_names():
+    for name in ["prune", "significance", "keep_count", "available_backends", "PaPr"]:
+        assert name in papr_kernels.__all__ and callable(getattr(papr_kernels, name))
+
+
+def test_torch_backend_is_always_available():
+    assert "torch" in papr_kernels.available_backends()
+    assert "torch" in papr_kernels.available_backends("cpu")
+    assert "torch" in papr_kernels.available_backends("meta")
+
+
+def test_auto_picks_the_first_runnable_backend_in_preference_order(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    runnable = [n for n in backends._AUTO_ORDER.get("cpu", []) if n in
+                papr_kernels.available_backends("cpu")] + ["torch"]
+    assert backends.resolve(None, "cpu") is backends._MODULES[runnable[0]]
+
+
+def test_env_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.resolve(None, "cpu") is reference
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="backend"):
+        papr_kernels.prune(*_inputs(), 0.5)
+
+
+def test_explicit_backend_wins_over_env(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    assert backends.resolve("torch", "cpu") is reference
+
+
+def test_meta_tensors_give_shapes():
+    x, f = torch.empty(3, 197, 8, device="meta"), torch.empty(3, 4, 7, 7, device="meta")
+    out, idx = papr_kernels.prune(x, f, 0.5, return_indices=True)
+    assert out.shape == (3, 99, 8) and out.device.type == "meta"
+    assert idx.shape == (3, 98) and idx.dtype == torch.int64
+
+
+def test_module_matches_function():
+    x, f = _inputs()
+    layer = papr_kernels.PaPr(z=0.3, num_prefix_tokens=1, order="spatial", return_indices=True)
+    out, idx = layer(x, f)
+    expected, expected_idx = reference.prune(x, f, 0.3, order="spatial", return_indices=True)
+    assert torch.equal(out, expected) and torch.equal(idx, expected_idx)
+    assert "z=0.3" in repr(layer)
+    assert torch.equal(papr_kernels.PaPr(1.0)(x, f), x)
+
+
+def test_significance_and_keep_count_are_the_reference():
+    x, f = _inputs()
+    scores = papr_kernels.significance(f, (14, 14))
+    assert scores.shape == (2, 196) and scores.dtype == torch.float32
+    assert papr_kernels.keep_count(197, 0.5) == 98
+
+
+def test_info_lists_versions_and_backends(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"papr_kernels      {papr_kernels.__version__}" in text
+    assert torch.__version__ in text
+    assert any(line.split()[:3] == ["torch", "cpu", "available"] for line in text.splitlines())
+    for name in backends.names():
+        assert any(line.startswith(name) for line in text.splitlines())
+
+
+def test_demo_prints_a_table_and_matches(capsys):
+    assert main(["demo", "--batch", "2", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    torch_rows = [r for r in rows if r and r[0] == "torch"]
+    assert [r[1:3] for r in torch_rows] == [["0.7", "138"], ["0.5", "99"], ["0.3", "60"]]
+    assert all(r[-1] == "yes" for r in rows if r and r[0] in backends.names())
+
+
+def test_matching_rule_catches_wrong_results():
+    x, f = _inputs()
+    out, idx = reference.prune(x, f, 0.5, return_indices=True)
+    assert testing.mismatches(x, f, 0.5, out, idx, exact_indices=True) == []
+    swapped = idx.clone()
+    swapped[:, -1] = reference.rank(reference.significance(f, (14, 14)))[:, -1]  # worst patch
+    assert any("scores" in p for p in testing.mismatches(
+        x, f, 0.5, reference.gather(x, swapped, 1), swapped))
+    assert testing.mismatches(x, f, 0.5, out * 2, idx)                      # wrong values
+    assert testing.mismatches(x, f, 0.5, out, idx.flip(1)[:, :]) != []     # wrong order
+    dup = idx.clone()
+    dup[:, 1] = dup[:, 0]
+    assert testing.mismatches(x, f, 0.5, reference.gather(x, dup, 1), dup)  # repeated index
+    with pytest.raises(AssertionError, match="differ"):
+        testing.assert_matches_reference(x, f, 0.5, out + 1, idx)
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    x, f = _inputs()
+    x.requires_grad_()
+
+    def fn(x, f):
+        return papr_kernels.prune(x, f, 0.5, backend="torch")
+
+    explanation = torch._dynamo.explain(fn)(x, f)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, f)
+    assert torch.equal(out, reference.prune(x, f, 0.5))
+    out.sum().backward()
+    assert int((x.grad != 0).any(dim=2).sum()) == 2 * 99
