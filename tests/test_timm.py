@@ -256,3 +256,14 @@ def test_compile_and_inference_mode():
         torch.testing.assert_close(compiled(images), reference_logits(model, net, images, 0.3),
                                    rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_cli_demo_with_timm_model(capsys):
+    from papr_kernels.__main__ import main
+
+    assert main(["demo", "--model", "vit_tiny_patch16_224", "--batch", "1", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    # z, tokens entering the first block (1 + int(197 z) when pruned), images/s, speed-up
+    assert [(row[0], int(row[1])) for row in rows] == [("none", 197), ("0.7", 138), ("0.5", 99),
+                                                       ("0.3", 60)]
+    assert all(float(row[2]) > 0 for row in rows)
