@@ -267,3 +267,19 @@ def test_cli_demo_with_timm_model(capsys):
     assert [(row[0], int(row[1])) for row in rows] == [("none", 197), ("0.7", 138), ("0.5", 99),
                                                        ("0.3", 60)]
     assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_full_vit_base_with_mobileone_proposal():
+    """The published setting end to end: all 12 blocks of ViT-B/16, MobileOne-S0 proposal."""
+    model = make_vit("vit_base_patch16_224")
+    torch.manual_seed(0)
+    proposal = papr_proposal.create("mobileone_s0")
+    images = images_for(model, batch=1)
+    papr_timm.patch(model, proposal, z=0.5)
+    counts = count_block_tokens(model)
+    with torch.no_grad():
+        out = model(images)
+        assert counts == [99] * 12  # class token + int(197 * 0.5) patches in every block
+        last_stage = lambda x: proposal.network(x)[-1]  # noqa: E731  (features_only: a list)
+        want = reference_logits(model, last_stage, images, 0.5)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
