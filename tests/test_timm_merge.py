@@ -127,3 +127,17 @@ def test_merge_needs_timm_blocks():
     with pytest.raises(TypeError, match="token merging supports"):
         papr_timm.patch(model, make_proposal(), merge_r=2)
     assert not papr_timm.is_patched(model)
+
+
+def test_merging_model_traces_as_one_graph():
+    model = tiny_vit(depth=4)
+    papr_timm.patch(model, make_proposal(), z=0.5, merge_r=4)
+    images = images_for(model, batch=2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(images)
+        explained = torch._dynamo.explain(model)(images)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(images)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0
+    torch.testing.assert_close(compiled, eager)
