@@ -136,8 +136,7 @@ def test_merging_model_traces_as_one_graph():
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model(images)
-        explained = torch._dynamo.explain(model)(images)
+        # fullgraph=True raises on any graph break.
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(images)
     torch._dynamo.reset()
-    assert explained.graph_break_count == 0
     torch.testing.assert_close(compiled, eager)
