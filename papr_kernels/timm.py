@@ -16,7 +16,7 @@ the most specific registered base class of the model's type. ViT (`VisionTransfo
 subclasses: DeiT distilled, register-token, gap models) lives in `papr_kernels._timm_vit`; other
 families (Swin, ConvNeXt) add their own modules the same way.
 """
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import timm  # noqa: F401  (absolute import: the real timm, not this module)
 import torch
@@ -58,8 +58,9 @@ def is_patched(model: nn.Module) -> bool:
     return "_papr_original_class" in model.__dict__
 
 
-def patch(model: nn.Module, proposal: Union[str, nn.Module] = "mobileone_s0", z: float = 0.5,
-          order: str = "score", merge_r: int = 0) -> nn.Module:
+def patch(model: nn.Module, proposal: Union[str, nn.Module] = "mobileone_s0",
+          z: Optional[float] = None, order: str = "score", merge_r: int = 0,
+          stages: Optional[Sequence[int]] = None) -> nn.Module:
     """Make `model` prune its patch tokens with PaPr; returns the same (modified) model.
 
     Args:
@@ -67,11 +68,20 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module] = "mobileone_s0", z:
         proposal: a timm ConvNet name for `papr_kernels.proposal.create` (random weights unless
             you pass a created `pretrained=True` proposal), or any `nn.Module` returning
             (B, K, h, w) features of the same input image.
-        z: keep ratio in (0, 1]; stored as `model.papr_z` and may be changed between calls.
+        z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs; 0.65 for Swin
+            and ConvNeXt, as in the published evaluation). For ViTs it is stored as
+            `model.papr_z` and may be changed between calls.
         order: "score" (the published order, needed by merging) or "spatial".
         merge_r: tokens merged per block (ToMe bipartite soft matching with proportional
-            attention) in the second half of the blocks; 0 disables merging.
+            attention) in the second half of the blocks; 0 disables merging (ViTs only).
+        stages: the stages to prune of a Swin or ConvNeXt (default: all four); see
+            `papr_kernels.timm_hierarchical`.
     """
+    if _is_hierarchical(model):
+        return _patch_hierarchical(model, proposal, z, order, merge_r, stages)
+    if stages is not None:
+        raise ValueError("stages applies to hierarchical models (Swin, ConvNeXt) only")
+    z = 0.5 if z is None else z
     validation.check_z(z)
     if order not in validation.ORDERS:
         raise ValueError(f"order must be one of {validation.ORDERS}, got {order!r}")
@@ -98,6 +108,9 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module] = "mobileone_s0", z:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: the original class again, PaPr's attributes removed."""
+    if _is_hierarchical(model):
+        from . import timm_hierarchical
+        return timm_hierarchical.unpatch_hierarchical(model)
     if not is_patched(model):
         return model
     model.__class__ = model.__dict__.pop("_papr_original_class")
@@ -116,3 +129,21 @@ def run_proposal(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         images = images.to(param.dtype)
     return proposal(images)
 
+
+
+def _is_hierarchical(model) -> bool:
+    from . import timm_hierarchical
+    return timm_hierarchical.is_hierarchical(model)
+
+
+def _patch_hierarchical(model, proposal, z, order, merge_r, stages):
+    from . import timm_hierarchical
+    if merge_r:
+        raise ValueError("merge_r applies to ViTs only: Swin and ConvNeXt keep the dense grid")
+    if order != "score":
+        raise ValueError("order applies to ViTs only: Swin and ConvNeXt keep the dense grid")
+    if not isinstance(proposal, Proposal):
+        proposal = create_proposal(proposal)
+    z = timm_hierarchical.DEFAULT_Z if z is None else z
+    stages = timm_hierarchical.DEFAULT_STAGES if stages is None else stages
+    return timm_hierarchical.patch_hierarchical(model, proposal, z, stages)

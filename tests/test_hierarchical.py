@@ -381,3 +381,23 @@ def test_patch_argument_errors(models):
     v2 = timm.create_model("convnextv2_atto", pretrained=False, depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="ConvNeXt-V2"):
         th.patch_convnext(v2, prop)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_timm_patch_dispatches_hierarchical_models(models, images, name):
+    import papr_kernels.timm as ptimm
+
+    model, (_, _, by_hand) = models[name], MODELS[name]
+    cls, x = type(model), images[:1]
+    with torch.no_grad():
+        expected = by_hand(model, _proposal(), x, th.DEFAULT_Z, th.DEFAULT_STAGES)
+        ptimm.patch(model, _proposal())             # z and stages: the family's defaults
+        try:
+            got = model(x)
+        finally:
+            ptimm.unpatch(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert type(model) is cls
+    with pytest.raises(ValueError, match="merge_r"):
+        ptimm.patch(model, _proposal(), merge_r=2)
+    assert type(model) is cls
