@@ -98,8 +98,17 @@ def _extension():
         print(f"  arch list        {os.environ['TORCH_CUDA_ARCH_LIST']}")
     print(f"  sanitizers       {'address,undefined' if sanitize else 'off'}")
     print(f"  MAX_JOBS         {os.environ.get('MAX_JOBS', 'default')}")
-    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build_ext}
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        """Objects in build/ (not pip's temporary folder): ninja rebuilds only what changed, and
+        `make wheel` after `make install` reuses the objects instead of compiling twice."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp-papr-ext")
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extension()
