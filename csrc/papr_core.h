@@ -19,6 +19,8 @@
 
 #if defined(__CUDACC__)
 #define PAPR_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define PAPR_HD inline __attribute__((always_inline))  // inlined into the CPU's AVX2 clone too
 #else
 #define PAPR_HD inline
 #endif

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "../papr_core.h"
@@ -42,15 +43,34 @@ Taps make_taps(const ForwardShape& s, bool align_corners) {
   return t;
 }
 
-// Scores -> keys of one row. `mean` has S floats of scratch, `keys` N.
+// Channel mean of positions [s0, s1) of one row: the header's fp64 channel_sum, tile by tile.
 template <typename T>
-void row_keys(const T* f_row, const ForwardShape& s, const Taps& t, float* mean, uint64_t* keys) {
+inline __attribute__((always_inline)) void row_mean(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, float* mean) {
   double acc[kSpatialTile];
-  for (int64_t s0 = 0; s0 < s.S; s0 += kSpatialTile) {
-    const int len = static_cast<int>(std::min<int64_t>(kSpatialTile, s.S - s0));
-    channel_sum(f_row, s.S, 0, s.K, s0, len, acc);
-    for (int j = 0; j < len; ++j) mean[s0 + j] = mean_from_sum(acc[j], s.K);
+  for (int64_t t = s0; t < s1; t += kSpatialTile) {
+    const int len = static_cast<int>(std::min<int64_t>(kSpatialTile, s1 - t));
+    channel_sum(f_row, S, 0, K, t, len, acc);
+    for (int j = 0; j < len; ++j) mean[t + j] = mean_from_sum(acc[j], K);
   }
+}
+
+// fp32 f, the common case: the same arithmetic, compiled twice (AVX2 and baseline x86-64) and
+// picked at load time. Vectorisation runs across positions; each position's sum keeps its order.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void row_mean_f32(const float* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, float* mean) {
+  row_mean(f_row, K, S, s0, s1, mean);
+}
+
+template <typename T>
+void mean_of_row(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, float* mean) {
+  if constexpr (std::is_same_v<T, float>) row_mean_f32(f_row, K, S, s0, s1, mean);
+  else row_mean(f_row, K, S, s0, s1, mean);
+}
+
+// Keys of one row from its channel mean.
+void row_keys(const float* mean, const ForwardShape& s, const Taps& t, uint64_t* keys) {
   int64_t i = 0;
   if (s.dims == 2) {
     const int64_t H = s.out[0], W = s.out[1];
@@ -86,14 +106,30 @@ void select_rows(const at::Tensor& f, const ForwardShape& s, bool align_corners,
   const Taps taps = make_taps(s, align_corners);
   const T* fp = reinterpret_cast<const T*>(f.const_data_ptr());
   const int64_t f_row = s.K * s.S;
-  at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> mean(s.S);
-    std::vector<uint64_t> keys(s.N);
-    for (int64_t b = b0; b < b1; ++b) {
-      row_keys(fp + b * f_row, s, taps, mean.data(), keys.data());
-      select_row(keys.data(), s.N, s.k, spatial, indices + b * s.k);
-    }
-  });
+  if (s.B >= at::get_num_threads()) {  // enough rows: one thread per row
+    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> mean(s.S);
+      std::vector<uint64_t> keys(s.N);
+      for (int64_t b = b0; b < b1; ++b) {
+        mean_of_row(fp + b * f_row, s.K, s.S, 0, s.S, mean.data());
+        row_keys(mean.data(), s, taps, keys.data());
+        select_row(keys.data(), s.N, s.k, spatial, indices + b * s.k);
+      }
+    });
+    return;
+  }
+  // Few rows (B = 1 latency): the channel mean, the bulk of the work, split over positions. The
+  // result does not depend on the thread count (each position's sum is computed whole).
+  std::vector<float> mean(s.S);
+  std::vector<uint64_t> keys(s.N);
+  const int64_t grain = std::max<int64_t>(8, (s.S + at::get_num_threads() - 1) / at::get_num_threads());
+  for (int64_t b = 0; b < s.B; ++b) {
+    at::parallel_for(0, s.S, grain, [&](int64_t s0, int64_t s1) {
+      mean_of_row(fp + b * f_row, s.K, s.S, s0, s1, mean.data());
+    });
+    row_keys(mean.data(), s, taps, keys.data());
+    select_row(keys.data(), s.N, s.k, spatial, indices + b * s.k);
+  }
 }
 
 void compute_indices(const at::Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
