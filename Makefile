@@ -41,11 +41,13 @@ wheel: $(DEPS_STAMP)
 wheel-smoke: wheel
 	tools/wheel_smoke.sh
 
-gpu-report: install
-	$(PY) tools/gpu_report_cuda.py
-
 bench-cpp: install
 	$(PY) tools/bench_cpp.py
 
 clean:
 	rm -rf build dist *.egg-info papr_kernels/*.so $(PKG_STAMP)
+
+.PHONY: gpu-report
+gpu-report: install
+	$(PY) tools/gpu_report_triton.py
+	$(PY) tools/gpu_report_cuda.py

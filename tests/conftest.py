@@ -32,15 +32,29 @@ BACKENDS = [
 ]
 
 
+# Backends that must run here ("name-device", comma-separated): CI sets it so that a backend that
+# fails to build or import fails the run instead of being skipped.
+REQUIRED = set(filter(None, os.environ.get("PAPR_KERNELS_REQUIRE", "").split(",")))
+
+
+def _unavailable_reason(name, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device here"
+    return backends.unavailable_reason(name, device)
+
+
 def _backend_param(name, device):
-    reason = backends.unavailable_reason(name, device)
-    if reason is None and device == "cuda" and not torch.cuda.is_available():
-        reason = "no CUDA device here"
-    marks = [pytest.mark.skip(reason=f"{name} on {device}: {reason}")] if reason else []
+    reason = _unavailable_reason(name, device)
+    skip = reason is not None and f"{name}-{device}" not in REQUIRED
+    marks = [pytest.mark.skip(reason=f"{name} on {device}: {reason}")] if skip else []
     return pytest.param((name, device), marks=marks, id=f"{name}-{device}")
 
 
 @pytest.fixture(params=[_backend_param(*b) for b in BACKENDS])
 def backend(request):
     """(backend name, device) of each backend under test."""
+    name, device = request.param
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        pytest.fail(f"required backend {name} on {device} cannot run: {reason}")
     return request.param

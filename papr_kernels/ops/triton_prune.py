@@ -1,0 +1,477 @@
+"""The "triton" backend: PaPr pruning as one fused Triton kernel forward and one backward.
+
+Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks). Every program
+    1. averages the K channels of f[b] over the source grid S = h*w (or t*h*w) in fp32
+       (a [BLOCK_K, BLOCK_S] tile accumulated over K, summed once, divided by K: torch's CPU mean
+       is sum / K too),
+    2. resizes that map to the N patch scores with PyTorch's upsample arithmetic, step by step:
+       bicubic (A = -0.75, clamped taps, x taps first, then y) for 4-D f, trilinear (w, h, t) for
+       5-D f, both align_corners, scales computed on the host in float32 as ATen does,
+    3. ranks the N scores with SPEC's total order by a bitonic sort of packed int64 keys
+       (order-preserving score bits << 32 | (2^31 - 1 - index)): descending score, ties to the lower
+       index, -0.0 == +0.0 (score + 0.0), NaN as -inf. The compare-exchange of each stage picks the
+       two halves with masked tl.sum over a [A, 2, D] reshape (no tl.sort: under TRITON_INTERPRET
+       tl.sort's xor-reduction is a Python loop per element; this network is a few numpy ops per
+       stage, and on a GPU it is the same network tl.sort builds). order="spatial" sorts the k kept
+       indices again, ascending,
+    4. copies its chunk of output rows (prefix rows, then kept rows in output order) and channels
+       from x to out, and (channel chunk 0 only) writes the int64 indices of its rows.
+    Programs of one batch row recompute steps 1-3 (cheap next to a second launch and a round trip
+    through global memory); their f reads after the first come from L2 (they are adjacent in
+    launch order).
+
+Backward, ONE launch of `_prune_bwd_kernel`, grid (B, token_chunks, channel_chunks): each program
+    finds, for each token of its chunk, its output row by comparing with the k saved indices
+    (a [BLOCK_T, BLOCK_J] compare-and-sum, no inverse-permutation pass), and writes the full
+    gradient row: grad_out's row for prefix and kept tokens, zeros for pruned ones. Every element
+    of grad_x is written exactly once by one program: no atomics, no zero-fill launch.
+
+Bytes-moved model (minimum traffic; e_x = element size of x, e_f of f, B batch, n = P + N tokens,
+k kept, C channels, K proposal channels, S source positions):
+    forward   f: B*K*S*e_f  read once from DRAM (re-reads by the other programs of a row hit L2)
+              x: B*(P+k)*C*e_x read (only the kept rows: pruned rows are never touched)
+              out: B*(P+k)*C*e_x written, indices: B*k*8 written
+              e.g. ViT-B/16, B=256, fp16, z=0.5, MobileOne-S0 f (1024x7x7, fp16):
+              f 25.7 MB + x 38.9 MB + out 38.9 MB + idx 0.2 MB = 103.7 MB -> ~31 us at 3.35 TB/s.
+    backward  grad_out: B*(P+k)*C*e_x read, indices B*k*8 read (per program, from L2),
+              grad_x: B*n*C*e_x written (zeros included: they are part of the result).
+              e.g. the same shapes: 38.9 + 77.5 MB -> ~35 us at 3.35 TB/s.
+Launches: 1 forward + 1 backward (the host only allocates out/indices/grad_x with torch.empty).
+
+The kernels are registered as torch.library custom ops (papr_kernels::triton_prune_forward /
+_backward) with fake implementations, so torch.compile(prune, fullgraph=True) traces through
+without a graph break.
+
+x may be any float dtype (fp16, bf16, fp32, fp64: the copy is dtype-agnostic); f fp16, bf16,
+fp32 or fp64 (loaded and converted to fp32, as the reference does with f.float()). Source grids
+larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) are outside the kernel's
+register budget and fall back to the reference (`fallback_reason`).
+"""
+import math
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    _IMPORT_ERROR = None
+except Exception as exc:  # pragma: no cover - triton is pinned with torch
+    triton = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+MAX_SOURCE = 4096          # largest f spatial size (h*w or t*h*w) the kernel holds in registers
+MAX_PATCHES = 1 << 16      # sort size limit (SPEC needs 4096)
+_INT64_MIN = -(1 << 63)
+
+
+def unavailable_reason(device_type: str) -> Optional[str]:
+    if triton is None:
+        return f"triton cannot be imported ({_IMPORT_ERROR})"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "torch.cuda is not available"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
+    return f"Triton kernels do not run on {device_type} tensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _cubic1(x):
+        # cubic_convolution1(x, A = -0.75) = ((A + 2) * x - (A + 3)) * x * x + 1
+        return ((1.25 * x - 2.25) * x) * x + 1.0
+
+    @triton.jit
+    def _cubic2(x):
+        # cubic_convolution2(x, A = -0.75) = ((A * x - 5A) * x + 8A) * x - 4A
+        return ((-0.75 * x + 3.75) * x - 6.0) * x + 3.0
+
+    @triton.jit
+    def _src_index(o, size_in, scale, ALIGN: tl.constexpr, CUBIC: tl.constexpr):
+        """ATen's area_pixel_compute_source_index + guard_index_and_lambda: (index, lambda)."""
+        of = o.to(tl.float32)
+        if ALIGN:
+            real = scale * of
+        else:
+            real = scale * (of + 0.5) - 0.5
+            if not CUBIC:
+                real = tl.where(real < 0.0, 0.0, real)
+        i0 = tl.minimum(tl.floor(real).to(tl.int32), size_in - 1)
+        lam = tl.minimum(tl.maximum(real - i0.to(tl.float32), 0.0), 1.0)
+        return i0, lam
+
+    @triton.jit
+    def _cubic_row(m, base, ix, in_w, w0, w1, w2, w3):
+        """Sum of the 4 clamped x taps of source row `base`, left to right as ATen does."""
+        v0 = tl.gather(m, base + tl.minimum(tl.maximum(ix - 1, 0), in_w - 1), 0)
+        v1 = tl.gather(m, base + tl.minimum(tl.maximum(ix, 0), in_w - 1), 0)
+        v2 = tl.gather(m, base + tl.minimum(tl.maximum(ix + 1, 0), in_w - 1), 0)
+        v3 = tl.gather(m, base + tl.minimum(tl.maximum(ix + 2, 0), in_w - 1), 0)
+        return v0 * w0 + v1 * w1 + v2 * w2 + v3 * w3
+
+    @triton.jit
+    def _linear_taps(o, size_in, size_out, scale, ALIGN: tl.constexpr):
+        """ATen's compute_source_index_and_lambda for linear modes: (i0, i1, l0, l1)."""
+        i0, l1 = _src_index(o, size_in, scale, ALIGN, False)
+        i1 = i0 + (i0 < size_in - 1).to(tl.int32)
+        l0 = 1.0 - l1
+        same = size_in == size_out
+        i0 = tl.where(same, o, i0)
+        i1 = tl.where(same, o, i1)
+        l0 = tl.where(same, 1.0, l0)
+        l1 = tl.where(same, 0.0, l1)
+        return i0, i1, l0, l1
+
+    @triton.jit
+    def _compare_exchange(keys, s: tl.constexpr, i: tl.constexpr, LOG_N: tl.constexpr,
+                          DESCENDING: tl.constexpr):
+        """One bitonic stage: partners 2**i apart, block direction from bit s of the position."""
+        N: tl.constexpr = 1 << LOG_N
+        D: tl.constexpr = 1 << i
+        A: tl.constexpr = N // (2 * D)
+        h = tl.reshape(keys, (A, 2, D))
+        side = tl.arange(0, 2)[None, :, None]
+        left = tl.sum(tl.where(side == 0, h, 0), axis=1)
+        right = tl.sum(tl.where(side == 1, h, 0), axis=1)
+        hi = tl.maximum(left, right)
+        lo = tl.minimum(left, right)
+        # bit s of the position is bit (s - i - 1) of the block number (0 in the last merge)
+        blk = (tl.arange(0, A)[:, None] >> (s - 1 - i)) & 1
+        if DESCENDING:
+            first_big = blk == 0
+        else:
+            first_big = blk == 1
+        first = tl.where(first_big, hi, lo)
+        second = tl.where(first_big, lo, hi)
+        h = tl.where(side == 0, first[:, None, :], second[:, None, :])
+        return tl.reshape(h, (N,))
+
+    @triton.jit
+    def _bitonic_sort(keys, LOG_N: tl.constexpr, DESCENDING: tl.constexpr):
+        """Sort int64 keys (2**LOG_N of them) with a bitonic network; masked sums pick halves."""
+        for s in tl.static_range(1, LOG_N + 1):
+            for t in tl.static_range(s):
+                keys = _compare_exchange(keys, s, s - 1 - t, LOG_N, DESCENDING)
+        return keys
+
+    @triton.jit
+    def _prune_fwd_kernel(
+        x_ptr, f_ptr, out_ptr, idx_ptr,
+        stride_xb, stride_xn, stride_xc,
+        C, K, S, N, P, KEEP,
+        in_t, in_h, in_w, out_t, out_h, out_w,
+        scale_t, scale_h, scale_w,
+        rows_per_prog, chans_per_prog,
+        SPATIAL: tl.constexpr, ALIGN: tl.constexpr, VIDEO: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, LOG_N: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        NP2: tl.constexpr = 1 << LOG_N
+        b = tl.program_id(0).to(tl.int64)
+        pid_r = tl.program_id(1)
+        pid_c = tl.program_id(2)
+
+        # 1. channel mean of f[b] over the S source positions, fp32
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_k = tl.arange(0, BLOCK_K)
+        f_row = f_ptr + b * K * S
+        acc = tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask = (kk[:, None] < K) & (offs_s[None, :] < S)
+            ptrs = f_row + kk[:, None].to(tl.int64) * S + offs_s[None, :]
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.sum(acc, axis=0) / K
+
+        # 2. resize to the patch grid: scores s (NP2,), patch p = (ot, oy, ox) row-major
+        p = tl.arange(0, NP2)
+        valid = p < N
+        pc = tl.where(valid, p, 0)
+        ox = pc % out_w
+        oy = (pc // out_w) % out_h
+        if VIDEO:
+            ot = pc // (out_w * out_h)
+            t0, t1, lt0, lt1 = _linear_taps(ot, in_t, out_t, scale_t, ALIGN)
+            y0, y1, ly0, ly1 = _linear_taps(oy, in_h, out_h, scale_h, ALIGN)
+            x0, x1, lx0, lx1 = _linear_taps(ox, in_w, out_w, scale_w, ALIGN)
+            hw = in_h * in_w
+            a00 = tl.gather(m, t0 * hw + y0 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t0 * hw + y0 * in_w + x1, 0) * lx1
+            a01 = tl.gather(m, t0 * hw + y1 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t0 * hw + y1 * in_w + x1, 0) * lx1
+            a10 = tl.gather(m, t1 * hw + y0 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t1 * hw + y0 * in_w + x1, 0) * lx1
+            a11 = tl.gather(m, t1 * hw + y1 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t1 * hw + y1 * in_w + x1, 0) * lx1
+            b0 = a00 * ly0 + a01 * ly1
+            b1 = a10 * ly0 + a11 * ly1
+            score = b0 * lt0 + b1 * lt1
+        else:
+            ix, tx = _src_index(ox, in_w, scale_w, ALIGN, True)
+            iy, ty = _src_index(oy, in_h, scale_h, ALIGN, True)
+            wx0 = _cubic2(tx + 1.0)
+            wx1 = _cubic1(tx)
+            wx2 = _cubic1(1.0 - tx)
+            wx3 = _cubic2((1.0 - tx) + 1.0)
+            wy0 = _cubic2(ty + 1.0)
+            wy1 = _cubic1(ty)
+            wy2 = _cubic1(1.0 - ty)
+            wy3 = _cubic2((1.0 - ty) + 1.0)
+            r0 = _cubic_row(m, tl.minimum(tl.maximum(iy - 1, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r1 = _cubic_row(m, tl.minimum(tl.maximum(iy, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r2 = _cubic_row(m, tl.minimum(tl.maximum(iy + 1, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r3 = _cubic_row(m, tl.minimum(tl.maximum(iy + 2, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            score = r0 * wy0 + r1 * wy1 + r2 * wy2 + r3 * wy3
+
+        # 3. SPEC's total order as packed keys; padding sorts last
+        score = tl.where(score != score, float("-inf"), score) + 0.0
+        bits = score.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        keys = (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - p).to(tl.int64)
+        keys = tl.where(valid, keys, -9223372036854775807 - 1)
+        keys = _bitonic_sort(keys, LOG_N, True)
+        ranked = (0x7FFFFFFF - (keys & 0x7FFFFFFF)).to(tl.int32)  # patch index by rank
+        if SPATIAL:
+            pos = tl.arange(0, NP2)
+            sel = tl.where(pos < KEEP, ranked, 0x7FFFFFFF).to(tl.int64)
+            ranked = _bitonic_sort(sel, LOG_N, False).to(tl.int32)
+
+        # 4. this program's output rows x channels
+        row_lo = pid_r * rows_per_prog
+        row_hi = tl.minimum(row_lo + rows_per_prog, P + KEEP)
+        c_lo = pid_c * chans_per_prog
+        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_c = tl.arange(0, BLOCK_C)
+        x_row = x_ptr + b * stride_xb
+        out_row = out_ptr + b * (P + KEEP) * C
+        for r0 in range(row_lo, row_hi, BLOCK_R):
+            r = r0 + offs_r
+            rmask = r < row_hi
+            j = tl.minimum(tl.maximum(r - P, 0), NP2 - 1)
+            patch = tl.gather(ranked, j, 0)
+            src = tl.where(r < P, r, P + patch).to(tl.int64)
+            src = tl.where(rmask, src, 0)
+            if pid_c == 0:
+                tl.store(idx_ptr + b * KEEP + (r - P), patch.to(tl.int64), mask=rmask & (r >= P))
+            for c0 in range(c_lo, c_hi, BLOCK_C):
+                c = c0 + offs_c
+                mask = rmask[:, None] & (c[None, :] < c_hi)
+                vals = tl.load(x_row + src[:, None] * stride_xn + c[None, :].to(tl.int64) * stride_xc,
+                               mask=mask)
+                tl.store(out_row + r[:, None].to(tl.int64) * C + c[None, :], vals, mask=mask)
+
+    @triton.jit
+    def _prune_bwd_kernel(
+        g_ptr, idx_ptr, gx_ptr,
+        stride_gb, stride_gn, stride_gc,
+        C, NT, P, KEEP,
+        toks_per_prog, chans_per_prog,
+        BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        pid_t = tl.program_id(1)
+        pid_c = tl.program_id(2)
+        t_lo = pid_t * toks_per_prog
+        t_hi = tl.minimum(t_lo + toks_per_prog, NT)
+        c_lo = pid_c * chans_per_prog
+        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_j = tl.arange(0, BLOCK_J)
+        offs_c = tl.arange(0, BLOCK_C)
+        g_row = g_ptr + b * stride_gb
+        gx_row = gx_ptr + b * NT * C
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            t = t0 + offs_t
+            tmask = t < t_hi
+            patch = t - P
+            # output row of each token: prefix rows map to themselves, kept patches to P + j
+            pos = tl.zeros((BLOCK_T,), dtype=tl.int32)
+            found = t < P
+            for j0 in range(0, KEEP, BLOCK_J):
+                j = j0 + offs_j
+                kept = tl.load(idx_ptr + b * KEEP + j, mask=j < KEEP, other=-1).to(tl.int32)
+                hit = kept[None, :] == patch[:, None]
+                pos += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
+                found = found | (tl.sum(hit.to(tl.int32), axis=1) > 0)
+            src = tl.where(t < P, t, P + pos).to(tl.int64)
+            src = tl.where(tmask & found, src, 0)
+            for c0 in range(c_lo, c_hi, BLOCK_C):
+                c = c0 + offs_c
+                cmask = c[None, :] < c_hi
+                vals = tl.load(g_row + src[:, None] * stride_gn + c[None, :].to(tl.int64) * stride_gc,
+                               mask=(tmask & found)[:, None] & cmask, other=0.0)
+                tl.store(gx_row + t[:, None].to(tl.int64) * C + c[None, :], vals,
+                         mask=tmask[:, None] & cmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+# Tests set these to force several programs per batch row on tiny shapes (row/channel splits).
+_SPLIT_OVERRIDE: Optional[Tuple[int, int]] = None   # (row/token chunks, channel chunks) per row
+
+BLOCK_R = 16
+BLOCK_C = 128
+BLOCK_T = 16
+BLOCK_J = 128
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
+    """ATen's area_pixel_compute_scale<float>, in float32."""
+    if align_corners:
+        if size_out > 1:
+            return float(np.float32(size_in - 1) / np.float32(size_out - 1))
+        return 0.0
+    return float(np.float32(size_in) / np.float32(size_out))
+
+
+def _split(batch: int, rows: int, channels: int, device: torch.device) -> Tuple[int, int]:
+    """Chunks of rows and of channels per batch row: enough programs at small B."""
+    if _SPLIT_OVERRIDE is not None:
+        return min(_SPLIT_OVERRIDE[0], rows), min(_SPLIT_OVERRIDE[1], channels)
+    if device.type != "cuda":   # the interpreter runs programs one after another: fewest wins
+        return 1, 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, (4 * sms + batch - 1) // batch)
+    row_chunks = min(want, (rows + BLOCK_R - 1) // BLOCK_R)
+    chan_chunks = min(max(1, want // row_chunks), (channels + BLOCK_C - 1) // BLOCK_C)
+    return row_chunks, chan_chunks
+
+
+def _interpreted(device: torch.device) -> bool:
+    # The interpreter runs a program's tile loop op by op in Python: big tiles, few iterations.
+    return device.type != "cuda"
+
+
+def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spatial: bool,
+                   interpreted: bool = False):
+    """The compile-time parameters of the forward kernel for a problem (also used by gpu-report)."""
+    block_s = _next_pow2(source)
+    return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
+                BLOCK_K=max(1, min(64, 4096 // block_s)),
+                LOG_N=max(1, (num_patches - 1).bit_length()),
+                BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
+
+
+def fwd_num_warps(num_patches: int) -> int:
+    """More warps for bigger sorts: the 2**LOG_N int64 keys live in registers."""
+    size = _next_pow2(num_patches)
+    return 4 if size <= 512 else 8 if size <= 2048 else 16
+
+
+def bwd_constexprs(interpreted: bool = False):
+    return dict(BLOCK_T=256 if interpreted else BLOCK_T, BLOCK_J=1024 if interpreted else BLOCK_J,
+                BLOCK_C=BLOCK_C)
+
+
+def fallback_reason(f: torch.Tensor, num_patches: int) -> Optional[str]:
+    source = math.prod(f.shape[2:])
+    if source > MAX_SOURCE:
+        return f"f has {source} spatial positions, more than the kernel's {MAX_SOURCE}"
+    if num_patches > MAX_PATCHES:
+        return f"{num_patches} patches is more than the kernel's {MAX_PATCHES}"
+    return None
+
+
+def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, grid: List[int],
+                    keep: int, align_corners: bool, spatial: bool):
+    batch, n, channels = x.shape
+    P, N = num_prefix_tokens, n - num_prefix_tokens
+    out = torch.empty(batch, P + keep, channels, dtype=x.dtype, device=x.device)
+    indices = torch.empty(batch, keep, dtype=torch.int64, device=x.device)
+    if batch == 0:
+        return out, indices
+    f = f.contiguous()
+    video = f.dim() == 5
+    src = tuple(f.shape[2:]) if video else (1,) + tuple(f.shape[2:])
+    dst = tuple(grid) if video else (1,) + tuple(grid)
+    scales = [_scale(i, o, align_corners) for i, o in zip(src, dst)]
+    rows = P + keep
+    row_chunks, chan_chunks = _split(batch, rows, channels, x.device)
+    rows_per = -(-rows // row_chunks)
+    chans_per = -(-channels // chan_chunks)
+    meta = fwd_constexprs(N, math.prod(src), video, align_corners, spatial,
+                          _interpreted(x.device))
+    _prune_fwd_kernel[(batch, -(-rows // rows_per), -(-channels // chans_per))](
+        x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
+        channels, f.shape[1], math.prod(src), N, P, keep,
+        *src, *dst, *scales, rows_per, chans_per, num_warps=fwd_num_warps(N), **meta)
+    return out, indices
+
+
+def _launch_backward(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: int,
+                     num_prefix_tokens: int):
+    batch, _, channels = grad_out.shape
+    keep = indices.shape[1]
+    grad_x = torch.empty(batch, num_tokens, channels, dtype=grad_out.dtype, device=grad_out.device)
+    if batch == 0:
+        return grad_x
+    indices = indices.contiguous()
+    tok_chunks, chan_chunks = _split(batch, num_tokens, channels, grad_out.device)
+    toks_per = -(-num_tokens // tok_chunks)
+    chans_per = -(-channels // chan_chunks)
+    _prune_bwd_kernel[(batch, -(-num_tokens // toks_per), -(-channels // chans_per))](
+        grad_out, indices, grad_x, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        channels, num_tokens, num_prefix_tokens, keep, toks_per, chans_per,
+        **bwd_constexprs(_interpreted(grad_out.device)))
+    return grad_x
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library wrapping: opaque custom ops with fake implementations (no graph break)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("papr_kernels::triton_prune_forward", mutates_args=())
+def triton_prune_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int,
+                         grid: List[int], keep: int, align_corners: bool,
+                         spatial: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(x, f, num_prefix_tokens, grid, keep, align_corners, spatial)
+
+
+@triton_prune_forward.register_fake
+def _(x, f, num_prefix_tokens, grid, keep, align_corners, spatial):
+    batch, _, channels = x.shape
+    return (x.new_empty(batch, num_prefix_tokens + keep, channels),
+            x.new_empty(batch, keep, dtype=torch.int64))
+
+
+@torch.library.custom_op("papr_kernels::triton_prune_backward", mutates_args=())
+def triton_prune_backward(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: int,
+                          num_prefix_tokens: int) -> torch.Tensor:
+    return _launch_backward(grad_out, indices, num_tokens, num_prefix_tokens)
+
+
+@triton_prune_backward.register_fake
+def _(grad_out, indices, num_tokens, num_prefix_tokens):
+    return grad_out.new_empty(grad_out.shape[0], num_tokens, grad_out.shape[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend interface (papr_kernels.backends)
+# ----------------------------------------------------------------------------------------------
+def forward(x: torch.Tensor, f: torch.Tensor, plan):
+    if fallback_reason(f, plan.num_patches) is not None:
+        from .. import reference
+        return reference.forward(x, f, plan)
+    return triton_prune_forward(x, f, plan.num_prefix_tokens, list(plan.grid), plan.keep,
+                                plan.align_corners, plan.order == "spatial")
+
+
+def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
+    return triton_prune_backward(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)

@@ -1,0 +1,121 @@
+"""Odd memory layouts, determinism across backends, threads and memory over many calls."""
+import gc
+import resource
+import threading
+
+import pytest
+import torch
+
+import papr_kernels
+from papr_kernels import reference
+from papr_kernels.testing import assert_matches_reference
+
+
+def _features(batch, seed=0, size=7):
+    return torch.randn(batch, 8, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _layouts():
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(2, 197, 16, generator=gen)
+    row = torch.randn(1, 197, 16, generator=gen)
+    storage = torch.randn(2 * 197 * 8 + 8, generator=gen)
+    return {
+        "contiguous": base,
+        "transposed": base.transpose(1, 2).contiguous().transpose(1, 2),
+        "sliced_channels": torch.randn(2, 197, 32, generator=gen)[:, :, ::2],
+        "expanded_batch": row.expand(2, -1, -1),                           # zero batch stride
+        "expanded_channels": torch.randn(2, 197, 1, generator=gen).expand(-1, -1, 16),
+        "overlapping_rows": storage.as_strided((2, 197, 16), (197 * 8, 8, 1)),  # rows overlap
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts()))
+@pytest.mark.parametrize("f_layout", ["contiguous", "channels_last", "requires_grad"])
+def test_memory_layouts(backend, layout, f_layout):
+    name, device = backend
+    x = _layouts()[layout].to(device)
+    f = _features(2).to(device)
+    if f_layout == "channels_last":
+        f = f.to(memory_format=torch.channels_last)
+    elif f_layout == "requires_grad":
+        f.requires_grad_()
+    x_before = x.clone()
+    out, idx = papr_kernels.prune(x, f, 0.5, return_indices=True, backend=name)
+    assert torch.equal(x, x_before)
+    assert out.is_contiguous() or name == "torch"
+    assert_matches_reference(x.cpu(), f.detach().cpu(), 0.5, out.cpu(), idx.cpu())
+
+
+def test_all_backends_agree_on_tie_rich_inputs():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 1 + 16 * 16, 8, generator=gen)
+    f = torch.randint(0, 3, (3, 1, 16, 16), generator=gen).float().expand(-1, 4, -1, -1)
+    results = {}
+    for name in papr_kernels.available_backends("cpu"):
+        for order in ("score", "spatial"):
+            results[name, order] = papr_kernels.prune(x, f, 0.4, order=order,
+                                                      return_indices=True, backend=name)
+    for (name, order), (out, idx) in results.items():
+        ref_out, ref_idx = reference.prune(x, f, 0.4, order=order, return_indices=True)
+        assert torch.equal(idx, ref_idx), name
+        assert torch.equal(out, ref_out), name
+
+
+def test_threads_give_serial_results(backend):
+    name, device = backend
+    shapes = [(1, 14, 16), (2, 16, 8), (3, 8, 32), (4, 24, 4), (2, 14, 768), (1, 32, 16),
+              (5, 10, 3), (2, 12, 64)]   # (batch, grid side, channels): 8 threads, 8 shapes
+    problems = []
+    for i, (batch, side, channels) in enumerate(shapes):
+        gen = torch.Generator().manual_seed(i)
+        x = torch.randn(batch, 1 + side * side, channels, generator=gen).to(device)
+        problems.append((x, _features(batch, seed=i, size=side // 2 + 1).to(device), 0.3 + 0.05 * i))
+    serial = [papr_kernels.prune(x, f, z, return_indices=True, backend=name)
+              for x, f, z in problems]
+    results = [None] * len(problems)
+    errors = []
+    barrier = threading.Barrier(len(problems))
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(5):
+                results[i] = papr_kernels.prune(*problems[i], return_indices=True, backend=name)
+        except Exception as exc:  # reported below, with the thread's problem
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (out, idx), (ref_out, ref_idx) in zip(results, serial):
+        assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def test_many_calls_leave_memory_flat(backend):
+    name, device = backend
+    x = torch.randn(2, 197, 16, device=device, requires_grad=True)
+    f = _features(2).to(device)
+
+    def calls(count, backward):
+        for _ in range(count):
+            out = papr_kernels.prune(x, f, 0.5, backend=name)
+            if backward:
+                out.sum().backward()
+        gc.collect()
+
+    interpreted = name == "triton" and device == "cpu"
+    calls(200, backward=True)  # warm-up: allocator caches, compiled kernels
+    before = _rss_mib()
+    calls(200 if interpreted else 10_000, backward=False)
+    calls(50 if interpreted else 1_000, backward=True)
+    growth = _rss_mib() - before
+    assert growth < 20, f"resident memory grew by {growth:.1f} MiB over the calls"
