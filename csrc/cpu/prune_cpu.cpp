@@ -18,7 +18,8 @@ namespace papr {
 namespace {
 
 constexpr int kSpatialTile = 64;
-constexpr int64_t kCopyGrainBytes = 64 * 1024;  // bytes of token rows per parallel chunk
+constexpr int64_t kCopyGrainBytes = 256 * 1024;   // bytes of token rows per parallel chunk
+constexpr int64_t kMeanParallelBytes = 1 << 20;   // below this, one row's mean stays on one thread
 
 // Taps of every output coordinate along each grid dimension; identical for all rows.
 struct Taps {
@@ -106,7 +107,8 @@ void select_rows(const at::Tensor& f, const ForwardShape& s, bool align_corners,
   const Taps taps = make_taps(s, align_corners);
   const T* fp = reinterpret_cast<const T*>(f.const_data_ptr());
   const int64_t f_row = s.K * s.S;
-  if (s.B >= at::get_num_threads()) {  // enough rows: one thread per row
+  const int64_t row_bytes = f_row * static_cast<int64_t>(sizeof(T));
+  if (s.B >= at::get_num_threads() || row_bytes < kMeanParallelBytes) {  // one thread per row
     at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> mean(s.S);
       std::vector<uint64_t> keys(s.N);
