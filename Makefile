@@ -51,3 +51,24 @@ clean:
 gpu-report: install
 	$(PY) tools/gpu_report_triton.py
 	$(PY) tools/gpu_report_cuda.py
+
+# Benchmarks (issue 5): never part of `make test` (testpaths is `tests`). `make bench` writes
+# benchmarks/results/<machine>.{json,md,png} and regenerates README.md's performance section.
+BENCH_ARGS ?=
+
+.PHONY: bench bench-quick
+
+bench: install
+	@mkdir -p benchmarks/results
+	m=$$($(PY) benchmarks/papr_bench.py) && \
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.1 \
+		--benchmark-warmup=off --benchmark-columns=median,iqr,rounds --benchmark-sort=name -p no:randomly \
+		--benchmark-json=benchmarks/results/$$m.json $(BENCH_ARGS) && \
+	$(PY) benchmarks/report.py benchmarks/results/$$m.json $$(case $$m in cpu-*) echo --readme README.md;; esac)
+
+bench-quick: install
+	@mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks --benchmark-only --bench-quick --benchmark-min-rounds=2 \
+		--benchmark-max-time=0.01 --benchmark-warmup=off --benchmark-columns=median,rounds -q \
+		--benchmark-json=.benchmarks/quick.json $(BENCH_ARGS)
+	$(PY) benchmarks/report.py .benchmarks/quick.json --no-plot

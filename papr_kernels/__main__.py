@@ -74,18 +74,55 @@ def demo(batch: int = 8, repeats: int = 20) -> bool:
     return all_match
 
 
+def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
+    """A patched timm model end to end (random weights, MobileOne-S0 proposal): images/s."""
+    import timm
+
+    import papr_kernels.timm as papr_timm
+    from papr_kernels import proposal as papr_proposal
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    images = torch.randn(batch, 3, *model.pretrained_cfg["input_size"][1:])
+    proposal = papr_proposal.create("mobileone_s0")
+    print(f"{model_name} (random weights), MobileOne-S0 proposal, batch {batch}, "
+          f"{tuple(images.shape[1:])}, fp32, {'CUDA' if images.is_cuda else 'CPU'}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'z':>4}  {'tokens':>6}  {'images/s':>9}  {'speed-up':>8}")
+    baseline = None
+    with torch.inference_mode():
+        for z in (1.0, 0.7, 0.5, 0.3):
+            if z < 1:
+                papr_timm.patch(model, proposal, z=z)
+            seen = []
+            hook = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+            ms = _median_ms(lambda: model(images), repeats)
+            hook.remove()
+            rate = batch / (ms / 1e3)
+            baseline = baseline or rate
+            label = "none" if z == 1 else f"{z}"
+            print(f"{label:>4}  {seen[0]:>6}  {rate:>9.2f}  {rate / baseline:>7.2f}x")
+    papr_timm.unpatch(model)
+    return True
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m papr_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and backend availability")
     demo_parser = sub.add_parser("demo", help="prune ViT-B/16-shaped tokens on every backend")
     demo_parser.add_argument("--batch", type=int, default=8)
-    demo_parser.add_argument("--repeats", type=int, default=20)
+    demo_parser.add_argument("--repeats", type=int, default=None,
+                             help="timed runs (default 20; 3 with --model)")
+    demo_parser.add_argument("--model", default=None,
+                             help="run this timm ViT patched end to end (e.g. vit_base_patch16_224)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
         return 0
-    return 0 if demo(args.batch, args.repeats) else 1
+    if args.model:
+        return 0 if timm_demo(args.model, args.batch, args.repeats or 3) else 1
+    return 0 if demo(args.batch, args.repeats or 20) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""End to end: timm ViT-B/16-224 unpruned against PaPr (MobileOne-S0 proposal) at several z.
+
+Images/s with the proposal's cost included, plus analytic GFLOPs per image (FLOPs = 2 x
+multiply-adds): the ViT counted from its module shapes at the kept token count (every Linear of the
+blocks per token, attention's two n x n x C products, the patch-embedding convolution, the head),
+the proposal with torch.utils.flop_counter.FlopCounterMode (its convolutions). Random weights:
+speed does not depend on them. Quick mode (CI) uses vit_tiny_patch16_224 at B = 1.
+
+Uses `papr_kernels.timm.patch` when the timm integration is installed and agrees with the
+hand-written pipeline (patch embed, pos embed, prune, blocks, norm, head); otherwise the latter.
+"""
+import copy
+import functools
+
+import pytest
+import torch
+
+import papr_bench as pb
+import papr_kernels
+
+timm = pytest.importorskip("timm")
+
+CONFIGS = ("unpruned", "papr-z0.7", "papr-z0.5", "papr-z0.3")
+
+
+def _batches(device, quick):
+    if quick:
+        return [1]
+    return [64, 256] if device == "cuda" else [8]
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ != "test_e2e":
+        return
+    quick = metafunc.config.getoption("--bench-quick")
+    device = metafunc.config.getoption("--bench-device") or pb.default_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    metafunc.parametrize("batch,config", [
+        pytest.param(b, c, id=f"B{b}-{c}") for b in _batches(device, quick) for c in CONFIGS
+        if not (quick and c not in ("unpruned", "papr-z0.5"))])
+
+
+@functools.lru_cache(maxsize=1)
+def _models(device, model_name):
+    from timm.utils.model import reparameterize_model
+    torch.manual_seed(0)
+    vit = timm.create_model(model_name, pretrained=False).eval().to(device)
+    proposal = timm.create_model("mobileone_s0", pretrained=False, features_only=True,
+                                 out_indices=(-1,))
+    proposal = reparameterize_model(proposal).eval().to(device)
+    return vit, proposal
+
+
+def hand_written(vit, proposal, z):
+    """PaPr by hand on a timm ViT: prune once after the positional embedding."""
+    def forward(img):
+        f = proposal(img)[-1]
+        x = vit.patch_embed(img)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        x = papr_kernels.prune(x, f, z, num_prefix_tokens=vit.num_prefix_tokens)
+        x = vit.blocks(x)
+        x = vit.norm(x)
+        return vit.forward_head(x)
+    return forward
+
+
+def pipeline(vit, proposal, z, img):
+    """(callable, description): the timm integration when it exists and matches, else by hand."""
+    manual = hand_written(vit, proposal, z)
+    try:
+        from papr_kernels import timm as papr_timm
+    except ImportError:
+        return manual, "hand-written (papr_kernels.timm not installed)"
+    try:
+        model = copy.deepcopy(vit)
+        patched = papr_timm.patch(model, proposal, z)
+        model = patched if isinstance(patched, torch.nn.Module) else model
+        with torch.inference_mode():
+            ok = torch.allclose(model(img[:1]), manual(img[:1]), rtol=1e-3, atol=1e-3)
+        if ok:
+            return model, "papr_kernels.timm.patch"
+        return manual, "hand-written (papr_kernels.timm.patch disagreed with it)"
+    except Exception as exc:  # an integration in progress must not break the benchmark
+        return manual, f"hand-written (papr_kernels.timm.patch failed: {type(exc).__name__})"
+
+
+def proposal_gflops(proposal, img) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        proposal(img[:1])
+    return counter.get_total_flops() / 1e9
+
+
+def vit_gflops(vit, num_tokens: int) -> float:
+    """Analytic FLOPs of one image through a timm ViT whose blocks see `num_tokens` tokens."""
+    macs = 0
+    conv = vit.patch_embed.proj
+    macs += conv.weight.numel() * vit.patch_embed.num_patches          # patch embedding
+    for block in vit.blocks:
+        for layer in block.modules():
+            if isinstance(layer, torch.nn.Linear):                      # qkv, proj, fc1, fc2
+                macs += num_tokens * layer.in_features * layer.out_features
+        dim = block.attn.qkv.out_features // 3
+        macs += 2 * num_tokens * num_tokens * dim                       # q @ k^T and attn @ v
+    if isinstance(vit.head, torch.nn.Linear):
+        macs += vit.head.in_features * vit.head.out_features           # head on the class token
+    return 2 * macs / 1e9
+
+
+def test_e2e(benchmark, device, quick, batch, config):
+    model_name = "vit_tiny_patch16_224" if quick else "vit_base_patch16_224"
+    vit, proposal = _models(device, model_name)
+    img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    num_tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    if config == "unpruned":
+        fn, how, z, prop_gflops = vit, "timm forward", 1.0, 0.0
+    else:
+        z = float(config.split("z")[1])
+        fn, how = pipeline(vit, proposal, z, img)
+        num_tokens = vit.num_prefix_tokens + papr_kernels.keep_count(num_tokens, z, vit.num_prefix_tokens)
+        prop_gflops = proposal_gflops(proposal, img)
+
+    def run():
+        with torch.inference_mode():
+            return fn(img)
+
+    timed = pb.Timed(run, device)
+    timed()  # warm-up
+    pb.sync(device)
+    timed.event_times_s.clear()
+    benchmark.group = f"e2e {model_name} B={batch}"
+    benchmark.extra_info.update(
+        suite="e2e", model=model_name, proposal="mobileone_s0", batch=batch,
+        provider=config, z=z, device=device, pipeline=how, tokens_in_blocks=num_tokens,
+        gflops_per_image=vit_gflops(vit, num_tokens) + prop_gflops,
+        proposal_gflops_per_image=prop_gflops,
+        backend=None if config == "unpruned" else papr_kernels.backends.resolve(None, device).__name__,
+    )
+    benchmark.pedantic(timed, rounds=1 if quick else 3, warmup_rounds=0)
+    if timed.event_median_s() is not None:
+        benchmark.extra_info["event_median_s"] = timed.event_median_s()

@@ -1,0 +1,403 @@
+"""PaPr for hierarchical models: the ops of `papr_kernels.hierarchical` and the timm Swin/ConvNeXt
+patch of `papr_kernels.timm_hierarchical`.
+
+The model tests compare the patched model with a hand-written reference of the method: an explicit
+loop over the stages and blocks that computes every block DENSELY (all positions) and then keeps the
+pruned positions' values with a boolean mask (`torch.where`), instead of gathering and scattering
+rows. The kept positions come from `papr_kernels.reference` (SPEC's scores and total order).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import numpy_oracle
+from papr_kernels import hierarchical as hier
+from papr_kernels import reference
+
+timm = pytest.importorskip("timm")
+from papr_kernels import timm_hierarchical as th  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# select
+
+
+@pytest.mark.parametrize("grid,z,k", [((56, 56), 0.65, 2038), ((28, 28), 0.65, 509),
+                                      ((14, 14), 0.5, 98), ((7, 7), 0.65, 31), ((7, 7), 1.0, 49),
+                                      ((7, 7), 0.01, 1), ((3, 5), 0.5, 7)])
+def test_keep_count_is_int_of_hw_times_z(grid, z, k):
+    assert hier.keep_count(grid, z) == k == min(max(int(grid[0] * grid[1] * z), 1),
+                                                grid[0] * grid[1])
+    f = torch.randn(2, 4, 7, 7)
+    assert hier.select(f, grid, z).shape == (2, k)
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (14, 14), (28, 28), (5, 9)])
+@pytest.mark.parametrize("z", [0.65, 0.5, 0.2])
+def test_select_keeps_the_top_positions_of_the_resized_channel_mean(grid, z):
+    gen = torch.Generator().manual_seed(sum(grid))
+    f = torch.randn(2, 6, 7, 7, generator=gen)
+    idx = hier.select(f, grid, z)
+    assert idx.dtype == torch.int64
+    oracle = numpy_oracle.significance(f.double().numpy(), grid, align_corners=True)
+    k = int(grid[0] * grid[1] * z)
+    for b in range(2):
+        kept = idx[b].numpy()
+        assert len(set(kept.tolist())) == k
+        dropped = np.setdiff1d(np.arange(grid[0] * grid[1]), kept)
+        tol = 1e-5 * np.abs(oracle[b]).max()
+        assert oracle[b, kept].min() >= oracle[b, dropped].max() - tol
+        assert np.all(np.diff(oracle[b, kept]) <= tol)          # in descending score order
+
+
+def test_select_ties_go_to_the_lower_position_and_spatial_order_sorts():
+    # resizing to the same grid with align_corners=True is exact, so these ties are exact
+    f = torch.ones(1, 3, 4, 4)                                   # every score equal
+    assert hier.select(f, (4, 4), 0.5).tolist() == [list(range(8))]
+    f = torch.tensor([[1.0, 2, 0, 2], [-0.0, 2, 1, 0], [0.5, 1, 0.0, 2]])
+    f = f.view(1, 1, 3, 4).expand(1, 3, 3, 4)
+    assert hier.select(f, (3, 4), 0.75).tolist() == [[1, 3, 5, 11, 0, 6, 9, 8, 2]]
+    f = torch.randn(2, 3, 4, 4)
+    score, spatial = hier.select(f, (8, 8), 0.3), hier.select(f, (8, 8), 0.3, order="spatial")
+    assert torch.equal(score.sort(dim=1).values, spatial)
+
+
+def test_select_has_no_gradient_and_handles_empty_batch():
+    f = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert not hier.select(f, (8, 8), 0.5).requires_grad
+    assert hier.select(torch.randn(0, 3, 4, 4), (8, 8), 0.5).shape == (0, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# gather_rows, scatter_back, scatter_rows against explicit loops
+
+
+def _unique_indices(batch, n, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(batch)])
+
+
+def _position(x, i):
+    """Row i of x (B, N, C) or (B, H, W, C) of one batch element x[b]: x[b] is passed in."""
+    return x[i] if x.dim() == 2 else x[i // x.shape[1], i % x.shape[1]]
+
+
+LAYOUTS = {
+    "BNC": lambda t: t.reshape(2, 12, 5),
+    "BHWC": lambda t: t.reshape(2, 3, 4, 5),
+    "NCHW-permuted": lambda t: t.reshape(2, 5, 3, 4).permute(0, 2, 3, 1),  # non-contiguous
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gather_scatter_ops_match_loops(layout):
+    x = LAYOUTS[layout](torch.randn(120))
+    idx = _unique_indices(2, 12, 7)
+    values = torch.randn(2, 7, 5)
+
+    rows = hier.gather_rows(x, idx)
+    back = hier.scatter_back(x, idx, values)
+    placed = hier.scatter_rows(values, idx, like=x)
+    assert rows.shape == (2, 7, 5) and back.shape == x.shape == placed.shape
+    for b in range(2):
+        kept = set(idx[b].tolist())
+        for j, i in enumerate(idx[b].tolist()):
+            assert torch.equal(rows[b, j], _position(x[b], i))
+            assert torch.equal(_position(back[b], i), _position(x[b], i) + values[b, j])
+            assert torch.equal(_position(placed[b], i), values[b, j])
+        for i in set(range(12)) - kept:
+            assert torch.equal(_position(back[b], i), _position(x[b], i))
+            assert torch.equal(_position(placed[b], i), torch.zeros(5))
+
+
+def test_scatter_back_inplace_writes_into_x():
+    x = torch.randn(2, 3, 4, 5)
+    idx, values = _unique_indices(2, 12, 4), torch.randn(2, 4, 5)
+    expected = hier.scatter_back(x, idx, values)
+    out = hier.scatter_back(x, idx, values, inplace=True)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="inplace"):
+        hier.scatter_back(x.requires_grad_(), idx, values, inplace=True)
+
+
+@pytest.mark.parametrize("layout", ["BNC", "BHWC"])
+def test_gradcheck_of_the_ops(layout):
+    shape = (2, 12, 3) if layout == "BNC" else (2, 3, 4, 3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    idx = _unique_indices(2, 12, 5, seed=3)
+    like = torch.empty(shape, dtype=torch.float64)
+    for fn, inputs in [(lambda t: hier.gather_rows(t, idx), (x,)),
+                       (lambda t, v: hier.scatter_back(t, idx, v), (x, values)),
+                       (lambda v: hier.scatter_rows(v, idx, like=like), (values,))]:
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_gradients_are_scatters_and_gathers():
+    x = torch.randn(2, 12, 3, requires_grad=True)
+    values = torch.randn(2, 5, 3, requires_grad=True)
+    idx = _unique_indices(2, 12, 5, seed=4)
+    g = torch.randn(2, 12, 3)
+    gx, gv = torch.autograd.grad(hier.scatter_back(x, idx, values), (x, values), g)
+    assert torch.equal(gx, g)                                   # identity for x
+    assert torch.equal(gv, torch.stack([g[b, idx[b]] for b in range(2)]))
+    (gx,) = torch.autograd.grad(hier.gather_rows(x, idx), x, torch.ones(2, 5, 3))
+    mask = torch.zeros(2, 12, 3)
+    for b in range(2):
+        mask[b, idx[b]] = 1
+    assert torch.equal(gx, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the argument
+
+
+def _err_cases():
+    x, f = torch.randn(2, 12, 5), torch.randn(2, 4, 3, 3)
+    idx, v = _unique_indices(2, 12, 4), torch.randn(2, 4, 5)
+    return [
+        ("select f 3-D", lambda: hier.select(f[0], (4, 4), 0.5), ValueError, "f must be 4-D"),
+        ("select f int", lambda: hier.select(f.long(), (4, 4), 0.5), TypeError, "f must have a floating"),
+        ("select f empty", lambda: hier.select(f[:, :0], (4, 4), 0.5), ValueError, "f must have channels"),
+        ("select z", lambda: hier.select(f, (4, 4), 1.5), ValueError, "z must be"),
+        ("select z type", lambda: hier.select(f, (4, 4), "0.5"), TypeError, "z must be"),
+        ("select grid", lambda: hier.select(f, (4, 4, 4), 0.5), ValueError, "grid must be"),
+        ("select grid 0", lambda: hier.select(f, (0, 4), 0.5), ValueError, "grid must be positive"),
+        ("select order", lambda: hier.select(f, (4, 4), 0.5, order="x"), ValueError, "order must"),
+        ("select align", lambda: hier.select(f, (4, 4), 0.5, align_corners=1), TypeError, "align_corners"),
+        ("gather x 2-D", lambda: hier.gather_rows(x[0], idx), ValueError, "x must be"),
+        ("gather idx dtype", lambda: hier.gather_rows(x, idx.int()), TypeError, "indices must be int64"),
+        ("gather idx 1-D", lambda: hier.gather_rows(x, idx[0]), ValueError, "indices must be 2-D"),
+        ("gather idx batch", lambda: hier.gather_rows(x, idx[:1]), ValueError, "batch size of x"),
+        ("gather idx range", lambda: hier.gather_rows(x, idx + 12), ValueError, r"indices must lie in \[0, N\)"),
+        ("gather idx negative", lambda: hier.gather_rows(x, idx - 13), ValueError, "indices must lie"),
+        ("gather idx too many", lambda: hier.gather_rows(x, _unique_indices(2, 13, 13)), ValueError, "at most N"),
+        ("scatter values shape", lambda: hier.scatter_back(x, idx, v[:, :3]), ValueError, "values must be"),
+        ("scatter values dtype", lambda: hier.scatter_back(x, idx, v.double()), TypeError, "values must have the dtype"),
+        ("scatter_rows like", lambda: hier.scatter_rows(v, idx, like=x[0]), ValueError, "like must be"),
+        ("backend", lambda: hier.gather_rows(x, idx, backend="nope"), ValueError, "backend must be"),
+    ]
+
+
+@pytest.mark.parametrize("case", _err_cases(), ids=lambda c: c[0])
+def test_bad_input_raises_naming_the_argument(case):
+    _, call, exc, message = case
+    with pytest.raises(exc, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# The timm models against a hand-written reference of the method
+
+IMG = 224
+
+
+def _proposal(seed=0):
+    """A tiny frozen 'ConvNet' with stride 32: (B, 3, 224, 224) -> (B, 8, 7, 7)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 4, stride=4), torch.nn.GELU(),
+                              torch.nn.Conv2d(6, 8, 8, stride=8))
+    return net.eval().requires_grad_(False)
+
+
+def _swin(**kw):
+    torch.manual_seed(1)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2, 2, 2),
+                             embed_dim=16, num_heads=(1, 2, 2, 4), **kw).eval()
+
+
+def _convnext(**kw):
+    torch.manual_seed(2)
+    # ls_init_value=1: random layer scales of order one, so the pruned branch matters numerically
+    return timm.create_model("convnext_tiny", pretrained=False, depths=(1, 1, 2, 1),
+                             dims=(8, 16, 32, 32), ls_init_value=1.0, **kw).eval()
+
+
+def _kept_mask(f, grid, z):
+    """(B, H, W, 1) bool: the top int(H*W*z) positions in SPEC's order (reference ops)."""
+    h, w = grid
+    k = min(max(int(h * w * z), 1), h * w)
+    keep = reference.rank(reference.significance(f, grid))[:, :k]
+    mask = torch.zeros(f.shape[0], h * w, dtype=torch.bool)
+    mask[torch.arange(f.shape[0])[:, None], keep] = True
+    return mask.view(-1, h, w, 1)
+
+
+def swin_by_hand(model, proposal, images, z, stages):
+    f = proposal(images)
+    x = model.patch_embed(images)                                   # (B, H, W, C)
+    for s, stage in enumerate(model.layers):
+        x = stage.downsample(x)
+        mask = _kept_mask(f, x.shape[1:3], z) if s in stages else None
+        for blk in stage.blocks:
+            x = x + blk.drop_path1(blk._attn(blk.norm1(x)))         # attention: every token
+            with_mlp = x + blk.drop_path2(blk.mlp(blk.norm2(x)))    # MLP computed densely ...
+            x = with_mlp if mask is None else torch.where(mask, with_mlp, x)  # ... kept only
+    return model.forward_head(model.norm(x))
+
+
+def convnext_by_hand(model, proposal, images, z, stages):
+    f = proposal(images)
+    x = model.stem(images)                                          # (B, C, H, W)
+    for s, stage in enumerate(model.stages):
+        x = stage.downsample(x)
+        mask = _kept_mask(f, x.shape[2:4], z).permute(0, 3, 1, 2) if s in stages else None
+        for blk in stage.blocks:
+            y = blk.conv_dw(x)                                      # depthwise conv: dense
+            if blk.use_conv_mlp:
+                y = blk.mlp(blk.norm(y))
+            else:
+                y = blk.mlp(blk.norm(y.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            if blk.gamma is not None:
+                y = y * blk.gamma.view(1, -1, 1, 1)
+            out = blk.drop_path(y) + blk.shortcut(x)
+            x = out if mask is None else torch.where(mask, out, torch.zeros_like(out))
+    return model.forward_head(model.norm_pre(x))
+
+
+MODELS = {
+    "swin": (_swin, th.patch_swin, swin_by_hand),
+    "convnext": (_convnext, th.patch_convnext, convnext_by_hand),
+    "convnext-conv_mlp": (lambda: _convnext(conv_mlp=True), th.patch_convnext, convnext_by_hand),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: make() for name, (make, _, _) in MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("z,stages,batch", [(0.65, (0, 1, 2, 3), 2), (0.3, (1, 3), 1)])
+def test_patched_model_matches_hand_written_reference(models, images, name, z, stages, batch):
+    model, (_, patch, by_hand) = models[name], MODELS[name]
+    proposal, x = _proposal(), images[:batch]
+    with torch.no_grad():
+        expected = by_hand(model, proposal, x, z, stages)
+        patch(model, proposal, z, stages=stages)
+        try:
+            got = model(x)
+        finally:
+            th.unpatch_hierarchical(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_z_one_is_the_unpatched_model_and_unpatch_restores_it(models, images, name):
+    model, (_, patch, by_hand) = models[name], MODELS[name]
+    cls, keys, x = type(model), list(model.state_dict()), images[:1]
+    with torch.no_grad():
+        dense = model(x)
+        # the hand-written reference is the model itself when nothing is pruned
+        torch.testing.assert_close(by_hand(model, _proposal(), x, 1.0, (0, 1, 2, 3)), dense,
+                                   rtol=1e-5, atol=1e-5)
+        patch(model, _proposal(), 1.0)
+        assert torch.equal(model(x), dense)
+        patch(model, _proposal(), 0.5)                  # re-patching replaces the first patch
+        assert list(model.state_dict()) == keys         # nothing registered on the model
+        assert (model(x) - dense).abs().max() > 1e-3    # pruning changes the output
+        th.unpatch_hierarchical(model)
+        assert type(model) is cls
+        assert not any(type(m).__name__.startswith("PaPr") for m in model.modules())
+        assert torch.equal(model(x), dense)
+
+
+@pytest.mark.parametrize("name", ["swin", "convnext"])
+def test_proposal_runs_once_and_selection_once_per_pruned_stage(models, images, name, monkeypatch):
+    model, (_, patch, _) = models[name], MODELS[name]
+    proposal, calls = _proposal(), {"proposal": 0, "select": []}
+
+    def counting_proposal(x):
+        calls["proposal"] += 1
+        return proposal(x)
+
+    select = hier.select
+
+    def counting_select(f, grid, *args, **kwargs):
+        calls["select"].append(tuple(grid))
+        return select(f, grid, *args, **kwargs)
+
+    monkeypatch.setattr(hier, "select", counting_select)
+    patch(model, counting_proposal, 0.65, stages=(0, 2, 3))
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        th.unpatch_hierarchical(model)
+    assert calls == {"proposal": 1, "select": [(56, 56), (14, 14), (7, 7)]}
+
+
+def test_training_gradients_match_the_hand_written_reference():
+    torch.manual_seed(0)
+    proposal = _proposal().double()
+    # smaller images keep float64 training affordable: Swin at 112 px, ConvNeXt at 64 px
+    # (drop_path_rate=0: stochastic depth would draw different masks in the two runs)
+    cases = ((_swin(img_size=112, drop_path_rate=0.0), th.patch_swin, swin_by_hand, 112),
+             (_convnext(), th.patch_convnext, convnext_by_hand, 64))
+    for model, patch, by_hand, size in cases:
+        model = model.double().train()
+        x = torch.randn(1, 3, size, size, dtype=torch.float64)
+        x_ref = x.clone().requires_grad_()
+        by_hand(model, proposal, x_ref, 0.5, (0, 1, 2, 3)).square().sum().backward()
+        ref_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        patch(model, proposal, 0.5)
+        x_got = x.clone().requires_grad_()
+        model(x_got).square().sum().backward()
+        th.unpatch_hierarchical(model)
+        torch.testing.assert_close(x_got.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
+        for p, g in zip(model.parameters(), ref_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+
+
+def test_patch_argument_errors(models):
+    swin, convnext, prop = models["swin"], models["convnext"], _proposal()
+    with pytest.raises(TypeError, match="model must be a timm SwinTransformer"):
+        th.patch_swin(convnext, prop)
+    with pytest.raises(TypeError, match="model must be a timm ConvNeXt"):
+        th.patch_convnext(swin, prop)
+    with pytest.raises(TypeError, match="proposal must be callable"):
+        th.patch_swin(swin, "mobileone_s0")
+    with pytest.raises(ValueError, match="z must be"):
+        th.patch_swin(swin, prop, z=0.0)
+    with pytest.raises(ValueError, match="stages must be distinct stage numbers in"):
+        th.patch_convnext(convnext, prop, stages=(0, 4))
+    with pytest.raises(TypeError, match="stages must hold ints"):
+        th.patch_convnext(convnext, prop, stages=(0.5,))
+    assert type(swin).__name__ == "SwinTransformer"                 # nothing was patched
+    th.patch_swin(swin, lambda x: torch.randn(x.shape[0] + 1, 4, 7, 7))
+    try:
+        with pytest.raises(ValueError, match="proposal must return features with the batch"):
+            swin(torch.randn(1, 3, IMG, IMG))
+    finally:
+        th.unpatch_hierarchical(swin)
+    v2 = timm.create_model("convnextv2_atto", pretrained=False, depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="ConvNeXt-V2"):
+        th.patch_convnext(v2, prop)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_timm_patch_dispatches_hierarchical_models(models, images, name):
+    import papr_kernels.timm as ptimm
+
+    model, (_, _, by_hand) = models[name], MODELS[name]
+    cls, x = type(model), images[:1]
+    with torch.no_grad():
+        expected = by_hand(model, _proposal(), x, th.DEFAULT_Z, th.DEFAULT_STAGES)
+        ptimm.patch(model, _proposal())             # z and stages: the family's defaults
+        try:
+            got = model(x)
+        finally:
+            ptimm.unpatch(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert type(model) is cls
+    with pytest.raises(ValueError, match="merge_r"):
+        ptimm.patch(model, _proposal(), merge_r=2)
+    assert type(model) is cls
