@@ -10,6 +10,7 @@ Switches (environment variables):
   PAPR_SANITIZE=1  host code with -fsanitize=address,undefined (`make sanitize`).
   PAPR_NO_EXTENSION=1   pure-Python install (the "torch" backend only).
   MAX_JOBS         parallel compile jobs (ninja).
+  PAPR_BUILD_TEMP  object folder (default build/temp-papr-ext, kept for incremental rebuilds).
 The package imports and runs on its "torch" backend when the extension is missing.
 """
 import glob
@@ -106,7 +107,8 @@ def _extension():
 
         def finalize_options(self):
             super().finalize_options()
-            self.build_temp = os.path.join(ROOT, "build", "temp-papr-ext")
+            self.build_temp = os.environ.get("PAPR_BUILD_TEMP") or os.path.join(
+                ROOT, "build", "temp-papr-ext")
 
     return [ext], {"build_ext": BuildExt}
 
