@@ -153,3 +153,20 @@ def test_direct_op_misuse_raises_instead_of_reading_out_of_bounds():
     idx = torch.full((2, 98), 500, dtype=torch.int64)
     with pytest.raises(RuntimeError):
         torch.ops.papr_kernels.prune_backward(torch.randn(2, 99, 16), idx, 197, 1)
+
+
+def test_package_works_without_the_extension():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['papr_kernels._C'] = None\n"
+            "import torch, papr_kernels\n"
+            "from papr_kernels import backends\n"
+            "reason = backends.unavailable_reason('cpp', 'cpu')\n"
+            "assert reason and 'papr_kernels._C' in reason, reason\n"
+            "assert papr_kernels.available_backends('cpu') == ['torch'] or 'cpp' not in "
+            "papr_kernels.available_backends('cpu')\n"
+            "x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7)\n"
+            "assert papr_kernels.prune(x, f, 0.5).shape == (2, 99, 8)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
