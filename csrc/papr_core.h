@@ -4,15 +4,18 @@
 // SPEC.md, "Semantics":
 //   1. channel mean of f in float32 (we accumulate in double and round once: as close to
 //      torch's cascade sum as any order gets), then divided by K in float like torch.mean;
-//   2. resize to the token grid with PyTorch's CPU upsample arithmetic: bicubic (A = -0.75,
-//      clamped taps) for 4-D f, trilinear for 5-D f, both align_corners modes, the same
-//      operation order as aten/src/ATen/native/cpu/UpSampleKernel.cpp (upsample_generic_Nd),
-//      so scores agree with the reference to the last bit;
+//   2. resize to the token grid with PyTorch's CPU upsample formulas: bicubic (A = -0.75,
+//      clamped taps) for 4-D f, trilinear for 5-D f, both align_corners modes, the operation
+//      order of aten/src/ATen/native/cpu/UpSampleKernel.cpp (upsample_generic_Nd). Measured
+//      against torch 2.14.1's AVX2 build, the cubic weights differ by a few to ~30 ULP (their
+//      cubic2 term cancels badly and torch's compiled code rounds it differently; not FMA alone),
+//      so scores agree with the reference to a few ULP, within SPEC's matching tolerance, not
+//      bit for bit. The CPU and CUDA kernels share this arithmetic exactly;
 //   3. total order: descending score, ties to the lower index, -0.0 == +0.0, NaN as -inf,
 //      encoded as one unique uint64 key per patch (larger key = ranked first);
 //   4. gather / scatter of whole token rows (dtype-agnostic byte copies).
 // The compile must not contract a*b+c into an FMA (nvcc: --fmad=false; x86 g++ without -mfma
-// does not), or scores drift by ULPs from the reference.
+// does not), or CPU and CUDA scores drift apart by ULPs.
 #pragma once
 #include <stdint.h>
 #include <math.h>
