@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 PKG_STAMP := $(VENV)/.papr-kernels-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv install demo info test clean
+.PHONY: venv install demo info test clean wheel wheel-smoke gpu-report bench-cpp
 
 venv: $(DEPS_STAMP)
 
@@ -32,12 +32,25 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# C++/CUDA extension (setup.py documents FORCE_CUDA, TORCH_CUDA_ARCH_LIST, PAPR_SANITIZE).
+# The wheel reuses the objects of `make install` (build/temp-papr-ext) when the flags match.
+wheel: $(DEPS_STAMP)
+	$(PY) -m pip wheel -q --no-build-isolation --no-deps -w dist .
+	@ls -l dist/papr_kernels-*.whl
+
+wheel-smoke: wheel
+	tools/wheel_smoke.sh
+
+bench-cpp: install
+	$(PY) tools/bench_cpp.py
+
 clean:
 	rm -rf build dist *.egg-info papr_kernels/*.so $(PKG_STAMP)
 
 .PHONY: gpu-report
 gpu-report: install
 	$(PY) tools/gpu_report_triton.py
+	$(PY) tools/gpu_report_cuda.py
 
 # Benchmarks (issue 5): never part of `make test` (testpaths is `tests`). `make bench` writes
 # benchmarks/results/<machine>.{json,md,png} and regenerates README.md's performance section.

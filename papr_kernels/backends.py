@@ -52,6 +52,17 @@ def _load(name: str):
     return _MODULES.get(name)
 
 
+def _constant_under_compile(fn):
+    # torch.compile evaluates it once while tracing and bakes the answer in (it imports modules,
+    # which dynamo cannot trace): prune() compiles with fullgraph=True even on a cold start.
+    try:
+        import torch
+        return torch.compiler.assume_constant_result(fn)
+    except (ImportError, AttributeError):
+        return fn
+
+
+@_constant_under_compile
 def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     """None when backend `name` can run on `device_type`, else a sentence saying why not."""
     backend = _REGISTRY[name]

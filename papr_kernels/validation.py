@@ -78,7 +78,7 @@ def _check_grid(grid: Optional[Sequence[int]], num_patches: int, f_dim: int) -> 
     if grid is None:
         if rank == 3:
             raise ValueError("grid (T, H, W) is required when f is 5-D (video)")
-        side = math.isqrt(num_patches)
+        side = int(round(num_patches ** 0.5))  # = isqrt for perfect squares; traceable with dynamic=True
         if side * side != num_patches:
             raise ValueError(f"grid is required: the {num_patches} patch tokens do not form a "
                              f"square grid")

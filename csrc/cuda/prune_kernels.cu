@@ -1,0 +1,209 @@
+// CUDA kernels of papr_kernels::prune_forward / prune_backward on top of csrc/papr_core.h (the
+// same per-row arithmetic as the CPU kernel; built with --fmad=false so scores match it bitwise).
+//   mean_kernel    grid (S tiles, B): channel mean, K split over threadIdx.y, fp64 accumulation
+//   select_kernel  one block per row: keys in shared memory, rank by counting, write indices
+//   gather_kernel  grid (token tiles, B): coalesced 16/8/4/2/1-byte copies of whole tokens
+//   inverse_kernel + scatter_kernel: backward, every byte of grad_x written once, no atomics
+// All offsets are int64.
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../papr_core.h"
+#include "prune_kernels.h"
+
+namespace papr {
+namespace cuda {
+namespace {
+
+constexpr int kMeanTx = 32, kMeanTy = 16;
+constexpr int kSelectThreads = 512;
+constexpr int kCopyThreads = 128, kTokensPerBlock = 4;
+constexpr int64_t kSharedKeyBytes = 40 * 1024;  // below the 48 KiB default: no opt-in needed
+
+template <typename T>
+__global__ void mean_kernel(const T* __restrict__ f, int64_t B, int64_t K, int64_t S, float* __restrict__ mean) {
+  __shared__ double part[kMeanTy][kMeanTx];
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kMeanTx + threadIdx.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    double acc = 0.0;
+    if (s < S) {
+      const T* row = f + b * K * S;
+      for (int64_t c = threadIdx.y; c < K; c += kMeanTy) acc += static_cast<double>(to_float(row[c * S + s]));
+    }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && s < S) {
+      double total = 0.0;
+      for (int j = 0; j < kMeanTy; ++j) total += part[j][threadIdx.x];  // fixed order: deterministic
+      mean[b * S + s] = mean_from_sum(total, K);
+    }
+    __syncthreads();
+  }
+}
+
+__device__ float score_at(const ForwardParams& p, const float* m, int64_t i) {
+  if (p.dims == 2) {
+    const int64_t oy = i / p.out[1], ox = i - oy * p.out[1];
+    int64_t iy[4], ix[4];
+    float wy[4], wx[4];
+    cubic_taps(p.in[0], p.out[0], p.align_corners, oy, iy, wy);
+    cubic_taps(p.in[1], p.out[1], p.align_corners, ox, ix, wx);
+    return bicubic_at(m, p.in[1], iy, wy, ix, wx);
+  }
+  const int64_t hw = p.out[1] * p.out[2];
+  const int64_t ot = i / hw, rem = i - ot * hw, oy = rem / p.out[2], ox = rem - oy * p.out[2];
+  int64_t it[2], iy[2], ix[2];
+  float wt[2], wy[2], wx[2];
+  linear_taps(p.in[0], p.out[0], p.align_corners, ot, it, wt);
+  linear_taps(p.in[1], p.out[1], p.align_corners, oy, iy, wy);
+  linear_taps(p.in[2], p.out[2], p.align_corners, ox, ix, wx);
+  return trilinear_at(m, p.in[1], p.in[2], it, wt, iy, wy, ix, wx);
+}
+
+// One block per row. Keys are unique, so rank(i) = #{j : key_j > key_i} is a permutation.
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(ForwardParams p) {
+  extern __shared__ uint64_t smem_keys[];
+  __shared__ uint64_t threshold;
+  const int64_t b = blockIdx.x;
+  const bool in_smem = p.N * static_cast<int64_t>(sizeof(uint64_t)) <= kSharedKeyBytes;
+  uint64_t* keys = in_smem ? smem_keys : p.keys + b * p.N;
+  const float* m = p.mean + b * p.S;
+  for (int64_t i = threadIdx.x; i < p.N; i += blockDim.x) keys[i] = rank_key(score_at(p, m, i), i);
+  __syncthreads();
+  int64_t* out = p.indices + b * p.k;
+  for (int64_t i = threadIdx.x; i < p.N; i += blockDim.x) {
+    const uint64_t key = keys[i];
+    int64_t rank = 0;
+    for (int64_t j = 0; j < p.N; ++j) rank += keys[j] > key;  // broadcast reads
+    if (rank < p.k && !p.spatial) out[rank] = i;
+    if (rank == p.k - 1) threshold = key;
+  }
+  if (!p.spatial) return;
+  __syncthreads();
+  const uint64_t th = threshold;
+  for (int64_t i = threadIdx.x; i < p.N; i += blockDim.x) {
+    if (keys[i] < th) continue;
+    int64_t pos = 0;
+    for (int64_t j = 0; j < i; ++j) pos += keys[j] >= th;
+    out[pos] = i;
+  }
+}
+
+template <typename V>
+__device__ __forceinline__ void copy_token(char* dst, const char* src, int64_t bytes) {
+  const int64_t n = bytes / static_cast<int64_t>(sizeof(V));
+  const V* s = reinterpret_cast<const V*>(src);
+  V* d = reinterpret_cast<V*>(dst);
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) d[e] = s[e];
+}
+
+template <typename V>
+__device__ __forceinline__ void zero_token(char* dst, int64_t bytes) {
+  const int64_t n = bytes / static_cast<int64_t>(sizeof(V));
+  V* d = reinterpret_cast<V*>(dst);
+  for (int64_t e = threadIdx.x; e < n; e += blockDim.x) d[e] = V{};
+}
+
+template <typename V>
+__global__ void gather_kernel(ForwardParams p) {
+  const int64_t rows = p.P + p.k;
+  for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
+    const int64_t* idx = p.indices + b * p.k;
+    for (int t = 0; t < kTokensPerBlock; ++t) {
+      const int64_t j = static_cast<int64_t>(blockIdx.x) * kTokensPerBlock + t;
+      if (j >= rows) break;
+      const int64_t src = gather_source(j, p.P, idx);
+      copy_token<V>(p.out_tokens + (b * rows + j) * p.token_bytes,
+                    p.x + b * p.x_stride_b + src * p.x_stride_n, p.token_bytes);
+    }
+  }
+}
+
+__global__ void inverse_kernel(BackwardParams p) {
+  const int64_t N = p.n - p.P;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= p.k) return;
+  for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
+    const int64_t i = p.indices[b * p.k + j];
+    if (i >= 0 && i < N) p.inverse[b * N + i] = static_cast<int32_t>(j);  // out of range: ignored
+  }
+}
+
+template <typename V>
+__global__ void scatter_kernel(BackwardParams p) {
+  const int64_t N = p.n - p.P;
+  for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
+    for (int t = 0; t < kTokensPerBlock; ++t) {
+      const int64_t i = static_cast<int64_t>(blockIdx.x) * kTokensPerBlock + t;
+      if (i >= p.n) break;
+      char* dst = p.grad_x + (b * p.n + i) * p.token_bytes;
+      const int32_t inv = i < p.P ? 0 : p.inverse[b * N + i - p.P];
+      const int64_t src = i < p.P ? i : (inv < 0 ? -1 : p.P + inv);
+      if (src < 0) zero_token<V>(dst, p.token_bytes);
+      else copy_token<V>(dst, p.grad_out + b * p.g_stride_b + src * p.g_stride_n, p.token_bytes);
+    }
+  }
+}
+
+// Widest copy unit that divides every token's size and offset.
+int vector_bytes(uint64_t a, uint64_t b, int64_t c, int64_t d, int64_t e) {
+  const uint64_t all = a | b | static_cast<uint64_t>(c) | static_cast<uint64_t>(d) | static_cast<uint64_t>(e);
+  for (int v = 16; v > 1; v /= 2)
+    if (all % v == 0) return v;
+  return 1;
+}
+
+#define PAPR_LAUNCH_COPY(KERNEL, V_BYTES, GRID, STREAM, PARAMS)                 \
+  switch (V_BYTES) {                                                             \
+    case 16: KERNEL<uint4><<<GRID, kCopyThreads, 0, STREAM>>>(PARAMS); break;    \
+    case 8: KERNEL<uint2><<<GRID, kCopyThreads, 0, STREAM>>>(PARAMS); break;     \
+    case 4: KERNEL<uint32_t><<<GRID, kCopyThreads, 0, STREAM>>>(PARAMS); break;  \
+    case 2: KERNEL<uint16_t><<<GRID, kCopyThreads, 0, STREAM>>>(PARAMS); break;  \
+    default: KERNEL<uint8_t><<<GRID, kCopyThreads, 0, STREAM>>>(PARAMS); break;  \
+  }
+
+unsigned grid_rows(int64_t B) { return static_cast<unsigned>(B < 65535 ? B : 65535); }
+
+}  // namespace
+
+int64_t max_shared_keys() { return kSharedKeyBytes / static_cast<int64_t>(sizeof(uint64_t)); }
+
+cudaError_t launch_forward(const ForwardParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  const dim3 mgrid(static_cast<unsigned>((p.S + kMeanTx - 1) / kMeanTx), grid_rows(p.B));
+  const dim3 mblock(kMeanTx, kMeanTy);
+  switch (p.f_type) {
+    case kF16: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const f16*>(p.f), p.B, p.K, p.S, p.mean); break;
+    case kBF16: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const bf16*>(p.f), p.B, p.K, p.S, p.mean); break;
+    case kF32: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const float*>(p.f), p.B, p.K, p.S, p.mean); break;
+    default: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const double*>(p.f), p.B, p.K, p.S, p.mean); break;
+  }
+  const int64_t key_bytes = p.N * static_cast<int64_t>(sizeof(uint64_t));
+  const size_t smem = key_bytes <= kSharedKeyBytes ? static_cast<size_t>(key_bytes) : 0;
+  select_kernel<<<static_cast<unsigned>(p.B), kSelectThreads, smem, stream>>>(p);
+  const int64_t rows = p.P + p.k;
+  const dim3 ggrid(static_cast<unsigned>((rows + kTokensPerBlock - 1) / kTokensPerBlock), grid_rows(p.B));
+  const int v = vector_bytes(reinterpret_cast<uint64_t>(p.x), reinterpret_cast<uint64_t>(p.out_tokens),
+                             p.token_bytes, p.x_stride_b, p.x_stride_n);
+  PAPR_LAUNCH_COPY(gather_kernel, v, ggrid, stream, p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_backward(const BackwardParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  const int64_t N = p.n - p.P;
+  cudaError_t err = cudaMemsetAsync(p.inverse, 0xff, static_cast<size_t>(p.B * N) * sizeof(int32_t), stream);
+  if (err != cudaSuccess) return err;
+  if (p.k > 0) {
+    const dim3 igrid(static_cast<unsigned>((p.k + 255) / 256), grid_rows(p.B));
+    inverse_kernel<<<igrid, 256, 0, stream>>>(p);
+  }
+  const dim3 sgrid(static_cast<unsigned>((p.n + kTokensPerBlock - 1) / kTokensPerBlock), grid_rows(p.B));
+  const int v = vector_bytes(reinterpret_cast<uint64_t>(p.grad_out), reinterpret_cast<uint64_t>(p.grad_x),
+                             p.token_bytes, p.g_stride_b, p.g_stride_n);
+  PAPR_LAUNCH_COPY(scatter_kernel, v, sgrid, stream, p);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace papr

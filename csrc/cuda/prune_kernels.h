@@ -1,0 +1,40 @@
+// Launchers of the CUDA kernels (prune_kernels.cu). Plain C++ types only: no torch headers, so
+// the .cu compiles fast; the torch glue (prune_cuda.cpp) allocates and passes raw pointers.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace papr {
+namespace cuda {
+
+struct ForwardParams {
+  const char* x;            // tokens, byte strides below, unit channel stride
+  int64_t x_stride_b, x_stride_n, token_bytes;
+  const void* f;            // (B, K, S) contiguous
+  int f_type;               // papr::FType
+  int64_t B, P, N, k, K, S;
+  int dims;                 // 2: bicubic, 3: trilinear
+  int64_t in[3], out[3];
+  bool align_corners, spatial;
+  float* mean;              // workspace (B, S)
+  uint64_t* keys;           // workspace (B, N), used when the keys do not fit in shared memory
+  char* out_tokens;         // (B, P + k, C) contiguous
+  int64_t* indices;         // (B, k)
+};
+
+struct BackwardParams {
+  const char* grad_out;     // (B, P + k, C), byte strides, unit channel stride
+  int64_t g_stride_b, g_stride_n, token_bytes;
+  const int64_t* indices;   // (B, k) contiguous
+  int64_t B, n, P, k;
+  int32_t* inverse;         // workspace (B, n - P)
+  char* grad_x;             // (B, n, C) contiguous
+};
+
+// Largest N whose keys the select kernel keeps in shared memory (else `keys` is used).
+int64_t max_shared_keys();
+cudaError_t launch_forward(const ForwardParams& p, cudaStream_t stream);
+cudaError_t launch_backward(const BackwardParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace papr

@@ -1,0 +1,22 @@
+// The operator schemas, in one place, and the Python module stub (no pybind11: builds fast).
+// Kernels: csrc/cpu/prune_cpu.cpp (CPU), csrc/cuda/prune_cuda.cpp (CUDA, when built with CUDA).
+// Fake (meta) kernels and autograd are registered from Python: papr_kernels/ops/cpp_prune.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import papr_kernels._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(papr_kernels, m) {
+  // Select (SPEC's total order) + gather. Returns (out (B, P + keep, C), indices (B, keep) int64).
+  m.def("prune_forward(Tensor x, Tensor f, int num_prefix_tokens, int[] grid, int keep, "
+        "bool align_corners, bool spatial) -> (Tensor, Tensor)");
+  // Gradient of the gather: grad_out rows put back at the kept positions, zeros elsewhere.
+  m.def("prune_backward(Tensor grad_out, Tensor indices, int num_tokens, int num_prefix_tokens) "
+        "-> Tensor");
+}
