@@ -72,3 +72,21 @@ bench-quick: install
 		--benchmark-max-time=0.01 --benchmark-warmup=off --benchmark-columns=median,rounds -q \
 		--benchmark-json=.benchmarks/quick.json $(BENCH_ARGS)
 	$(PY) benchmarks/report.py .benchmarks/quick.json --no-plot
+
+# The C++ extension built with -fsanitize=address,undefined (CPU part only) into build/sanitize,
+# then the cpp parity, property, bad-input and kernel tests run against it with the ASan runtime
+# preloaded into python. Any ASan or UBSan report fails the run.
+SANITIZE_DIR := build/sanitize
+SANITIZE_TESTS ?= tests/test_parity.py tests/test_properties.py tests/test_errors.py tests/test_autograd.py tests/test_cpp.py
+.PHONY: sanitize
+sanitize: $(DEPS_STAMP)
+	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
+	cp -r papr_kernels $(SANITIZE_DIR)/ && find $(SANITIZE_DIR) -name '*.so' -delete
+	PAPR_SANITIZE=1 FORCE_CUDA=0 PAPR_BUILD_TEMP=build/temp-sanitize \
+		$(PY) setup.py -q build_ext --build-lib $(SANITIZE_DIR)
+	cd $(SANITIZE_DIR) && PYTHONPATH=. $(PY) -c "import papr_kernels, sys; assert papr_kernels.__file__.startswith('$(CURDIR)/$(SANITIZE_DIR)/'), papr_kernels.__file__"
+	PYTHONPATH=$(SANITIZE_DIR) ASAN_OPTIONS=detect_leaks=0 \
+		UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		PAPR_KERNELS_REQUIRE=cpp-cpu $(PY) -m pytest -q -p no:cacheprovider -k "cpp" \
+		--rootdir=. $(SANITIZE_TESTS)
