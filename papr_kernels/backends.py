@@ -68,6 +68,10 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     backend = _REGISTRY[name]
     if device_type not in backend.devices:
         return f"runs on {'/'.join(backend.devices)} tensors only, not {device_type}"
+    if device_type == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            return "no CUDA device here"
     module = _load(name)
     if module is None:
         return f"cannot be imported ({_IMPORT_ERRORS[name]})"
