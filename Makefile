@@ -81,12 +81,16 @@ SANITIZE_TESTS ?= tests/test_parity.py tests/test_properties.py tests/test_error
 .PHONY: sanitize
 sanitize: $(DEPS_STAMP)
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
-	cp -r papr_kernels $(SANITIZE_DIR)/ && find $(SANITIZE_DIR) -name '*.so' -delete
+	cp -r papr_kernels tests pyproject.toml $(SANITIZE_DIR)/ && find $(SANITIZE_DIR) -name '*.so' -delete
 	PAPR_SANITIZE=1 FORCE_CUDA=0 PAPR_BUILD_TEMP=build/temp-sanitize \
 		$(PY) setup.py -q build_ext --build-lib $(SANITIZE_DIR)
-	cd $(SANITIZE_DIR) && PYTHONPATH=. $(PY) -c "import papr_kernels, sys; assert papr_kernels.__file__.startswith('$(CURDIR)/$(SANITIZE_DIR)/'), papr_kernels.__file__"
-	PYTHONPATH=$(SANITIZE_DIR) ASAN_OPTIONS=detect_leaks=0 \
+	ldd $(SANITIZE_DIR)/papr_kernels/_C*.so | grep -q libasan
+	cd $(SANITIZE_DIR) && ASAN_OPTIONS=detect_leaks=0 \
 		UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
-		PAPR_KERNELS_REQUIRE=cpp-cpu $(PY) -m pytest -q -p no:cacheprovider -k "cpp" \
-		--rootdir=. $(SANITIZE_TESTS)
+		PAPR_KERNELS_REQUIRE=cpp-cpu $(CURDIR)/$(PY) -c "import papr_kernels._C as c; \
+		assert c.__file__.startswith('$(CURDIR)/$(SANITIZE_DIR)/'), c.__file__" && \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		PAPR_KERNELS_REQUIRE=cpp-cpu $(CURDIR)/$(PY) -m pytest -q -p no:cacheprovider -k "cpp" \
+		$(SANITIZE_TESTS)
