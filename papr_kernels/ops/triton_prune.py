@@ -51,8 +51,10 @@ fp32 or fp64 (loaded and converted to fp32, as the reference does with f.float()
 larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) are outside the kernel's
 register budget and fall back to the reference (`fallback_reason`).
 """
+import contextlib
 import math
 import os
+import threading
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -368,6 +370,16 @@ def _split(batch: int, rows: int, channels: int, device: torch.device) -> Tuple[
     return row_chunks, chan_chunks
 
 
+# The Triton interpreter keeps the launch grid and program ids in process-global state, so two
+# threads launching at once corrupt each other ("x >= grid_dim[0]"): interpreted launches take
+# this lock. GPU launches are thread-safe and never take it.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch_guard(device: torch.device):
+    return _INTERPRETER_LOCK if device.type != "cuda" else contextlib.nullcontext()
+
+
 def _interpreted(device: torch.device) -> bool:
     # The interpreter runs a program's tile loop op by op in Python: big tiles, few iterations.
     return device.type != "cuda"
@@ -422,10 +434,11 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     chans_per = -(-channels // chan_chunks)
     meta = fwd_constexprs(N, math.prod(src), video, align_corners, spatial,
                           _interpreted(x.device))
-    _prune_fwd_kernel[(batch, -(-rows // rows_per), -(-channels // chans_per))](
-        x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
-        channels, f.shape[1], math.prod(src), N, P, keep,
-        *src, *dst, *scales, rows_per, chans_per, num_warps=fwd_num_warps(N), **meta)
+    with _launch_guard(x.device):
+        _prune_fwd_kernel[(batch, -(-rows // rows_per), -(-channels // chans_per))](
+            x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
+            channels, f.shape[1], math.prod(src), N, P, keep,
+            *src, *dst, *scales, rows_per, chans_per, num_warps=fwd_num_warps(N), **meta)
     return out, indices
 
 
@@ -440,10 +453,11 @@ def _launch_backward(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: 
     tok_chunks, chan_chunks = _split(batch, num_tokens, channels, grad_out.device)
     toks_per = -(-num_tokens // tok_chunks)
     chans_per = -(-channels // chan_chunks)
-    _prune_bwd_kernel[(batch, -(-num_tokens // toks_per), -(-channels // chans_per))](
-        grad_out, indices, grad_x, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        channels, num_tokens, num_prefix_tokens, keep, toks_per, chans_per,
-        **bwd_constexprs(_interpreted(grad_out.device)))
+    with _launch_guard(grad_out.device):
+        _prune_bwd_kernel[(batch, -(-num_tokens // toks_per), -(-channels // chans_per))](
+            grad_out, indices, grad_x, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            channels, num_tokens, num_prefix_tokens, keep, toks_per, chans_per,
+            **bwd_constexprs(_interpreted(grad_out.device)))
     return grad_x
 
 
