@@ -55,19 +55,6 @@ def _check_grid(grid) -> Tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
-def _check_features(f) -> None:
-    if not isinstance(f, torch.Tensor):
-        raise TypeError(f"f must be a torch.Tensor, got {type(f).__name__}")
-    if not f.is_floating_point():
-        raise TypeError(f"f must have a floating dtype (float16, bfloat16, float32, float64), "
-                        f"got {f.dtype}")
-    if f.dim() != 4:
-        raise ValueError(f"f must be 4-D (B, K, h, w), got shape {_shape(f)}")
-    if any(s == 0 for s in f.shape[1:]):
-        raise ValueError(f"f must have channels and a spatial extent (no zero-sized dimension "
-                         f"after the batch), got shape {_shape(f)}")
-
-
 def _check_tokens(name: str, x) -> int:
     """x is (B, N, C) or (B, H, W, C); returns N."""
     if not isinstance(x, torch.Tensor):
@@ -127,7 +114,7 @@ def select(f: torch.Tensor, grid: Sequence[int], z: float, align_corners: bool =
     ranked in SPEC's total order. `order="score"` returns them in rank order, "spatial" ascending.
     The result carries no gradient. Call it once per stage and reuse it for all the stage's blocks.
     """
-    _check_features(f)
+    validation.check_features(f, ranks=(4,))
     grid = _check_grid(grid)
     z = validation.check_z(z)
     align_corners = validation._check_flag("align_corners", align_corners)

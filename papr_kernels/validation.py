@@ -32,22 +32,35 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _check_tensors(x, f) -> None:
-    for name, t in (("x", x), ("f", f)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, "
-                            f"float64), got {t.dtype}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be 3-D (B, n, C), got shape {_shape(x)}")
-    if f.dim() not in (4, 5):
-        raise ValueError(f"f must be 4-D (B, K, h, w) or 5-D (B, K, t, h, w), got shape {_shape(f)}")
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"x must have tokens and channels (B, n > 0, C > 0), got shape {_shape(x)}")
+def check_floating_tensor(name: str, t) -> None:
+    """TypeError unless `t` is a tensor of a floating dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, "
+                        f"float64), got {t.dtype}")
+
+
+def check_features(f, ranks=(4, 5)) -> None:
+    """Proposal features: a floating tensor (B, K, h, w) (or (B, K, t, h, w)) with no empty
+    dimension after the batch."""
+    check_floating_tensor("f", f)
+    if f.dim() not in ranks:
+        shapes = " or ".join({4: "4-D (B, K, h, w)", 5: "5-D (B, K, t, h, w)"}[r] for r in ranks)
+        raise ValueError(f"f must be {shapes}, got shape {_shape(f)}")
     if any(s == 0 for s in f.shape[1:]):
         raise ValueError(f"f must have channels and a spatial extent (no zero-sized dimension "
                          f"after the batch), got shape {_shape(f)}")
+
+
+def _check_tensors(x, f) -> None:
+    check_floating_tensor("x", x)
+    check_floating_tensor("f", f)
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, n, C), got shape {_shape(x)}")
+    check_features(f)
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x must have tokens and channels (B, n > 0, C > 0), got shape {_shape(x)}")
     if f.shape[0] != x.shape[0]:
         raise ValueError(f"f must have the batch size of x ({x.shape[0]}), got {f.shape[0]}")
     if f.device != x.device:
