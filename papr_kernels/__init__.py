@@ -2,7 +2,7 @@
 
     out = papr_kernels.prune(x, f, z)   # x: (B, n, C) tokens, f: (B, K, h, w) proposal features
 
-See SPEC.md (shipped in the README) for the exact contract every backend meets.
+See SPEC.md in the source repository for the exact contract every backend meets.
 """
 from typing import List, Optional
 
