@@ -183,28 +183,24 @@ at::Tensor prune_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& i
   const at::Tensor g = tokens_contiguous(grad_out_in);
   const at::Tensor indices = indices_in.contiguous();
   const int64_t B = g.size(0), C = g.size(2), k = indices.size(1), N = num_tokens - P;
-  at::Tensor grad_x = at::empty({B, num_tokens, C}, g.options());
+  // Zero-filled by ATen's fill (first touch of fresh pages is the cost on CPU, and a plain fill
+  // pays it fastest), then one memcpy per kept row: each index is unique, so no atomics.
+  at::Tensor grad_x = at::zeros({B, num_tokens, C}, g.options());
   if (B == 0) return grad_x;
-  // Inverse map: patch -> output row among kept patches, or -1 (pruned).
-  std::vector<int32_t> inv(static_cast<size_t>(B * N), -1);
   const int64_t* idx = indices.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t i = idx[b * k + j];
-      TORCH_CHECK(i >= 0 && i < N, "papr_kernels: index ", i, " outside [0, ", N, ")");
-      inv[b * N + i] = static_cast<int32_t>(j);
-    }
+  for (int64_t t = 0; t < B * k; ++t)
+    TORCH_CHECK(idx[t] >= 0 && idx[t] < N, "papr_kernels: index ", idx[t], " outside [0, ", N, ")");
   const int64_t es = g.element_size();
   const int64_t token_bytes = C * es;
   const int64_t sb = g.stride(0) * es, sn = g.stride(1) * es;
   const char* gp = static_cast<const char*>(g.const_data_ptr());
   char* xp = static_cast<char*>(grad_x.data_ptr());
-  at::parallel_for(0, B * num_tokens, copy_grain(token_bytes), [&](int64_t t0, int64_t t1) {
+  const int64_t rows_out = P + k;
+  at::parallel_for(0, B * rows_out, copy_grain(token_bytes), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / num_tokens, i = t - b * num_tokens;
-      const int64_t src = i < P ? i : (inv[b * N + i - P] < 0 ? -1 : P + inv[b * N + i - P]);
-      if (src < 0) std::memset(xp + t * token_bytes, 0, token_bytes);
-      else std::memcpy(xp + t * token_bytes, gp + b * sb + src * sn, token_bytes);
+      const int64_t b = t / rows_out, j = t - b * rows_out;
+      const int64_t dst = gather_source(j, P, idx + b * k);
+      std::memcpy(xp + (b * num_tokens + dst) * token_bytes, gp + b * sb + j * sn, token_bytes);
     }
   });
   return grad_x;
