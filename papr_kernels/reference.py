@@ -26,7 +26,15 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     """
     mode = "bicubic" if f.dim() == 4 else "trilinear"
     channel_mean = f.float().mean(dim=1, keepdim=True)
-    resized = F.interpolate(channel_mean, size=tuple(grid), mode=mode, align_corners=align_corners)
+    if channel_mean.device.type != "cpu" and tuple(grid) == tuple(channel_mean.shape[2:]):
+        # At an unchanged size CUDA's interpolate copies, while SPEC's formula (the CPU kernel's)
+        # still weighs the zero-weight taps, so an inf spreads NaN to its neighbours (0 * inf).
+        # This small (B, 1, h, w) map is resized on the CPU to stay identical on every device.
+        resized = F.interpolate(channel_mean.cpu(), size=tuple(grid), mode=mode,
+                                align_corners=align_corners).to(channel_mean.device)
+    else:
+        resized = F.interpolate(channel_mean, size=tuple(grid), mode=mode,
+                                align_corners=align_corners)
     return resized.flatten(1)
 
 

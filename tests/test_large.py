@@ -1,4 +1,4 @@
-"""Tensors past 2^31 elements: 64-bit offsets in the cpp kernels (forward and backward)."""
+"""Tensors past 2^31 elements: 64-bit offsets in the compiled kernels (forward and backward)."""
 import pytest
 import torch
 
@@ -8,18 +8,29 @@ from papr_kernels import backends, reference
 N_TOKENS, CHANNELS = 197, 768
 BATCH = 2**31 // (N_TOKENS * CHANNELS) + 8     # B * n * C just past 2^31 (about 4.3 GB in fp16)
 
+# The kernels whose offsets could overflow 32 bits (the torch backend is ATen's own indexing).
+LARGE_BACKENDS = [("cpp", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+
+
+def _unavailable(name, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device here"
+    return backends.unavailable_reason(name, device)
+
 
 @pytest.mark.slow
-@pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
-                    reason="the cpp backend is not built")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpp_past_two_to_the_31_elements(dtype):
+@pytest.mark.parametrize("name,device", [
+    pytest.param(n, d, id=f"{n}-{d}", marks=pytest.mark.skipif(
+        _unavailable(n, d) is not None, reason=f"{n} on {d}: {_unavailable(n, d)}"))
+    for n, d in LARGE_BACKENDS])
+def test_past_two_to_the_31_elements(name, device, dtype):
     assert BATCH * N_TOKENS * CHANNELS > 2**31
-    x = torch.zeros(BATCH, N_TOKENS, CHANNELS, dtype=dtype)
-    x[:, :, 0] = torch.arange(N_TOKENS, dtype=dtype)                 # token id (exact below 256)
-    x[:, :, -1] = (torch.arange(BATCH) % 251).to(dtype)[:, None]      # batch id, mod a prime
-    f = torch.randn(BATCH, 4, 7, 7, generator=torch.Generator().manual_seed(0))
-    out, idx = papr_kernels.prune(x, f, 0.5, return_indices=True, backend="cpp")
+    x = torch.zeros(BATCH, N_TOKENS, CHANNELS, dtype=dtype, device=device)
+    x[:, :, 0] = torch.arange(N_TOKENS, dtype=dtype, device=device)      # token id (exact < 256)
+    x[:, :, -1] = (torch.arange(BATCH, device=device) % 251).to(dtype)[:, None]  # batch id mod 251
+    f = torch.randn(BATCH, 4, 7, 7, generator=torch.Generator().manual_seed(0)).to(device)
+    out, idx = papr_kernels.prune(x, f, 0.5, return_indices=True, backend=name)
     assert out.shape == (BATCH, 99, CHANNELS)
     # every row, the last ones far past 2^31 elements in, holds the token the index names
     assert torch.equal(out[:, 1:, 0].long(), idx + 1)
@@ -29,10 +40,10 @@ def test_cpp_past_two_to_the_31_elements(dtype):
     assert torch.equal(idx[last], reference.select(reference.significance(f[last], (14, 14)), 98))
     del out
     plan = papr_kernels.validation.check_prune_args(x, f, 0.5)
-    grad_x = backends.resolve("cpp", "cpu").backward(x[:, :99].contiguous(), idx, plan)
+    grad_x = backends.resolve(name, device).backward(x[:, :99].contiguous(), idx, plan)
     assert grad_x.shape == x.shape
-    expected_ids = torch.zeros(BATCH, N_TOKENS, dtype=torch.long)
-    expected_ids.scatter_(1, idx + 1, torch.arange(1, 99).expand(BATCH, -1))
+    expected_ids = torch.zeros(BATCH, N_TOKENS, dtype=torch.long, device=device)
+    expected_ids.scatter_(1, idx + 1, torch.arange(1, 99, device=device).expand(BATCH, -1))
     assert torch.equal(grad_x[:, :, 0].long(), expected_ids)       # kept rows in place, others 0
     kept = expected_ids != 0
     kept[:, 0] = True
