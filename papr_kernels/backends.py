@@ -6,6 +6,12 @@ A backend is a module, imported on first use, that provides
     forward(x, f, plan) -> (out, indices)                   # plan: validation.Plan, z < 1, B > 0
     backward(grad_out, indices, plan) -> grad_x             # unique indices: no atomics
 
+and, optionally, the row ops of the hierarchical models (papr_kernels.hierarchical):
+
+    gather_rows(x, indices) -> (B, k, C)              # x (B, N, C) or (B, H, W, C), any strides
+    scatter_rows(values, indices, shape) -> zeros of `shape` holding values at the kept rows
+    scatter_back(x, indices, values, inplace) -> x + values at the kept rows
+
 Auto selection (`backend=None`) takes, among the backends listed for the tensors' device type,
 the first that can run. `PAPR_KERNELS_BACKEND` overrides auto selection.
 """
@@ -90,13 +96,22 @@ def _local_device_types() -> List[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def resolve(name: Optional[str], device_type: str):
-    """The module of the backend that runs `prune` for tensors on `device_type`."""
+ROW_OPS = ("gather_rows", "scatter_rows", "scatter_back")
+
+
+def _missing(module, ops: Tuple[str, ...]) -> List[str]:
+    return [op for op in ops if not hasattr(module, op)]
+
+
+def resolve(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()):
+    """The module of the backend that runs `prune` (and the functions `ops`, e.g. ROW_OPS) for
+    tensors on `device_type`. Auto selection skips backends without `ops`."""
     if name is None:
         name = os.environ.get(ENV_VAR) or None
     if name is None:
         for candidate in _AUTO_ORDER.get(device_type, []) + ["torch"]:
-            if unavailable_reason(candidate, device_type) is None:
+            if unavailable_reason(candidate, device_type) is None and not (
+                    ops and _missing(_MODULES[candidate], ops)):
                 return _MODULES[candidate]
         raise RuntimeError(f"no papr_kernels backend can run on {device_type} tensors")
     if name not in _REGISTRY:
@@ -104,6 +119,9 @@ def resolve(name: Optional[str], device_type: str):
     reason = unavailable_reason(name, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} cannot run on {device_type} tensors here: {reason}")
+    missing = ops and _missing(_MODULES[name], ops)
+    if missing:
+        raise RuntimeError(f"backend {name!r} has no {', '.join(missing)} kernel")
     return _MODULES[name]
 
 

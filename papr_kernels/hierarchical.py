@@ -16,21 +16,21 @@ of f, bicubic, align_corners) and SPEC's total order (descending, ties to the lo
 The indices of a row must be unique (select's are): the scatters are plain writes (no
 accumulation, no atomics) and each op's backward is another of these ops, so double backward works.
 
-Implementations are pluggable: `register_backend(name, impl, devices)` adds an object with
-`gather_rows(x, indices)`, `scatter_rows(values, indices, shape)` and
-`scatter_back(x, indices, values, inplace)` working on (B, N, C) or (B, H, W, C); the autograd
-Functions below call whichever implementation was chosen, "torch" being the fallback.
+Every backend of `papr_kernels.backends` runs them: `select` is the backend's prune kernel on a
+one-channel, zero-stride token tensor (the scores and the ranking are the prune op's; the gather
+moves k floats), and the row ops are the backend's `gather_rows` / `scatter_rows` /
+`scatter_back` (the plain-PyTorch versions are in `papr_kernels.reference`). `backend=None`
+picks the fastest that can run, as `prune` does.
 """
 import math
 import numbers
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-from . import reference, validation
+from . import backends, reference, validation
 
-__all__ = ["select", "keep_count", "gather_rows", "scatter_back", "scatter_rows",
-           "register_backend", "available_backends"]
+__all__ = ["select", "keep_count", "gather_rows", "scatter_back", "scatter_rows"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,11 +107,12 @@ def keep_count(grid: Sequence[int], z: float) -> int:
 
 
 def select(f: torch.Tensor, grid: Sequence[int], z: float, align_corners: bool = True,
-           order: str = "score") -> torch.Tensor:
+           order: str = "score", *, backend: Optional[str] = None) -> torch.Tensor:
     """The kept positions (B, k), int64, of the (H, W) grid, k = int(H*W*z) clamped to [1, H*W].
 
     Scores are SPEC's: the float32 channel mean of f (B, K, h, w) resized bicubic to (H, W),
-    ranked in SPEC's total order. `order="score"` returns them in rank order, "spatial" ascending.
+    ranked in SPEC's total order. `order="score"` returns them in rank order, "spatial" ascending;
+    z = 1 returns every position in ascending order, as `prune` does.
     The result carries no gradient. Call it once per stage and reuse it for all the stage's blocks.
     """
     validation.check_features(f, ranks=(4,))
@@ -121,113 +122,18 @@ def select(f: torch.Tensor, grid: Sequence[int], z: float, align_corners: bool =
     if order not in validation.ORDERS:
         raise ValueError(f"order must be one of {validation.ORDERS}, got {order!r}")
     k = keep_count(grid, z)
+    impl = backends.resolve(backend, f.device.type)
     if f.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.int64, device=f.device)
+    num_positions = grid[0] * grid[1]
+    if k == num_positions:                       # z == 1: every position, as prune's arange(N)
+        return torch.arange(num_positions, device=f.device).expand(f.shape[0], -1).contiguous()
+    plan = validation.Plan(num_tokens=num_positions, num_prefix_tokens=0, grid=grid, keep=k,
+                           align_corners=align_corners, order=order, identity=False)
+    tokens = torch.zeros((), dtype=torch.float32, device=f.device).expand(
+        f.shape[0], num_positions, 1)            # the prune kernel's x, one channel, no memory
     with torch.no_grad():
-        scores = reference.significance(f.detach(), grid, align_corners)
-        return reference.select(scores, k, order)
-
-
-# ---------------------------------------------------------------------------------------------
-# The torch implementation
-
-
-def _batch_rows(indices: torch.Tensor) -> torch.Tensor:
-    return torch.arange(indices.shape[0], device=indices.device)[:, None]
-
-
-def _index(x_shape, indices: torch.Tensor):
-    """Advanced-index tuple addressing positions `indices` of an (B, N, C) or (B, H, W, C) tensor.
-
-    For (B, H, W, C) it splits the flat index into (row, column), so x need not be contiguous
-    (e.g. an NCHW tensor seen channels-last through permute(0, 2, 3, 1)) and is never copied.
-    """
-    rows = _batch_rows(indices)
-    if len(x_shape) == 3:
-        return rows, indices
-    width = x_shape[2]
-    return rows, torch.div(indices, width, rounding_mode="floor"), indices % width
-
-
-def _flat_rows(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
-    """Row numbers of the kept positions in the (B*N, C) view."""
-    offsets = torch.arange(indices.shape[0], device=indices.device)[:, None] * num_positions
-    return (indices + offsets).reshape(-1)
-
-
-class TorchOps:
-    """Plain PyTorch. Dense (contiguous) tensors: index_select / index_copy_ on the (B*N, C) row
-    view (one gather, one plain write: indices are unique, nothing accumulates); any other
-    strides (e.g. an NCHW tensor seen channels-last): advanced indexing and index_put without
-    accumulation."""
-
-    @staticmethod
-    def unavailable_reason(device_type: str) -> Optional[str]:
-        return None
-
-    @staticmethod
-    def gather_rows(x, indices):
-        if x.is_contiguous():
-            rows = _flat_rows(indices, math.prod(x.shape[1:-1]))
-            return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(*indices.shape, -1)
-        return x[_index(x.shape, indices)]
-
-    @staticmethod
-    def scatter_rows(values, indices, shape):
-        out = values.new_zeros(shape)
-        rows = _flat_rows(indices, math.prod(shape[1:-1]))
-        out.view(-1, shape[-1]).index_copy_(0, rows, values.reshape(-1, shape[-1]))
-        return out
-
-    @staticmethod
-    def scatter_back(x, indices, values, inplace=False):
-        out = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
-        rows = _flat_rows(indices, math.prod(x.shape[1:-1]))
-        out2d = out.view(-1, x.shape[-1])
-        out2d.index_copy_(0, rows, out2d.index_select(0, rows) + values.reshape(-1, x.shape[-1]))
-        if inplace and out is not x:
-            x.copy_(out)
-            return x
-        return out
-
-
-_BACKENDS: Dict[str, Tuple[object, Tuple[str, ...]]] = {}
-_AUTO: Dict[str, list] = {}
-
-
-def register_backend(name: str, impl, devices: Tuple[str, ...], auto: bool = True) -> None:
-    """Add an implementation of the hierarchical ops; `auto` lets backend=None pick it on
-    `devices` (later registrations are preferred over earlier ones, "torch" is the fallback)."""
-    _BACKENDS[name] = (impl, tuple(devices))
-    if auto:
-        for d in devices:
-            _AUTO.setdefault(d, []).insert(0, name)
-
-
-register_backend("torch", TorchOps, ("cpu", "cuda", "meta"), auto=False)
-
-
-def available_backends(device_type: str = "cpu"):
-    return [n for n, (impl, devs) in _BACKENDS.items()
-            if device_type in devs and impl.unavailable_reason(device_type) is None]
-
-
-def _resolve(backend: Optional[str], device_type: str):
-    if backend is None:
-        for name in _AUTO.get(device_type, []):
-            impl, _ = _BACKENDS[name]
-            if impl.unavailable_reason(device_type) is None:
-                return impl
-        return TorchOps
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(_BACKENDS)} or None, got {backend!r}")
-    impl, devices = _BACKENDS[backend]
-    reason = (f"runs on {'/'.join(devices)} tensors only" if device_type not in devices
-              else impl.unavailable_reason(device_type))
-    if reason is not None:
-        raise RuntimeError(f"backend {backend!r} cannot run hierarchical ops on {device_type} "
-                           f"tensors here: {reason}")
-    return impl
+        return impl.forward(tokens, f.detach(), plan)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +195,7 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: Optional[str
     """
     n = _check_tokens("x", x)
     _check_indices(indices, x.shape[0], n, x.device, "x")
-    impl = _resolve(backend, x.device.type)
+    impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
     return _GatherRows.apply(x, indices, impl)
 
 
@@ -300,7 +206,7 @@ def scatter_rows(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor
     n = _check_tokens("like", like)
     _check_values(values, indices, like, "like")
     _check_indices(indices, like.shape[0], n, like.device, "like")
-    impl = _resolve(backend, like.device.type)
+    impl = backends.resolve(backend, like.device.type, backends.ROW_OPS)
     return _ScatterRows.apply(values, indices, tuple(like.shape), impl)
 
 
@@ -315,7 +221,7 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *
     n = _check_tokens("x", x)
     _check_values(values, indices, x)
     _check_indices(indices, x.shape[0], n, x.device, "x")
-    impl = _resolve(backend, x.device.type)
+    impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
     if inplace:
         if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
             raise ValueError("inplace must be False when x or values requires grad")

@@ -10,6 +10,7 @@ over speed. The four steps of the method are separate functions:
 
 and `scatter` is the gradient of `gather`.
 """
+import math
 from typing import Sequence
 
 import torch
@@ -95,6 +96,56 @@ def prune(x, f, z, *, num_prefix_tokens=1, grid=None, align_corners=True, order=
         indices = select(significance(f, plan.grid, align_corners), plan.keep, order)
         out = gather(x, indices, num_prefix_tokens)
     return (out, indices) if return_indices else out
+
+
+# Row ops of the hierarchical models (Swin, ConvNeXt: papr_kernels.hierarchical). x is (B, N, C)
+# or channels-last (B, H, W, C) with positions row-major over (H, W); indices (B, k) are unique
+# per row, so the scatters are plain writes (index_copy_), never accumulations.
+
+def _flat_rows(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """Row numbers of the kept positions in the (B*N, C) view."""
+    offsets = torch.arange(indices.shape[0], device=indices.device)[:, None] * num_positions
+    return (indices + offsets).reshape(-1)
+
+
+def _position_index(x_shape, indices: torch.Tensor):
+    """Advanced-index tuple addressing positions `indices` of a (B, N, C) or (B, H, W, C) tensor
+    (split into row and column for 4-D, so a strided x, e.g. NCHW seen through permute, is never
+    copied)."""
+    rows = torch.arange(indices.shape[0], device=indices.device)[:, None]
+    if len(x_shape) == 3:
+        return rows, indices
+    width = x_shape[2]
+    return rows, torch.div(indices, width, rounding_mode="floor"), indices % width
+
+
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(B, k, C): the rows of x at the kept positions."""
+    if x.is_contiguous():
+        rows = _flat_rows(indices, math.prod(x.shape[1:-1]))
+        return x.reshape(-1, x.shape[-1]).index_select(0, rows).view(*indices.shape, x.shape[-1])
+    return x[_position_index(x.shape, indices)]
+
+
+def scatter_rows(values: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
+    """A zero tensor of `shape` holding `values` (B, k, C) at the kept positions."""
+    out = values.new_zeros(shape)
+    rows = _flat_rows(indices, math.prod(shape[1:-1]))
+    out.view(-1, shape[-1]).index_copy_(0, rows, values.reshape(-1, shape[-1]))
+    return out
+
+
+def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                 inplace: bool = False) -> torch.Tensor:
+    """x with `values` added at the kept positions (into x itself when `inplace`)."""
+    out = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+    rows = _flat_rows(indices, math.prod(x.shape[1:-1]))
+    out2d = out.view(-1, x.shape[-1])
+    out2d.index_copy_(0, rows, out2d.index_select(0, rows) + values.reshape(-1, x.shape[-1]))
+    if inplace and out is not x:
+        x.copy_(out)
+        return x
+    return out
 
 
 # The "torch" backend: the reference itself.

@@ -15,6 +15,7 @@ import torch
 import numpy_oracle
 from papr_kernels import hierarchical as hier
 from papr_kernels import reference
+from papr_kernels.testing import assert_matches_reference
 
 timm = pytest.importorskip("timm")
 from papr_kernels import timm_hierarchical as th  # noqa: E402
@@ -148,6 +149,107 @@ def test_gradients_are_scatters_and_gathers():
     for b in range(2):
         mask[b, idx[b]] = 1
     assert torch.equal(gx, mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend (conftest's `backend` fixture) against the plain-PyTorch ops of `reference`
+
+
+@pytest.mark.parametrize("grid,z", [((56, 56), 0.65), ((28, 28), 0.5), ((14, 14), 0.65),
+                                    ((7, 7), 0.65), ((7, 7), 1.0), ((5, 9), 0.3)])
+@pytest.mark.parametrize("order,align_corners", [("score", True), ("spatial", False)])
+def test_select_on_every_backend_matches_reference(backend, grid, z, order, align_corners):
+    """SPEC's rule, as for `prune` (`assert_matches_reference`): the kept positions out-score the
+    dropped ones and come in rank order, within the few-ULP score tolerance of the compiled
+    kernels (whose bicubic weights round differently from torch's by a few ULP)."""
+    name, device = backend
+    f = torch.randn(3, 8, 7, 7, generator=torch.Generator().manual_seed(grid[0] + grid[1]))
+    got = hier.select(f.to(device), grid, z, align_corners, order, backend=name)
+    assert got.dtype == torch.int64 and got.device.type == device
+    assert got.shape == (3, hier.keep_count(grid, z))
+    positions = torch.arange(grid[0] * grid[1], dtype=torch.float32).view(1, -1, 1).expand(3, -1, 1)
+    assert_matches_reference(positions, f, z, reference.gather(positions, got.cpu(), 0), got.cpu(),
+                             num_prefix_tokens=0, grid=grid, align_corners=align_corners,
+                             order=order, exact_indices=name == "torch")
+
+
+def _sliced(t):
+    """A (2, 3, 4, 5) view whose rows are not contiguous (every other channel of a wider x)."""
+    return t.reshape(2, 3, 4, 5).repeat_interleave(2, dim=3)[..., ::2]
+
+
+ROW_LAYOUTS = dict(LAYOUTS, sliced=_sliced)
+
+
+@pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_row_ops_on_every_backend_match_reference(backend, layout, dtype):
+    name, device = backend
+    gen = torch.Generator().manual_seed(11)
+    x = ROW_LAYOUTS[layout](torch.randn(120, generator=gen)).to(device=device, dtype=dtype)
+    values = torch.randn(2, 7, 5, generator=gen).to(device=device, dtype=dtype)
+    idx = _unique_indices(2, 12, 7, seed=2).to(device)
+    ref_x = x.cpu()
+    ref_args = (idx.cpu(), values.cpu())
+
+    def same(got, expected):
+        assert got.dtype == dtype and got.device.type == device and got.shape == expected.shape
+        assert torch.equal(got.cpu(), expected), (got.cpu() - expected).abs().max()
+
+    same(hier.gather_rows(x, idx, backend=name), reference.gather_rows(ref_x, idx.cpu()))
+    same(hier.scatter_rows(values, idx, like=x, backend=name),
+         reference.scatter_rows(values.cpu(), idx.cpu(), ref_x.shape))
+    expected_back = reference.scatter_back(ref_x, *ref_args)
+    same(hier.scatter_back(x, idx, values, backend=name), expected_back)
+    assert torch.equal(x.cpu(), ref_x)                                  # not written
+    target = x.clone() if layout != "NCHW-permuted" else (
+        x.permute(0, 3, 1, 2).clone().permute(0, 2, 3, 1))              # keep the strides
+    out = hier.scatter_back(target, idx, values, inplace=True, backend=name)
+    assert out.data_ptr() == target.data_ptr()
+    same(target, expected_back)
+
+
+@pytest.mark.parametrize("k", [0, 12])
+def test_row_ops_on_every_backend_handle_no_and_all_positions(backend, k):
+    name, device = backend
+    x = torch.randn(2, 3, 4, 5, device=device)
+    idx = _unique_indices(2, 12, k).to(device)
+    values = torch.randn(2, k, 5, device=device)
+    assert torch.equal(hier.gather_rows(x, idx, backend=name).cpu(),
+                       reference.gather_rows(x.cpu(), idx.cpu()))
+    assert torch.equal(hier.scatter_back(x, idx, values, backend=name).cpu(),
+                       reference.scatter_back(x.cpu(), idx.cpu(), values.cpu()))
+    empty = torch.empty(0, 3, 4, 5, device=device)
+    assert hier.gather_rows(empty, idx[:0], backend=name).shape == (0, k, 5)
+    assert hier.scatter_rows(values[:0], idx[:0], like=empty, backend=name).shape == empty.shape
+
+
+def test_row_op_gradients_on_every_backend_match_reference(backend):
+    name, device = backend
+    gen = torch.Generator().manual_seed(7)
+    x0, v0 = torch.randn(2, 3, 4, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
+    g = torch.randn(2, 3, 4, 6, generator=gen)
+    idx = _unique_indices(2, 12, 5, seed=5)
+    grads = {}
+    for which, (dev, kw) in {"backend": (device, {"backend": name}),
+                             "reference": ("cpu", {"backend": "torch"})}.items():
+        x = x0.to(dev).requires_grad_()
+        v = v0.to(dev).requires_grad_()
+        i = idx.to(dev)
+        y = hier.scatter_back(x, i, hier.gather_rows(x, i, **kw) * v, **kw)
+        y = y + hier.scatter_rows(v, i, like=x, **kw)
+        grads[which] = [t.cpu() for t in torch.autograd.grad(y, (x, v), g.to(dev))]
+    for got, expected in zip(grads["backend"], grads["reference"]):
+        assert torch.equal(got, expected)
+
+
+def test_naming_a_backend_without_row_ops_says_so(monkeypatch):
+    from papr_kernels import backends
+    module = backends.resolve("torch", "cpu")
+    monkeypatch.delattr(module, "scatter_back")
+    x, idx, v = torch.randn(1, 4, 2), torch.tensor([[1, 2]]), torch.randn(1, 2, 2)
+    with pytest.raises(RuntimeError, match="has no scatter_back kernel"):
+        hier.scatter_back(x, idx, v, backend="torch")
 
 
 # ---------------------------------------------------------------------------------------------
