@@ -147,8 +147,8 @@ def targets(groups, rows):
     # end to end
     e2e = e2e_rows(rows)
     t = "end to end images/s at z=0.5 >= 1.9x unpruned"
-    cpu_b8 = [r for r in e2e if r["provider"] == "papr-z0.5" and r["device"] == "cpu" and r["batch"] == 8]
-    pick = cpu_b8 or [r for r in e2e if r["provider"] == "papr-z0.5"]
+    vit = [r for r in e2e if r["provider"] == "papr-z0.5" and r["model"].startswith("vit")]
+    pick = [r for r in vit if r["device"] == "cpu" and r["batch"] == 8] or vit
     if pick:
         r = pick[0]
         out.append((t + f" (B={r['batch']})", f"{r['speedup']:.2f}x (backend {r['backend']}, "
@@ -158,14 +158,16 @@ def targets(groups, rows):
 
 def e2e_rows(rows):
     e2e = [dict(r) for r in rows if r.get("suite") == "e2e"]
-    base = {(r["device"], r["batch"]): r for r in e2e if r["provider"] == "unpruned"}
+    base = {(r["model"], r["device"], r["batch"]): r for r in e2e if r["provider"] == "unpruned"}
     for r in e2e:
-        b = base.get((r["device"], r["batch"]))
+        b = base.get((r["model"], r["device"], r["batch"]))
         r["images_per_s"] = r["batch"] / r["median_s"]
         r["speedup"] = b["median_s"] / r["median_s"] if b else None
         r["flop_ratio"] = b["gflops_per_image"] / r["gflops_per_image"] if b else None
-    order = {"unpruned": 0, "papr-z0.7": 1, "papr-z0.5": 2, "papr-z0.3": 3}
-    return sorted(e2e, key=lambda r: (r["device"], r["batch"], order.get(r["provider"], 9)))
+    order = {"unpruned": 0, "papr-z0.7": 1, "papr-z0.65": 2, "papr-z0.5": 3, "papr-z0.3": 4}
+    models = {"vit": 0, "swin": 1, "convnext": 2}
+    return sorted(e2e, key=lambda r: (models.get(r["model"].split("_")[0], 9), r["model"],
+                                      r["device"], r["batch"], order.get(r["provider"], 9)))
 
 
 def e2e_table(e2e):

@@ -1,4 +1,5 @@
-"""End to end: timm ViT-B/16-224 unpruned against PaPr (MobileOne-S0 proposal) at several z.
+"""End to end: timm ViT-B/16-224 unpruned against PaPr (MobileOne-S0 proposal) at several z, and
+the hierarchical Swin-T and ConvNeXt-T unpruned against PaPr at z = 0.65 and 0.5.
 
 Images/s with the proposal's cost included, plus analytic GFLOPs per image (FLOPs = 2 x
 multiply-adds): the ViT counted from its module shapes at the kept token count (every Linear of the
@@ -8,6 +9,10 @@ speed does not depend on them. Quick mode (CI) uses vit_tiny_patch16_224 at B = 
 
 Uses `papr_kernels.timm.patch` when the timm integration is installed and agrees with the
 hand-written pipeline (patch embed, pos embed, prune, blocks, norm, head); otherwise the latter.
+The hierarchical models run `papr_kernels.timm.patch` (their own tests check it against a
+hand-written reference); their GFLOPs are counted by FlopCounterMode on the patched model, which
+runs the proposal too. On a CPU their speed-up stays well under the FLOP ratio: the dense parts
+(norms, window shuffles, depthwise convs) are memory bound and the pruned part is the MLP alone.
 """
 import copy
 import functools
@@ -17,6 +22,7 @@ import torch
 
 import papr_bench as pb
 import papr_kernels
+from papr_kernels.proposal import Proposal
 
 timm = pytest.importorskip("timm")
 
@@ -29,27 +35,42 @@ def _batches(device, quick):
     return [64, 256] if device == "cuda" else [8]
 
 
+# Hierarchical models (issue 8): z = 0.65 is the published evaluation's default for both.
+HIERARCHICAL_MODELS = ("swin_tiny_patch4_window7_224", "convnext_tiny")
+HIERARCHICAL_CONFIGS = ("unpruned", "papr-z0.65", "papr-z0.5")
+
+
 def pytest_generate_tests(metafunc):
-    if metafunc.function.__name__ != "test_e2e":
+    name = metafunc.function.__name__
+    if name not in ("test_e2e", "test_e2e_hierarchical"):
         return
     quick = metafunc.config.getoption("--bench-quick")
     device = metafunc.config.getoption("--bench-device") or pb.default_device()
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"
-    metafunc.parametrize("batch,config", [
-        pytest.param(b, c, id=f"B{b}-{c}") for b in _batches(device, quick) for c in CONFIGS
-        if not (quick and c not in ("unpruned", "papr-z0.5"))])
+    configs = CONFIGS if name == "test_e2e" else HIERARCHICAL_CONFIGS
+    cases = [pytest.param(b, c, id=f"B{b}-{c}") for b in _batches(device, quick) for c in configs
+             if not (quick and c not in ("unpruned", "papr-z0.5"))]
+    if name == "test_e2e":
+        metafunc.parametrize("batch,config", cases)
+    else:
+        metafunc.parametrize("model_name", HIERARCHICAL_MODELS)
+        metafunc.parametrize("batch,config", cases)
+
+
+@functools.lru_cache(maxsize=None)
+def _proposal(device):
+    from timm.utils.model import reparameterize_model
+    torch.manual_seed(1)
+    proposal = timm.create_model("mobileone_s0", pretrained=False, features_only=True,
+                                 out_indices=(-1,))
+    return reparameterize_model(proposal).eval().to(device)
 
 
 @functools.lru_cache(maxsize=1)
 def _models(device, model_name):
-    from timm.utils.model import reparameterize_model
     torch.manual_seed(0)
-    vit = timm.create_model(model_name, pretrained=False).eval().to(device)
-    proposal = timm.create_model("mobileone_s0", pretrained=False, features_only=True,
-                                 out_indices=(-1,))
-    proposal = reparameterize_model(proposal).eval().to(device)
-    return vit, proposal
+    return timm.create_model(model_name, pretrained=False).eval().to(device), _proposal(device)
 
 
 def hand_written(vit, proposal, z):
@@ -139,6 +160,52 @@ def test_e2e(benchmark, device, quick, batch, config):
         gflops_per_image=vit_gflops(vit, num_tokens) + prop_gflops,
         proposal_gflops_per_image=prop_gflops,
         backend=None if config == "unpruned" else papr_kernels.backends.resolve(None, device).__name__,
+    )
+    benchmark.pedantic(timed, rounds=1 if quick else 3, warmup_rounds=0)
+    if timed.event_median_s() is not None:
+        benchmark.extra_info["event_median_s"] = timed.event_median_s()
+
+
+@functools.lru_cache(maxsize=1)
+def _hierarchical_model(device, model_name):
+    torch.manual_seed(0)
+    return timm.create_model(model_name, pretrained=False).eval().to(device)
+
+
+def counted_gflops(fn, img) -> float:
+    """GFLOPs of one image through fn, counted by torch (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        fn(img[:1])
+    return counter.get_total_flops() / 1e9
+
+
+def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
+    from papr_kernels import timm as papr_timm
+    model = _hierarchical_model(device, model_name)
+    proposal = _proposal(device)
+    img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    z = 1.0 if config == "unpruned" else float(config.split("z")[1])
+    if z < 1.0:
+        model = papr_timm.patch(copy.deepcopy(model), Proposal(proposal), z)
+
+    def run():
+        with torch.inference_mode():
+            return model(img)
+
+    timed = pb.Timed(run, device)
+    timed()  # warm-up
+    pb.sync(device)
+    timed.event_times_s.clear()
+    benchmark.group = f"e2e {model_name} B={batch}"
+    benchmark.extra_info.update(
+        suite="e2e", model=model_name, proposal="mobileone_s0", batch=batch, provider=config,
+        z=z, device=device, pipeline="timm forward" if z == 1.0 else "papr_kernels.timm.patch",
+        gflops_per_image=counted_gflops(model, img),
+        proposal_gflops_per_image=0.0 if z == 1.0 else counted_gflops(lambda x: proposal(x), img),
+        backend=None if z == 1.0 else papr_kernels.backends.resolve(
+            None, device, papr_kernels.backends.ROW_OPS).__name__,
     )
     benchmark.pedantic(timed, rounds=1 if quick else 3, warmup_rounds=0)
     if timed.event_median_s() is not None:
