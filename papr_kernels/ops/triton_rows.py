@@ -208,7 +208,7 @@ if triton is not None:
 BLOCK_R = 16
 BLOCK_P = 32
 BLOCK_J = 128
-BLOCK_C = 128
+BLOCK_C = 64
 # The interpreter runs programs one after another, op by op in numpy: few, big programs.
 _INTERP_BLOCKS = dict(BLOCK_R=256, BLOCK_P=256, BLOCK_J=1024, BLOCK_C=256)
 # Tests set these to force tiny blocks / several channel chunks (mask and chunk coverage).
