@@ -271,3 +271,19 @@ def test_compile_fullgraph_no_graph_break(device, backend):
     for got, want in zip(compiled(x, idx, v), block(x, idx, v)):
         assert torch.equal(got, want)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_contract_indices_stay_in_bounds(device):
+    """Indices outside [0, N) or repeated are outside the contract: no result is promised, but
+    nothing is read or written outside the tensors (the buffers' sentinels stay)."""
+    buf = torch.full((2 * 6 * 4 + 8,), 123.0, device=device)
+    x = buf[4:-4].view(2, 6, 4)
+    idx = torch.tensor([[0, 6, -1], [2, 2, 2]], device=device)
+    v = torch.ones(2, 3, 4, device=device)
+    tr.gather_rows(x, idx)
+    tr.scatter_rows(v, idx, x.shape)
+    tr.scatter_back(x, idx, v, False)
+    tr.scatter_back(x[:1], idx[:1], v[:1], True)
+    assert torch.equal(buf[:4], torch.full((4,), 123.0, device=device))
+    assert torch.equal(buf[-4:], torch.full((4,), 123.0, device=device))

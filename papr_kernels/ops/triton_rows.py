@@ -9,8 +9,9 @@ through permute(0, 2, 3, 1), sliced views, zero strides from expand): position p
 row p // W, column p % W (row-major over the grid); a 3-D x is the same with H = 1, W = N (the
 kernels skip the division then: GRID = False). Every address is built in int64 (batch, row,
 column and channel each cast before the multiply by their stride), so tensors past 2^31 elements
-work. indices is (B, k) int64 (any strides), unique per row, in [0, N); an index outside [0, N)
-is masked off (nothing read or written there) so no program touches memory outside its tensors.
+work. indices is (B, k) int64 (any strides), unique per row, in [0, N). Outside that contract
+the kernels stay in bounds: an index outside [0, N) is masked off (nothing read or written
+there), and a position named by several indices is left as if not kept by the dense kernel.
 values is (B, k, C), any strides.
 
 Kernels (the grid is 1-D and flattened: batch x row/position blocks x channel chunks, so no axis
@@ -156,7 +157,7 @@ if triton is not None:
             hit = kept[None, :] == p[:, None]
             row += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
             found += tl.sum(hit.to(tl.int32), axis=1)
-        kept_p = pmask & (found > 0)
+        kept_p = pmask & (found == 1)   # several hits: duplicate indices, outside the contract
         v_row = v_ptr + b * s_vb + tl.where(kept_p, row, 0).to(tl.int64) * s_vj
         if HAS_X:
             x_pos = x_ptr + b * s_xb + _position_offset(tl.where(pmask, p, 0), W, s_xh, s_xw, GRID)
@@ -265,7 +266,10 @@ def _plan(batch: int, count: int, channels: int, block: int, blocks: dict, devic
     chunks = _chunks(batch * num_blocks, channels, blocks["BLOCK_C"], device)
     chans_per = -(-channels // chunks)
     chunks = -(-channels // chans_per)
-    return (batch * num_blocks * chunks,), num_blocks, chunks, chans_per
+    programs = batch * num_blocks * chunks
+    if programs >= 2**31:   # the flattened program id is an int32
+        raise ValueError(f"{programs} programs is more than a 1-D Triton grid holds (2^31 - 1)")
+    return (programs,), num_blocks, chunks, chans_per
 
 
 def _launch_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
