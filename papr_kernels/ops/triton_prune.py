@@ -502,3 +502,6 @@ def forward(x: torch.Tensor, f: torch.Tensor, plan):
 
 def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
     return triton_prune_backward(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
+
+
+from .triton_rows import gather_rows, scatter_rows, scatter_back  # hierarchical ops (Swin, ConvNeXt)

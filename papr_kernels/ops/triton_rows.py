@@ -1,0 +1,402 @@
+"""The hierarchical row ops (Swin, ConvNeXt) as Triton kernels: gather, scatter, scatter-add.
+
+The three plain functions below are what `papr_kernels.hierarchical` calls for the "triton"
+backend (`papr_kernels.ops.triton_prune` re-exports them); they reproduce
+`papr_kernels.hierarchical.TorchOps` bit for bit.
+
+Positions. x is (B, N, C) or channels-last (B, H, W, C) with ANY strides (an NCHW tensor seen
+through permute(0, 2, 3, 1), sliced views, zero strides from expand): position p of a 4-D x is
+row p // W, column p % W (row-major over the grid); a 3-D x is the same with H = 1, W = N (the
+kernels skip the division then: GRID = False). Every address is built in int64 (batch, row,
+column and channel each cast before the multiply by their stride), so tensors past 2^31 elements
+work. indices is (B, k) int64 (any strides), unique per row, in [0, N). Outside that contract
+the kernels stay in bounds: an index outside [0, N) is masked off (nothing read or written
+there), and a position named by several indices is left as if not kept by the dense kernel.
+values is (B, k, C), any strides.
+
+Kernels (the grid is 1-D and flattened: batch x row/position blocks x channel chunks, so no axis
+meets CUDA's 65535 limit on grid y/z; every program loops over its channel chunk in BLOCK_C steps):
+
+`_gather_kernel`      gather_rows: out[b, j, :] = x[b, indices[b, j], :], out contiguous (B, k, C).
+                      One program per BLOCK_R kept rows.
+                      Traffic: reads B*k*C*e of x (kept rows only) + B*k*8 indices,
+                      writes B*k*C*e.
+
+`_scatter_dense_kernel`
+                      scatter_rows (HAS_X = False) and out-of-place scatter_back (HAS_X = True),
+                      one fused pass over the whole output: each program owns BLOCK_P output
+                      positions, finds for each position the j with indices[b, j] == p by a
+                      [BLOCK_P, BLOCK_J] compare-and-sum over the k indices (no inverse map, no
+                      atomics), then writes every element of its positions exactly once:
+                          HAS_X = False: values[b, j] where kept, 0 elsewhere (the zero-fill is
+                                         fused: no torch.zeros launch);
+                          HAS_X = True:  x[b, p] + values[b, j] where kept, x[b, p] elsewhere
+                                         (the copy is bit-exact: -0.0 stays -0.0, no `+ 0`).
+                      Traffic: writes B*N*C*e; reads B*k*C*e of values, B*N*C*e of x when HAS_X
+                      (x is read once: no clone pass), and the k indices per program (B*k*8
+                      from DRAM once, the re-reads of the other programs of a row hit L2).
+                      Compute: B*N*k int32 compares (fine at Swin sizes; O(N*k) per image).
+
+`_scatter_add_inplace_kernel`
+                      in-place scatter_back: x[b, indices[b, j]] += values[b, j], through x's
+                      strides; a plain read-modify-write (indices unique: no atomics).
+                      Traffic: reads B*k*C*e of x and of values + B*k*8, writes B*k*C*e.
+
+The add rounds as torch's elementwise `a + b`: fp16/bf16 are converted to fp32, added, rounded
+once (round to nearest even) to the dtype; fp32 adds in fp32, fp64 in fp64.
+dtypes: fp16, bf16, fp32, fp64 (gather and scatter_rows only move bits: any dtype).
+
+B = 0, k = 0 (and C = 0) launch nothing. Launchers are registered as torch.library custom ops
+(papr_kernels::triton_gather_rows, _scatter_rows, _scatter_back, and the mutating
+_scatter_back_ with mutates_args=("x",)) with fake implementations, so torch.compile(fullgraph=
+True) traces through them without a graph break. Interpreted launches (CPU tensors under
+TRITON_INTERPRET=1) hold triton_prune's interpreter lock.
+"""
+import contextlib
+from typing import List, Optional, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton is pinned with torch; triton_prune reports why
+    triton = None
+
+__all__ = ["gather_rows", "scatter_rows", "scatter_back"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _position_offset(p, W, s_h, s_w, GRID: tl.constexpr):
+        """int64 element offset of positions p (int32, in range) in a (B, H, W, C) or (B, N, C)
+        tensor with row stride s_h and column / token stride s_w."""
+        if GRID:
+            return (p // W).to(tl.int64) * s_h + (p % W).to(tl.int64) * s_w
+        return p.to(tl.int64) * s_w
+
+    @triton.jit
+    def _split_pid(num_blocks, num_chunks):
+        pid = tl.program_id(0)
+        chunk = pid % num_chunks
+        rest = pid // num_chunks
+        return (rest // num_blocks).to(tl.int64), rest % num_blocks, chunk
+
+    @triton.jit
+    def _gather_kernel(
+        x_ptr, idx_ptr, out_ptr,
+        s_xb, s_xh, s_xw, s_xc, s_ib, s_ij,
+        N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
+        GRID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        b, blk, chunk = _split_pid(num_blocks, num_chunks)
+        j = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        jmask = j < KEEP
+        pos = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=jmask, other=0)
+        ok = jmask & (pos >= 0) & (pos < N)
+        p = tl.where(ok, pos, 0).to(tl.int32)
+        src = x_ptr + b * s_xb + _position_offset(p, W, s_xh, s_xw, GRID)
+        dst = out_ptr + (b * KEEP + j.to(tl.int64)) * C
+        c_lo = chunk * chans_per_prog
+        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < c_hi
+            vals = tl.load(src[:, None] + c[None, :].to(tl.int64) * s_xc,
+                           mask=ok[:, None] & cmask[None, :], other=0)
+            tl.store(dst[:, None] + c[None, :], vals, mask=jmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _bf16_to_f32(v):
+        # exact: the bf16 bits are the top half of the fp32 bits
+        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _f32_to_bf16(s):
+        """Round to nearest even, as c10::BFloat16 does (NaN -> 0x7FC0). Done by hand on the bits:
+        the interpreter's fp32 -> bf16 cast truncates, so the cast would differ between the
+        interpreter and the GPU; this is the same integer arithmetic on both."""
+        bits = s.to(tl.int32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where(s != s, 0x7FC0, rounded)
+        return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _add(a, v, UPCAST: tl.constexpr):
+        """torch's elementwise a + v: fp16/bf16 in fp32, rounded once (to nearest even) to the
+        dtype; fp32 in fp32, fp64 in fp64."""
+        if UPCAST:
+            if a.dtype == tl.bfloat16:
+                return _f32_to_bf16(_bf16_to_f32(a) + _bf16_to_f32(v))
+            return (a.to(tl.float32) + v.to(tl.float32)).to(a.dtype)
+        return a + v
+
+    @triton.jit
+    def _scatter_dense_kernel(
+        x_ptr, idx_ptr, v_ptr, out_ptr,
+        s_xb, s_xh, s_xw, s_xc, s_ib, s_ij, s_vb, s_vj, s_vc,
+        N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
+        HAS_X: tl.constexpr, UPCAST: tl.constexpr, GRID: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        b, blk, chunk = _split_pid(num_blocks, num_chunks)
+        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < N
+        # which kept row (if any) lands on each position: compare with all k indices
+        offs_j = tl.arange(0, BLOCK_J)
+        row = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        found = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        for j0 in range(0, KEEP, BLOCK_J):
+            j = j0 + offs_j
+            kept = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=j < KEEP, other=-1)
+            kept = tl.where((kept >= 0) & (kept < N), kept, -1).to(tl.int32)
+            hit = kept[None, :] == p[:, None]
+            row += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
+            found += tl.sum(hit.to(tl.int32), axis=1)
+        kept_p = pmask & (found == 1)   # several hits: duplicate indices, outside the contract
+        v_row = v_ptr + b * s_vb + tl.where(kept_p, row, 0).to(tl.int64) * s_vj
+        if HAS_X:
+            x_pos = x_ptr + b * s_xb + _position_offset(tl.where(pmask, p, 0), W, s_xh, s_xw, GRID)
+        dst = out_ptr + (b * N + p.to(tl.int64)) * C
+        c_lo = chunk * chans_per_prog
+        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < c_hi
+            c64 = c[None, :].to(tl.int64)
+            vals = tl.load(v_row[:, None] + c64 * s_vc, mask=kept_p[:, None] & cmask[None, :],
+                           other=0)
+            if HAS_X:
+                xv = tl.load(x_pos[:, None] + c64 * s_xc, mask=pmask[:, None] & cmask[None, :],
+                             other=0)
+                vals = tl.where(kept_p[:, None], _add(xv, vals, UPCAST), xv)
+            tl.store(dst[:, None] + c[None, :], vals, mask=pmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _scatter_add_inplace_kernel(
+        x_ptr, idx_ptr, v_ptr,
+        s_xb, s_xh, s_xw, s_xc, s_ib, s_ij, s_vb, s_vj, s_vc,
+        N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
+        UPCAST: tl.constexpr, GRID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        b, blk, chunk = _split_pid(num_blocks, num_chunks)
+        j = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        jmask = j < KEEP
+        pos = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=jmask, other=0)
+        ok = jmask & (pos >= 0) & (pos < N)
+        p = tl.where(ok, pos, 0).to(tl.int32)
+        x_pos = x_ptr + b * s_xb + _position_offset(p, W, s_xh, s_xw, GRID)
+        v_row = v_ptr + b * s_vb + j.to(tl.int64) * s_vj
+        c_lo = chunk * chans_per_prog
+        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mask = ok[:, None] & (c < c_hi)[None, :]
+            c64 = c[None, :].to(tl.int64)
+            xv = tl.load(x_pos[:, None] + c64 * s_xc, mask=mask, other=0)
+            vals = tl.load(v_row[:, None] + c64 * s_vc, mask=mask, other=0)
+            tl.store(x_pos[:, None] + c64 * s_xc, _add(xv, vals, UPCAST), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+# GPU tiles. Rows x channels for the gather / in-place add, positions x indices for the lookup.
+BLOCK_R = 16
+BLOCK_P = 32
+BLOCK_J = 128
+BLOCK_C = 64
+# The interpreter runs programs one after another, op by op in numpy: few, big programs.
+_INTERP_BLOCKS = dict(BLOCK_R=256, BLOCK_P=256, BLOCK_J=1024, BLOCK_C=256)
+# Tests set these to force tiny blocks / several channel chunks (mask and chunk coverage).
+_BLOCK_OVERRIDE: Optional[dict] = None
+_CHUNK_OVERRIDE: Optional[int] = None
+
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _guard(device: torch.device):
+    """triton_prune's interpreter lock for interpreted launches (imported late: triton_prune
+    re-exports this module at its end)."""
+    if device.type == "cuda":
+        return contextlib.nullcontext()
+    from .triton_prune import _launch_guard
+    return _launch_guard(device)
+
+
+def block_sizes(channels: int, interpreted: bool = False) -> dict:
+    """Tile sizes for a launch (also used for ahead-of-time compiles)."""
+    blocks = dict(_INTERP_BLOCKS if interpreted else
+                  dict(BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C))
+    if _BLOCK_OVERRIDE is not None:
+        blocks.update(_BLOCK_OVERRIDE)
+    blocks["BLOCK_C"] = max(1, min(blocks["BLOCK_C"], _next_pow2(channels)))
+    return blocks
+
+
+def _chunks(programs: int, channels: int, block_c: int, device: torch.device) -> int:
+    """Channel chunks per block of rows: more programs when the rows alone give few (small B)."""
+    most = -(-channels // block_c)
+    if _CHUNK_OVERRIDE is not None:
+        return max(1, min(_CHUNK_OVERRIDE, channels))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(most, -(-4 * sms // max(1, programs))))
+
+
+def _grid_args(t: torch.Tensor):
+    """(N, W, stride_b, stride_h, stride_w, stride_c, GRID) of a (B, N, C) / (B, H, W, C) tensor."""
+    if t.dim() == 3:
+        return t.shape[1], t.shape[1], t.stride(0), 0, t.stride(1), t.stride(2), False
+    _, h, w, _ = t.shape
+    return h * w, w, t.stride(0), t.stride(1), t.stride(2), t.stride(3), True
+
+
+def _plan(batch: int, count: int, channels: int, block: int, blocks: dict, device):
+    num_blocks = -(-count // block)
+    chunks = _chunks(batch * num_blocks, channels, blocks["BLOCK_C"], device)
+    chans_per = -(-channels // chunks)
+    chunks = -(-channels // chans_per)
+    programs = batch * num_blocks * chunks
+    if programs >= 2**31:   # the flattened program id is an int32
+        raise ValueError(f"{programs} programs is more than a 1-D Triton grid holds (2^31 - 1)")
+    return (programs,), num_blocks, chunks, chans_per
+
+
+def _launch_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    batch, keep, channels = x.shape[0], indices.shape[1], x.shape[-1]
+    out = torch.empty(batch, keep, channels, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    n, w, sb, sh, sw, sc, grid_4d = _grid_args(x)
+    blocks = block_sizes(channels, x.device.type != "cuda")
+    grid, num_blocks, chunks, chans_per = _plan(batch, keep, channels, blocks["BLOCK_R"],
+                                                blocks, x.device)
+    with _guard(x.device):
+        _gather_kernel[grid](
+            x, indices, out, sb, sh, sw, sc, indices.stride(0), indices.stride(1),
+            n, w, channels, keep, num_blocks, chunks, chans_per,
+            GRID=grid_4d, BLOCK_R=blocks["BLOCK_R"], BLOCK_C=blocks["BLOCK_C"])
+    return out
+
+
+def _launch_dense(x: Optional[torch.Tensor], indices: torch.Tensor, values: torch.Tensor,
+                  shape: Sequence[int]) -> torch.Tensor:
+    """scatter_rows (x None) or out-of-place scatter_back: one pass writing the whole output."""
+    batch, keep, channels = shape[0], indices.shape[1], shape[-1]
+    ref = values if x is None else x
+    if x is None and keep == 0:
+        return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+    if x is not None and keep == 0:
+        return x.clone(memory_format=torch.contiguous_format)
+    out = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+    if out.numel() == 0:
+        return out
+    src = x if x is not None else out   # out only stands in for x's (unused) pointer and strides
+    n, w, sb, sh, sw, sc, grid_4d = _grid_args(src)
+    blocks = block_sizes(channels, ref.device.type != "cuda")
+    grid, num_blocks, chunks, chans_per = _plan(batch, n, channels, blocks["BLOCK_P"], blocks,
+                                                ref.device)
+    with _guard(ref.device):
+        _scatter_dense_kernel[grid](
+            src, indices, values, out, sb, sh, sw, sc, indices.stride(0), indices.stride(1),
+            values.stride(0), values.stride(1), values.stride(2),
+            n, w, channels, keep, num_blocks, chunks, chans_per,
+            HAS_X=x is not None, UPCAST=ref.dtype in _UPCAST, GRID=grid_4d,
+            BLOCK_P=blocks["BLOCK_P"], BLOCK_J=blocks["BLOCK_J"], BLOCK_C=blocks["BLOCK_C"])
+    return out
+
+
+def _launch_add_inplace(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    batch, keep, channels = x.shape[0], indices.shape[1], x.shape[-1]
+    if batch == 0 or keep == 0 or channels == 0:
+        return
+    n, w, sb, sh, sw, sc, grid_4d = _grid_args(x)
+    blocks = block_sizes(channels, x.device.type != "cuda")
+    grid, num_blocks, chunks, chans_per = _plan(batch, keep, channels, blocks["BLOCK_R"],
+                                                blocks, x.device)
+    with _guard(x.device):
+        _scatter_add_inplace_kernel[grid](
+            x, indices, values, sb, sh, sw, sc, indices.stride(0), indices.stride(1),
+            values.stride(0), values.stride(1), values.stride(2),
+            n, w, channels, keep, num_blocks, chunks, chans_per,
+            UPCAST=x.dtype in _UPCAST, GRID=grid_4d,
+            BLOCK_R=blocks["BLOCK_R"], BLOCK_C=blocks["BLOCK_C"])
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library wrapping: opaque custom ops with fake implementations (no graph break)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("papr_kernels::triton_gather_rows", mutates_args=())
+def triton_gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return _launch_gather(x, indices)
+
+
+@triton_gather_rows.register_fake
+def _(x, indices):
+    return x.new_empty(x.shape[0], indices.shape[1], x.shape[-1])
+
+
+@torch.library.custom_op("papr_kernels::triton_scatter_rows", mutates_args=())
+def triton_scatter_rows(values: torch.Tensor, indices: torch.Tensor,
+                        shape: List[int]) -> torch.Tensor:
+    return _launch_dense(None, indices, values, shape)
+
+
+@triton_scatter_rows.register_fake
+def _(values, indices, shape):
+    return values.new_empty(shape)
+
+
+@torch.library.custom_op("papr_kernels::triton_scatter_back", mutates_args=())
+def triton_scatter_back(x: torch.Tensor, indices: torch.Tensor,
+                        values: torch.Tensor) -> torch.Tensor:
+    return _launch_dense(x, indices, values, x.shape)
+
+
+@triton_scatter_back.register_fake
+def _(x, indices, values):
+    return x.new_empty(x.shape)   # contiguous, as the kernel's output
+
+
+@torch.library.custom_op("papr_kernels::triton_scatter_back_", mutates_args=("x",))
+def triton_scatter_back_(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    _launch_add_inplace(x, indices, values)
+
+
+@triton_scatter_back_.register_fake
+def _(x, indices, values):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain functions (hierarchical's implementation interface)
+# ----------------------------------------------------------------------------------------------
+def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = x at position indices[b, j]: a new contiguous (B, k, C) tensor."""
+    return triton_gather_rows(x, indices)
+
+
+def scatter_rows(values: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
+    """A new contiguous tensor of `shape`, zero except rows indices[b, j] = values[b, j]."""
+    return triton_scatter_rows(values, indices, [int(s) for s in shape])
+
+
+def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                 inplace: bool = False) -> torch.Tensor:
+    """x with values[b, j] added at positions indices[b, j] (torch's rounding of a + b).
+    inplace=False: a new contiguous tensor; inplace=True: written into x (its strides), x
+    returned."""
+    if inplace:
+        triton_scatter_back_(x, indices, values)
+        return x
+    return triton_scatter_back(x, indices, values)
