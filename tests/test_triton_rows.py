@@ -1,5 +1,5 @@
 """The hierarchical row ops of the triton backend (papr_kernels/ops/triton_rows.py) against
-`papr_kernels.hierarchical.TorchOps`, bit for bit (torch.equal).
+the plain-PyTorch row ops of `papr_kernels.reference`, bit for bit (torch.equal).
 
 "cpu" runs the kernels under TRITON_INTERPRET=1 (conftest sets it when there is no CUDA), so the
 shapes stay small; "cuda" runs them compiled.
@@ -7,7 +7,7 @@ shapes stay small; "cuda" runs them compiled.
 import pytest
 import torch
 
-from papr_kernels.hierarchical import TorchOps
+from papr_kernels import reference
 from papr_kernels.ops import triton_prune as tp
 from papr_kernels.ops import triton_rows as tr
 
@@ -57,30 +57,27 @@ def _values(batch, k, c, dtype, device, gen, transposed=False):
 
 
 def _check_all(x, idx, v):
-    """gather_rows, scatter_rows, scatter_back (both modes) of triton vs TorchOps, bit-exact."""
+    """gather_rows, scatter_rows, scatter_back (both modes) of triton vs the reference, bit-exact."""
     got = tr.gather_rows(x, idx)
-    if idx.numel() == 0:   # TorchOps' view(*indices.shape, -1) cannot size an empty result
-        want = x.new_empty(idx.shape[0], idx.shape[1], x.shape[-1])
-    else:
-        want = TorchOps.gather_rows(x, idx)
+    want = reference.gather_rows(x, idx)
     assert got.is_contiguous() and got.dtype == x.dtype
     assert torch.equal(got, want)
 
     got = tr.scatter_rows(v, idx, x.shape)
-    want = TorchOps.scatter_rows(v, idx, x.shape)
+    want = reference.scatter_rows(v, idx, x.shape)
     assert got.is_contiguous() and got.shape == x.shape
     assert torch.equal(got, want)
 
     before = x.clone()
     got = tr.scatter_back(x, idx, v, False)
-    want = TorchOps.scatter_back(x, idx, v, False)
+    want = reference.scatter_back(x, idx, v, False)
     assert got.is_contiguous() and (x.numel() == 0 or got.data_ptr() != x.data_ptr())
     assert torch.equal(got, want)
     assert torch.equal(x, before)          # not mutated
 
     (buf_ours, x_ours), (buf_ref, x_ref) = _strided_copy(x), _strided_copy(x)
     got = tr.scatter_back(x_ours, idx, v, True)
-    want = TorchOps.scatter_back(x_ref, idx, v, True)
+    want = reference.scatter_back(x_ref, idx, v, True)
     assert got is x_ours and want is x_ref
     assert torch.equal(x_ours, x_ref)
     assert torch.equal(buf_ours, buf_ref)  # nothing written outside the view (slice gaps)
@@ -129,10 +126,10 @@ def test_gather_from_expanded_zero_strides(device, dtype):
               torch.randn(3, 4, 5, 1, generator=gen).to(dtype).to(device).expand(3, 4, 5, 6),
               torch.randn(1, 20, 6, generator=gen).to(dtype).to(device).expand(3, 20, 6)):
         assert 0 in x.stride()
-        assert torch.equal(tr.gather_rows(x, idx), TorchOps.gather_rows(x, idx))
+        assert torch.equal(tr.gather_rows(x, idx), reference.gather_rows(x, idx))
         # reading through zero strides works for the out-of-place scatter_back too
         v = torch.randn(3, 8, 6, generator=gen).to(dtype).to(device)
-        assert torch.equal(tr.scatter_back(x, idx, v, False), TorchOps.scatter_back(x, idx, v))
+        assert torch.equal(tr.scatter_back(x, idx, v, False), reference.scatter_back(x, idx, v))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,8 +191,8 @@ def test_signed_zero_and_special_values(device):
     for dtype in DTYPES:
         x = torch.tensor(specials, dtype=dtype).repeat(4, 1).t().reshape(1, 10, 4).to(device)
         v = torch.tensor(added, dtype=dtype).repeat(4, 1).t().reshape(1, 5, 4).to(device)
-        for got, want in ((tr.scatter_back(x, idx, v), TorchOps.scatter_back(x, idx, v)),
-                          (tr.scatter_rows(v, idx, x.shape), TorchOps.scatter_rows(v, idx,
+        for got, want in ((tr.scatter_back(x, idx, v), reference.scatter_back(x, idx, v)),
+                          (tr.scatter_rows(v, idx, x.shape), reference.scatter_rows(v, idx,
                                                                                     x.shape))):
             assert torch.equal(got, want)
             assert torch.equal(torch.signbit(got), torch.signbit(want))
@@ -212,7 +209,7 @@ def test_bf16_and_fp16_add_rounds_once_from_fp32(device):
         v[:, ::2] = (-x[:, ::2].float() * 1.001).to(dtype)   # near-cancellations, subnormals
         idx = torch.arange(512)[None]
         x, v, idx = x.to(device), v.to(device), idx.to(device)
-        got, want = tr.scatter_back(x, idx, v), TorchOps.scatter_back(x, idx, v)
+        got, want = tr.scatter_back(x, idx, v), reference.scatter_back(x, idx, v)
         nan = want.isnan()
         assert torch.equal(got.isnan(), nan)
         assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
