@@ -81,10 +81,11 @@ def _extension():
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address,undefined"]
-    sources = ["csrc/ops.cpp", "csrc/cpu/prune_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/prune_cpu.cpp", "csrc/cpu/rows_cpu.cpp"]
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if with_cuda:
-        sources += ["csrc/cuda/prune_cuda.cpp", "csrc/cuda/prune_kernels.cu"]
+        sources += ["csrc/cuda/prune_cuda.cpp", "csrc/cuda/prune_kernels.cu",
+                    "csrc/cuda/rows_cuda.cpp", "csrc/cuda/rows_kernels.cu"]
         # --fmad=false: no FMA contraction, so scores are bit-identical to the CPU kernel's.
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false", "-lineinfo"]
         kwargs["extra_compile_args"]["cxx"] = cxx + ["-DPAPR_WITH_CUDA"]
