@@ -17,6 +17,7 @@ namespace papr {
 namespace {
 
 constexpr int64_t kRowGrainBytes = 256 * 1024;  // bytes of rows per parallel chunk
+constexpr int64_t kChannelTile = 16, kRowTile = 1024;  // tiles of the strided-channel gather
 
 int64_t row_grain(int64_t row_bytes) {
   return std::max<int64_t>(1, kRowGrainBytes / std::max<int64_t>(1, row_bytes));
@@ -41,16 +42,31 @@ void gather_rows_kernel(const at::Tensor& x, const int64_t* idx, const RowsShape
   const T* xp = x.const_data_ptr<T>();
   const int64_t sb = x.stride(0), sh = x.stride(1), sw = x.stride(2), sc = x.stride(3);
   const int64_t C = s.C, k = s.k, W = s.W;
-  const bool dense = sc == 1 || C == 1;
-  at::parallel_for(0, s.B * k, row_grain(C * int64_t(sizeof(T))), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / k, p = idx[t], h = p / W, w = p - h * W;
-      const T* src = xp + b * sb + h * sh + w * sw;
-      T* dst = out + t * C;
-      if (dense) {
-        std::memcpy(dst, src, static_cast<size_t>(C) * sizeof(T));
-      } else {
-        for (int64_t c = 0; c < C; ++c) dst[c] = src[c * sc];
+  if (sc == 1 || C == 1) {
+    at::parallel_for(0, s.B * k, row_grain(C * int64_t(sizeof(T))), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / k, p = idx[t], h = p / W, w = p - h * W;
+        std::memcpy(out + t * C, xp + b * sb + h * sh + w * sw, static_cast<size_t>(C) * sizeof(T));
+      }
+    });
+    return;
+  }
+  // Strided channels (e.g. NCHW seen channels-last: each channel a plane). Tasks of
+  // (b, kChannelTile channels, kRowTile rows): a task reads a few planes only, which stay in
+  // cache while its rows are gathered, and writes whole cache lines of each output row.
+  const int64_t ctiles = (C + kChannelTile - 1) / kChannelTile;
+  const int64_t jtiles = (k + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, s.B * jtiles * ctiles, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b = q / (jtiles * ctiles), rem = q - b * jtiles * ctiles;
+      const int64_t jt = rem / ctiles, ct = rem - jt * ctiles;
+      const int64_t c0 = ct * kChannelTile, c1 = std::min(C, c0 + kChannelTile);
+      const int64_t j1 = std::min(k, (jt + 1) * kRowTile);
+      for (int64_t j = jt * kRowTile; j < j1; ++j) {
+        const int64_t t = b * k + j, p = idx[t], h = p / W, w = p - h * W;
+        const T* src = xp + b * sb + h * sh + w * sw;
+        T* dst = out + t * C;
+        for (int64_t c = c0; c < c1; ++c) dst[c] = src[c * sc];
       }
     }
   });
