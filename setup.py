@@ -76,8 +76,11 @@ def _extension():
         with_cuda = torch.version.cuda is not None and cuda_home is not None
 
     sanitize = os.environ.get("PAPR_SANITIZE") == "1"
-    cxx = ["-O3", "-fno-strict-aliasing"]
-    link = []
+    # -fopenmp: torch is an OpenMP build, and at::parallel_for is a header template that runs
+    # serially in code compiled without it (INTRA_OP_PARALLEL is only defined under _OPENMP).
+    # libgomp.so.1 resolves to the copy torch already loaded.
+    cxx = ["-O3", "-fno-strict-aliasing", "-fopenmp"]
+    link = ["-fopenmp"]
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address,undefined"]
