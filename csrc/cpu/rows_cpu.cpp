@@ -1,7 +1,8 @@
 // CPU kernels of papr_kernels::gather_rows / put_rows_ (row ops of the hierarchical models).
 // The grid side is (B, H, W, C) with any strides, position p at (p / W, p % W); the row side is
 // (B, k, C). One at::parallel_for over the B * k rows; memcpy (or a tight add loop) when both
-// sides have a unit channel stride, a strided element loop otherwise. All offsets are int64.
+// sides have a unit channel stride, a strided element loop otherwise (the strided gather in
+// channel x row tiles). Indices are range-checked before any read or write. Offsets are int64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
