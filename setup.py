@@ -76,15 +76,19 @@ def _extension():
         with_cuda = torch.version.cuda is not None and cuda_home is not None
 
     sanitize = os.environ.get("PAPR_SANITIZE") == "1"
-    cxx = ["-O3", "-fno-strict-aliasing"]
-    link = []
+    # -fopenmp: torch is an OpenMP build, and at::parallel_for is a header template that runs
+    # serially in code compiled without it (INTRA_OP_PARALLEL is only defined under _OPENMP).
+    # libgomp.so.1 resolves to the copy torch already loaded.
+    cxx = ["-O3", "-fno-strict-aliasing", "-fopenmp"]
+    link = ["-fopenmp"]
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address,undefined"]
-    sources = ["csrc/ops.cpp", "csrc/cpu/prune_cpu.cpp"]
+    sources = ["csrc/ops.cpp", "csrc/cpu/prune_cpu.cpp", "csrc/cpu/rows_cpu.cpp"]
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if with_cuda:
-        sources += ["csrc/cuda/prune_cuda.cpp", "csrc/cuda/prune_kernels.cu"]
+        sources += ["csrc/cuda/prune_cuda.cpp", "csrc/cuda/prune_kernels.cu",
+                    "csrc/cuda/rows_cuda.cpp", "csrc/cuda/rows_kernels.cu"]
         # --fmad=false: no FMA contraction, so scores are bit-identical to the CPU kernel's.
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false", "-lineinfo"]
         kwargs["extra_compile_args"]["cxx"] = cxx + ["-DPAPR_WITH_CUDA"]

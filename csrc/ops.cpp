@@ -1,5 +1,6 @@
 // The operator schemas, in one place, and the Python module stub (no pybind11: builds fast).
-// Kernels: csrc/cpu/prune_cpu.cpp (CPU), csrc/cuda/prune_cuda.cpp (CUDA, when built with CUDA).
+// Kernels: csrc/cpu/prune_cpu.cpp (CPU), csrc/cuda/prune_cuda.cpp (CUDA, when built with CUDA);
+// the row ops: csrc/cpu/rows_cpu.cpp, csrc/cuda/rows_cuda.cpp.
 // Fake (meta) kernels and autograd are registered from Python: papr_kernels/ops/cpp_prune.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -19,4 +20,8 @@ TORCH_LIBRARY(papr_kernels, m) {
   // Gradient of the gather: grad_out rows put back at the kept positions, zeros elsewhere.
   m.def("prune_backward(Tensor grad_out, Tensor indices, int num_tokens, int num_prefix_tokens) "
         "-> Tensor");
+  // Rows of x (B, H, W, C), any strides, at positions p = indices (B, k): new contiguous (B, k, C).
+  m.def("gather_rows(Tensor x, Tensor indices) -> Tensor");
+  // out[b, p // W, p % W] = values[b, j] (accumulate: out + values, rounded like torch's a + b).
+  m.def("put_rows_(Tensor(a!) out, Tensor indices, Tensor values, bool accumulate) -> ()");
 }

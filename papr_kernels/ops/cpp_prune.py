@@ -1,9 +1,11 @@
 """The "cpp" (CPU) and "cuda" backends: the C++/CUDA extension `papr_kernels._C` (csrc/).
 
-The extension registers `torch.ops.papr_kernels.prune_forward/prune_backward` (schemas in
-csrc/ops.cpp, CPU and CUDA kernels); this module adds their fake kernels (torch.compile,
-meta tensors) and adapts them to the backend interface of backends.py. It imports
-without the extension; `unavailable_reason` then says why.
+The extension registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row ops
+of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops.cpp, CPU and CUDA
+kernels); this module adds their fake kernels (torch.compile, meta tensors) and adapts them to
+the backend interface of backends.py (prune) and of hierarchical.py (`gather_rows`,
+`scatter_rows`, `scatter_back`). It imports without the extension; `unavailable_reason` then
+says why.
 """
 from typing import Optional
 
@@ -32,6 +34,17 @@ if _IMPORT_ERROR is None:
     def _prune_backward_fake(grad_out, indices, num_tokens, num_prefix_tokens):
         return grad_out.new_empty(grad_out.shape[0], num_tokens, grad_out.shape[2])
 
+    _gather_rows_op = _ns.gather_rows.default
+    _put_rows_op = _ns.put_rows_.default
+
+    @torch.library.register_fake("papr_kernels::gather_rows")
+    def _gather_rows_fake(x, indices):
+        return x.new_empty(x.shape[0], indices.shape[1], x.shape[3])
+
+    @torch.library.register_fake("papr_kernels::put_rows_")
+    def _put_rows_fake(out, indices, values, accumulate):
+        return None
+
     # No autograd kernel on the op itself: the package's PruneFunction (function.py) owns autograd
     # and calls prune_backward; a Python autograd kernel here would cost ~25 us per call at B = 1.
 
@@ -57,3 +70,33 @@ def forward(x, f, plan):
 
 def backward(grad_out, indices, plan):
     return _backward_op(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row ops of the hierarchical models (the interface of papr_kernels.hierarchical.TorchOps). x is
+# (B, N, C) or (B, H, W, C) with any strides; a 3-D x is the grid (B, 1, N, C). Indices (B, k)
+# are unique per row; the caller (hierarchical.py) has validated them.
+
+
+def _grid(x):
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def gather_rows(x, indices):
+    """(B, k, C) contiguous: the rows of x at the positions `indices`."""
+    return _gather_rows_op(_grid(x), indices)
+
+
+def scatter_rows(values, indices, shape):
+    """A new contiguous zero tensor of `shape` holding `values` (B, k, C) at `indices`."""
+    out = values.new_zeros(shape)
+    _put_rows_op(_grid(out), indices, values, False)
+    return out
+
+
+def scatter_back(x, indices, values, inplace=False):
+    """x with `values` added at `indices` (rounded like torch's a + b). inplace=False: a new
+    contiguous tensor, x unchanged; inplace=True: written into x through its strides."""
+    out = x if inplace else x.clone(memory_format=torch.contiguous_format)
+    _put_rows_op(_grid(out), indices, values, True)
+    return out

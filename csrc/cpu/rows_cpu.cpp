@@ -1,0 +1,136 @@
+// CPU kernels of papr_kernels::gather_rows / put_rows_ (row ops of the hierarchical models).
+// The grid side is (B, H, W, C) with any strides, position p at (p / W, p % W); the row side is
+// (B, k, C). One at::parallel_for over the B * k rows; memcpy (or a tight add loop) when both
+// sides have a unit channel stride, a strided element loop otherwise (the strided gather in
+// channel x row tiles). Indices are range-checked before any read or write. Offsets are int64.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../rows_args.h"
+
+namespace papr {
+namespace {
+
+constexpr int64_t kRowGrainBytes = 256 * 1024;  // bytes of rows per parallel chunk
+constexpr int64_t kChannelTile = 16, kRowTile = 1024;  // tiles of the strided-channel gather
+
+int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, kRowGrainBytes / std::max<int64_t>(1, row_bytes));
+}
+
+// Range check of every index before anything is read or written (a bad call changes nothing).
+void check_positions(const int64_t* idx, int64_t n, int64_t positions, const char* op) {
+  for (int64_t t = 0; t < n; ++t)
+    TORCH_CHECK(idx[t] >= 0 && idx[t] < positions, "papr_kernels.", op, ": index ", idx[t],
+                " outside [0, H*W) = [0, ", positions, ")");
+}
+
+// torch's elementwise a + b: in opmath (float for fp16/bf16), rounded once to T.
+template <typename T>
+inline T add_like_torch(T a, T b) {
+  using acc_t = at::opmath_type<T>;
+  return static_cast<T>(static_cast<acc_t>(a) + static_cast<acc_t>(b));
+}
+
+template <typename T>
+void gather_rows_kernel(const at::Tensor& x, const int64_t* idx, const RowsShape& s, T* out) {
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), sw = x.stride(2), sc = x.stride(3);
+  const int64_t C = s.C, k = s.k, W = s.W;
+  if (sc == 1 || C == 1) {
+    at::parallel_for(0, s.B * k, row_grain(C * int64_t(sizeof(T))), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / k, p = idx[t], h = p / W, w = p - h * W;
+        std::memcpy(out + t * C, xp + b * sb + h * sh + w * sw, static_cast<size_t>(C) * sizeof(T));
+      }
+    });
+    return;
+  }
+  // Strided channels (e.g. NCHW seen channels-last: each channel a plane). Tasks of
+  // (b, kChannelTile channels, kRowTile rows): a task reads a few planes only, which stay in
+  // cache while its rows are gathered, and writes whole cache lines of each output row.
+  const int64_t ctiles = (C + kChannelTile - 1) / kChannelTile;
+  const int64_t jtiles = (k + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, s.B * jtiles * ctiles, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t b = q / (jtiles * ctiles), rem = q - b * jtiles * ctiles;
+      const int64_t jt = rem / ctiles, ct = rem - jt * ctiles;
+      const int64_t c0 = ct * kChannelTile, c1 = std::min(C, c0 + kChannelTile);
+      const int64_t j1 = std::min(k, (jt + 1) * kRowTile);
+      for (int64_t j = jt * kRowTile; j < j1; ++j) {
+        const int64_t t = b * k + j, p = idx[t], h = p / W, w = p - h * W;
+        const T* src = xp + b * sb + h * sh + w * sw;
+        T* dst = out + t * C;
+        for (int64_t c = c0; c < c1; ++c) dst[c] = src[c * sc];
+      }
+    }
+  });
+}
+
+template <typename T>
+void put_rows_kernel(const at::Tensor& out, const int64_t* idx, const at::Tensor& values,
+                     const RowsShape& s, bool accumulate) {
+  T* op = out.data_ptr<T>();
+  const T* vp = values.const_data_ptr<T>();
+  const int64_t ob = out.stride(0), oh = out.stride(1), ow = out.stride(2), oc = out.stride(3);
+  const int64_t vb = values.stride(0), vk = values.stride(1), vc = values.stride(2);
+  const int64_t C = s.C, k = s.k, W = s.W;
+  const bool dense = (oc == 1 && vc == 1) || C == 1;
+  at::parallel_for(0, s.B * k, row_grain(C * int64_t(sizeof(T))), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / k, j = t - b * k, p = idx[t], h = p / W, w = p - h * W;
+      T* __restrict__ dst = op + b * ob + h * oh + w * ow;
+      const T* __restrict__ src = vp + b * vb + j * vk;
+      if (!accumulate) {
+        if (dense) {
+          std::memcpy(dst, src, static_cast<size_t>(C) * sizeof(T));
+        } else {
+          for (int64_t c = 0; c < C; ++c) dst[c * oc] = src[c * vc];
+        }
+      } else if (dense) {
+        for (int64_t c = 0; c < C; ++c) dst[c] = add_like_torch(dst[c], src[c]);
+      } else {
+        for (int64_t c = 0; c < C; ++c) dst[c * oc] = add_like_torch(dst[c * oc], src[c * vc]);
+      }
+    }
+  });
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& indices_in) {
+  const RowsShape s = check_gather_rows(x, indices_in);
+  at::Tensor out = at::empty({s.B, s.k, s.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  check_positions(idx, s.B * s.k, s.H * s.W, "gather_rows");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gather_rows_cpu", [&] {
+    gather_rows_kernel<scalar_t>(x, idx, s, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+void put_rows_cpu(at::Tensor& out, const at::Tensor& indices_in, const at::Tensor& values,
+                  bool accumulate) {
+  const RowsShape s = check_put_rows(out, indices_in, values);
+  if (s.B == 0 || s.k == 0 || s.C == 0) return;
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  check_positions(idx, s.B * s.k, s.H * s.W, "put_rows_");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "put_rows_cpu", [&] {
+    put_rows_kernel<scalar_t>(out, idx, values, s, accumulate);
+  });
+}
+
+}  // namespace
+}  // namespace papr
+
+TORCH_LIBRARY_IMPL(papr_kernels, CPU, m) {
+  m.impl("gather_rows", &papr::gather_rows_cpu);
+  m.impl("put_rows_", &papr::put_rows_cpu);
+}
