@@ -1,4 +1,4 @@
-"""CPU timing of the extension's row ops against papr_kernels.hierarchical.TorchOps, in one
+"""CPU timing of the extension's row ops against the row ops of papr_kernels.reference, in one
 process, for a Swin-T stage-1-like map (B=64, 56x56, C=96, z=0.65): prints time ratios
 (rounds alternate torch and cpp; each side keeps its best median).
 
@@ -9,7 +9,7 @@ import argparse
 import torch
 from torch.utils import benchmark
 
-from papr_kernels.hierarchical import TorchOps
+from papr_kernels import reference
 from papr_kernels.ops import cpp_prune
 
 
@@ -38,7 +38,7 @@ def main():
         for op, fn in cases.items():
             times = {"torch": float("inf"), "cpp": float("inf")}
             for _ in range(args.rounds):  # alternate, keep each side's best median: less noise
-                for label, impl in (("torch", TorchOps), ("cpp", cpp_prune)):
+                for label, impl in (("torch", reference), ("cpp", cpp_prune)):
                     t = benchmark.Timer("fn(impl)", globals={"fn": fn, "impl": impl},
                                         num_threads=args.threads)
                     median = t.blocked_autorange(min_run_time=args.min_run_time).median

@@ -3,7 +3,7 @@
 The extension registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row ops
 of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops.cpp, CPU and CUDA
 kernels); this module adds their fake kernels (torch.compile, meta tensors) and adapts them to
-the backend interface of backends.py (prune) and of hierarchical.py (`gather_rows`,
+the backend interface of backends.py (prune and the row ops `gather_rows`,
 `scatter_rows`, `scatter_back`). It imports without the extension; `unavailable_reason` then
 says why.
 """
@@ -73,7 +73,7 @@ def backward(grad_out, indices, plan):
 
 
 # ---------------------------------------------------------------------------------------------
-# Row ops of the hierarchical models (the interface of papr_kernels.hierarchical.TorchOps). x is
+# Row ops of the hierarchical models (the interface of backends.ROW_OPS). x is
 # (B, N, C) or (B, H, W, C) with any strides; a 3-D x is the grid (B, 1, N, C). Indices (B, k)
 # are unique per row; the caller (hierarchical.py) has validated them.
 

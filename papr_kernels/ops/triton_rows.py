@@ -2,7 +2,7 @@
 
 The three plain functions below are what `papr_kernels.hierarchical` calls for the "triton"
 backend (`papr_kernels.ops.triton_prune` re-exports them); they reproduce
-`papr_kernels.hierarchical.TorchOps` bit for bit.
+the plain-PyTorch row ops of `papr_kernels.reference` bit for bit.
 
 Positions. x is (B, N, C) or channels-last (B, H, W, C) with ANY strides (an NCHW tensor seen
 through permute(0, 2, 3, 1), sliced views, zero strides from expand): position p of a 4-D x is
