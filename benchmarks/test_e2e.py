@@ -108,14 +108,6 @@ def pipeline(vit, proposal, z, img):
         return manual, f"hand-written (papr_kernels.timm.patch failed: {type(exc).__name__})"
 
 
-def proposal_gflops(proposal, img) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        proposal(img[:1])
-    return counter.get_total_flops() / 1e9
-
-
 def vit_gflops(vit, num_tokens: int) -> float:
     """Analytic FLOPs of one image through a timm ViT whose blocks see `num_tokens` tokens."""
     macs = 0
@@ -143,8 +135,18 @@ def test_e2e(benchmark, device, quick, batch, config):
         z = float(config.split("z")[1])
         fn, how = pipeline(vit, proposal, z, img)
         num_tokens = vit.num_prefix_tokens + papr_kernels.keep_count(num_tokens, z, vit.num_prefix_tokens)
-        prop_gflops = proposal_gflops(proposal, img)
+        prop_gflops = counted_gflops(proposal, img)
+    time_forward(benchmark, device, quick, fn, img,
+                 model=model_name, batch=batch, provider=config, z=z, pipeline=how,
+                 tokens_in_blocks=num_tokens,
+                 gflops_per_image=vit_gflops(vit, num_tokens) + prop_gflops,
+                 proposal_gflops_per_image=prop_gflops,
+                 backend=None if config == "unpruned" else papr_kernels.backends.resolve(
+                     None, device).__name__)
 
+
+def time_forward(benchmark, device, quick, fn, img, **info):
+    """Times fn(img) under inference_mode and records `info` (model, batch, provider, ...)."""
     def run():
         with torch.inference_mode():
             return fn(img)
@@ -153,14 +155,8 @@ def test_e2e(benchmark, device, quick, batch, config):
     timed()  # warm-up
     pb.sync(device)
     timed.event_times_s.clear()
-    benchmark.group = f"e2e {model_name} B={batch}"
-    benchmark.extra_info.update(
-        suite="e2e", model=model_name, proposal="mobileone_s0", batch=batch,
-        provider=config, z=z, device=device, pipeline=how, tokens_in_blocks=num_tokens,
-        gflops_per_image=vit_gflops(vit, num_tokens) + prop_gflops,
-        proposal_gflops_per_image=prop_gflops,
-        backend=None if config == "unpruned" else papr_kernels.backends.resolve(None, device).__name__,
-    )
+    benchmark.group = f"e2e {info['model']} B={info['batch']}"
+    benchmark.extra_info.update(suite="e2e", proposal="mobileone_s0", device=device, **info)
     benchmark.pedantic(timed, rounds=1 if quick else 3, warmup_rounds=0)
     if timed.event_median_s() is not None:
         benchmark.extra_info["event_median_s"] = timed.event_median_s()
@@ -189,24 +185,10 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
     z = 1.0 if config == "unpruned" else float(config.split("z")[1])
     if z < 1.0:
         model = papr_timm.patch(copy.deepcopy(model), Proposal(proposal), z)
-
-    def run():
-        with torch.inference_mode():
-            return model(img)
-
-    timed = pb.Timed(run, device)
-    timed()  # warm-up
-    pb.sync(device)
-    timed.event_times_s.clear()
-    benchmark.group = f"e2e {model_name} B={batch}"
-    benchmark.extra_info.update(
-        suite="e2e", model=model_name, proposal="mobileone_s0", batch=batch, provider=config,
-        z=z, device=device, pipeline="timm forward" if z == 1.0 else "papr_kernels.timm.patch",
-        gflops_per_image=counted_gflops(model, img),
-        proposal_gflops_per_image=0.0 if z == 1.0 else counted_gflops(lambda x: proposal(x), img),
-        backend=None if z == 1.0 else papr_kernels.backends.resolve(
-            None, device, papr_kernels.backends.ROW_OPS).__name__,
-    )
-    benchmark.pedantic(timed, rounds=1 if quick else 3, warmup_rounds=0)
-    if timed.event_median_s() is not None:
-        benchmark.extra_info["event_median_s"] = timed.event_median_s()
+    time_forward(benchmark, device, quick, model, img,
+                 model=model_name, batch=batch, provider=config, z=z,
+                 pipeline="timm forward" if z == 1.0 else "papr_kernels.timm.patch",
+                 gflops_per_image=counted_gflops(model, img),
+                 proposal_gflops_per_image=0.0 if z == 1.0 else counted_gflops(proposal, img),
+                 backend=None if z == 1.0 else papr_kernels.backends.resolve(
+                     None, device, papr_kernels.backends.ROW_OPS).__name__)

@@ -87,18 +87,25 @@ if triton is not None:
         return (rest // num_blocks).to(tl.int64), rest % num_blocks, chunk
 
     @triton.jit
+    def _kept_rows(idx_ptr, s_ib, s_ij, N, KEEP, num_blocks, num_chunks, BLOCK_R: tl.constexpr):
+        """This program's batch row b, kept-row numbers j, channel chunk, and the positions p of
+        those rows (0 where j is past KEEP or the index is out of [0, N): masked by `ok`)."""
+        b, blk, chunk = _split_pid(num_blocks, num_chunks)
+        j = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        jmask = j < KEEP
+        pos = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=jmask, other=0)
+        ok = jmask & (pos >= 0) & (pos < N)
+        return b, j, chunk, ok, tl.where(ok, pos, 0).to(tl.int32)
+
+    @triton.jit
     def _gather_kernel(
         x_ptr, idx_ptr, out_ptr,
         s_xb, s_xh, s_xw, s_xc, s_ib, s_ij,
         N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
         GRID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        b, blk, chunk = _split_pid(num_blocks, num_chunks)
-        j = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        jmask = j < KEEP
-        pos = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=jmask, other=0)
-        ok = jmask & (pos >= 0) & (pos < N)
-        p = tl.where(ok, pos, 0).to(tl.int32)
+        b, j, chunk, ok, p = _kept_rows(idx_ptr, s_ib, s_ij, N, KEEP, num_blocks, num_chunks,
+                                        BLOCK_R)
         src = x_ptr + b * s_xb + _position_offset(p, W, s_xh, s_xw, GRID)
         dst = out_ptr + (b * KEEP + j.to(tl.int64)) * C
         c_lo = chunk * chans_per_prog
@@ -108,7 +115,7 @@ if triton is not None:
             cmask = c < c_hi
             vals = tl.load(src[:, None] + c[None, :].to(tl.int64) * s_xc,
                            mask=ok[:, None] & cmask[None, :], other=0)
-            tl.store(dst[:, None] + c[None, :], vals, mask=jmask[:, None] & cmask[None, :])
+            tl.store(dst[:, None] + c[None, :], vals, mask=(j < KEEP)[:, None] & cmask[None, :])
 
     @triton.jit
     def _bf16_to_f32(v):
@@ -183,12 +190,8 @@ if triton is not None:
         N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
         UPCAST: tl.constexpr, GRID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        b, blk, chunk = _split_pid(num_blocks, num_chunks)
-        j = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        jmask = j < KEEP
-        pos = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=jmask, other=0)
-        ok = jmask & (pos >= 0) & (pos < N)
-        p = tl.where(ok, pos, 0).to(tl.int32)
+        b, j, chunk, ok, p = _kept_rows(idx_ptr, s_ib, s_ij, N, KEEP, num_blocks, num_chunks,
+                                        BLOCK_R)
         x_pos = x_ptr + b * s_xb + _position_offset(p, W, s_xh, s_xw, GRID)
         v_row = v_ptr + b * s_vb + j.to(tl.int64) * s_vj
         c_lo = chunk * chans_per_prog
