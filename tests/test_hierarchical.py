@@ -503,3 +503,23 @@ def test_timm_patch_dispatches_hierarchical_models(models, images, name):
     with pytest.raises(ValueError, match="merge_r"):
         ptimm.patch(model, _proposal(), merge_r=2)
     assert type(model) is cls
+
+
+@pytest.mark.parametrize("model_name,by_hand", [("swin_tiny_patch4_window7_224", swin_by_hand),
+                                                ("convnext_tiny", convnext_by_hand)])
+def test_full_models_with_mobileone_proposal(model_name, by_hand):
+    """The published setting: the full Swin-T / ConvNeXt-T (random weights), MobileOne-S0
+    proposal, `papr_kernels.timm.patch` defaults (z = 0.65, all four stages)."""
+    from papr_kernels import proposal as papr_proposal
+    from papr_kernels import timm as papr_timm
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    proposal = papr_proposal.create("mobileone_s0")
+    images = torch.randn(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = by_hand(model, proposal, images, 0.65, (0, 1, 2, 3))
+        dense = model(images)
+        papr_timm.patch(model, proposal)
+        got = model(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - dense).abs().max() > 1e-3                      # pruning changed the output
