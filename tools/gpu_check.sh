@@ -3,9 +3,15 @@
 #   1. build the extension in place (CUDA kernels for this GPU's arch only: quick),
 #   2. the test suite on the cuda devices (torch, triton and cuda backends; past-2^31 tests too),
 #      with compute-sanitizer memcheck over the parity/bad-input tests running beside it,
-#   3. the forward/backward benchmark of the headline shape on the GPU, then its report.
-# Logs and results go to $OUT (default gpu-check/). Usage: [PY=python3] bash tools/gpu_check.sh
+#   3. the forward/backward benchmark of the headline shape, Swin-T/ConvNeXt-T end to end, and
+#      torch.compile last (slow to compile), each with its report.
+# Logs and results go to $OUT (default gpu-check/).
+#   Usage: [PY=python3] bash tools/gpu_check.sh [build] [tests] [bench] [compile]
+# Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
+# provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most.
 set -u
+STEPS=" ${*:-build tests bench} "
+step() { [[ "$STEPS" == *" $1 "* ]]; }
 OUT=${OUT:-gpu-check}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -15,30 +21,51 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton._
 'timm', timm.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
 } 2>&1 | tee "$OUT/env.txt"
 
+if step build; then
 arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
 start=$SECONDS
 TORCH_CUDA_ARCH_LIST=$arch FORCE_CUDA=1 MAX_JOBS=$(nproc) $PY setup.py build_ext --inplace \
     >"$OUT/build.log" 2>&1
 echo "build rc=$? in $((SECONDS - start)) s"; grep -A8 "build configuration" "$OUT/build.log"
+fi
 $PY -m papr_kernels info 2>&1 | tee -a "$OUT/env.txt"
 
+if step tests; then
 start=$SECONDS
 PATH=$PATH:/usr/local/cuda/bin PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-    $PY -m pytest tests/test_parity.py tests/test_errors.py -q -p no:cacheprovider -x \
-    -k "triton-cuda or cuda-cuda" >"$OUT/sanitizer.log" 2>&1 &
+    $PY -m pytest tests/test_parity.py tests/test_errors.py tests/test_cpp_rows.py \
+    tests/test_triton_rows.py -q -p no:cacheprovider -x \
+    -k "cuda and not compile and not opcheck" >"$OUT/sanitizer.log" 2>&1 &
 sanitizer=$!
 timeout 260 $PY -m pytest tests -q -p no:cacheprovider -rfE --maxfail=40 -k cuda \
     >"$OUT/tests.log" 2>&1
 echo "tests rc=$? in $((SECONDS - start)) s"; tail -45 "$OUT/tests.log"
 wait $sanitizer; echo "sanitizer rc=$? (9: memcheck found errors, 124: timed out)"
 tail -15 "$OUT/sanitizer.log"
+fi
 
+# Benchmarks, fastest first (each writes its JSON only when it completes): the kernels without
+# torch.compile, the end-to-end hierarchical models, then torch.compile, whose first compiles
+# took over 100 s for 4 cases on the lent H100 (2026-11-27).
+BENCH="$PY -m pytest --benchmark-only --bench-device cuda --benchmark-min-rounds=10 \
+    --benchmark-max-time=0.05 --benchmark-warmup=off -q -p no:cacheprovider"
 start=$SECONDS
-timeout 170 $PY -m pytest benchmarks/test_prune.py --benchmark-only --bench-device cuda \
-    -k "test_prune and vit-b16-224- and (B1- or B64- or B1024-) and not fwdbwd" \
-    --benchmark-min-rounds=10 --benchmark-max-time=0.05 --benchmark-warmup=off -q \
-    -p no:cacheprovider --benchmark-json="$OUT/bench-cuda.json" >"$OUT/bench.log" 2>&1
-echo "bench rc=$? in $((SECONDS - start)) s"
-$PY benchmarks/report.py "$OUT/bench-cuda.json" --no-plot >"$OUT/bench-cuda.md" 2>&1
-cat "$OUT/bench-cuda.md"
+if step bench; then
+timeout 120 $BENCH benchmarks/test_prune.py --benchmark-json="$OUT/bench-kernels.json" \
+    -k "test_prune and vit-b16-224- and (B1- or B64- or B1024-) and not fwdbwd and not compile" \
+    >"$OUT/bench.log" 2>&1
+echo "kernel bench rc=$? in $((SECONDS - start)) s"
+timeout 120 $BENCH benchmarks/test_e2e.py -k hierarchical --benchmark-json="$OUT/bench-e2e.json" \
+    >>"$OUT/bench.log" 2>&1
+echo "e2e bench rc=$? in $((SECONDS - start)) s"
+fi
+if step compile; then
+timeout 300 $BENCH benchmarks/test_prune.py --benchmark-json="$OUT/bench-compile.json" \
+    -k "test_prune and vit-b16-224- and (B64- or B1024-) and fwd- and (compile or eager)" \
+    >>"$OUT/bench.log" 2>&1
+echo "compile bench rc=$? in $((SECONDS - start)) s"
+fi
+for j in "$OUT"/bench-*.json; do
+    $PY benchmarks/report.py "$j" --no-plot >/dev/null 2>&1 && grep -A14 "^| shape\|^| model" "${j%.json}.md" | head -30
+done
