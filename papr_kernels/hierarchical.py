@@ -11,7 +11,7 @@ branch, ConvNeXt's pointwise convs) on the kept positions:
 
 Positions are row-major over the (H, W) grid. `select` uses SPEC's scores (float32 channel mean
 of f, bicubic, align_corners) and SPEC's total order (descending, ties to the lower index,
--0.0 == 0.0, NaN last), reusing `papr_kernels.reference`.
+-0.0 == 0.0, NaN last), computed by the backend's prune kernel (below).
 
 The indices of a row must be unique (select's are): the scatters are plain writes (no
 accumulation, no atomics) and each op's backward is another of these ops, so double backward works.
@@ -85,8 +85,11 @@ def _check_indices(indices, batch: int, num_positions: int, device: torch.device
     if indices.device != device:
         raise ValueError(f"indices must be on the device of {what} ({device}), "
                          f"got {indices.device}")
-    # A range check on a CUDA tensor would synchronise; there the indexing kernel reports it.
-    if indices.device.type == "cpu" and indices.numel() > 0:
+    # A range check on a CUDA tensor would synchronise, and under torch.compile it would break
+    # the graph on a data-dependent branch; there the kernels guard themselves (cpp checks every
+    # index, cuda asserts, triton masks; torch's indexing raises).
+    if indices.device.type == "cpu" and indices.numel() > 0 and \
+            not torch.compiler.is_compiling():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_positions:
             raise ValueError(f"indices must lie in [0, N) = [0, {num_positions}), "
