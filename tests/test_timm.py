@@ -280,3 +280,20 @@ def test_full_vit_base_with_mobileone_proposal():
         last_stage = lambda x: proposal.network(x)[-1]  # noqa: E731  (features_only: a list)
         want = reference_logits(model, last_stage, images, 0.5)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_intermediates_stays_dense_on_a_patched_vit():
+    """Documented: pruned tokens have no NCHW layout, so forward_intermediates is the unpatched
+    model's (and the patched forward still prunes afterwards)."""
+    model = make_vit("vit_base_patch16_224", depth=3)
+    images = images_for(model, batch=2)
+    with torch.no_grad():
+        dense_final, dense_maps = model.forward_intermediates(images, indices=2)
+        dense_logits = model(images)
+        papr_timm.patch(model, make_proposal(), z=0.5)
+        final, maps = model.forward_intermediates(images, indices=2)
+        pruned_logits = model(images)
+    assert torch.equal(final, dense_final)
+    assert len(maps) == 2 and all(torch.equal(a, b) for a, b in zip(maps, dense_maps))
+    assert maps[0].shape == (2, 768, 14, 14)
+    assert (pruned_logits - dense_logits).abs().max() > 1e-3
