@@ -82,7 +82,8 @@ bench-quick: install
 # then the cpp parity, property, bad-input and kernel tests run against it with the ASan runtime
 # preloaded into python. Any ASan or UBSan report fails the run.
 SANITIZE_DIR := build/sanitize
-SANITIZE_TESTS ?= tests/test_parity.py tests/test_properties.py tests/test_errors.py tests/test_autograd.py tests/test_cpp.py
+SANITIZE_TESTS ?= tests/test_parity.py tests/test_properties.py tests/test_errors.py tests/test_autograd.py tests/test_cpp.py \
+	tests/test_cpp_rows.py
 .PHONY: sanitize
 sanitize: $(DEPS_STAMP)
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
