@@ -85,6 +85,8 @@ def prune(
     elif x.shape[0] == 0:
         out = x.new_empty(0, plan.num_prefix_tokens + plan.keep, x.shape[2])
         indices = torch.empty(0, plan.keep, dtype=torch.int64, device=x.device)
-    else:
+    elif torch.is_grad_enabled() and x.requires_grad:
         out, indices = PruneFunction.apply(x, f, impl, plan)
+    else:  # nothing to record: skipping Function.apply saves ~4 us of a ~36 us B = 1 call on CPU
+        out, indices = impl.forward(x, f, plan)
     return (out, indices) if return_indices else out
