@@ -24,9 +24,11 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
 
     The proposal features are averaged over channels, then resized to the token grid: bicubic
     (A = -0.75, clamped border taps) for images (B, K, h, w), trilinear for video (B, K, t, h, w).
+    Both steps run in float64 and the result is rounded once to float32 (SPEC, semantics 1), so
+    every backend gets the same scores and a constant region of f ties exactly.
     """
     mode = "bicubic" if f.dim() == 4 else "trilinear"
-    channel_mean = f.float().mean(dim=1, keepdim=True)
+    channel_mean = f.double().mean(dim=1, keepdim=True)
     if channel_mean.device.type != "cpu" and tuple(grid) == tuple(channel_mean.shape[2:]):
         # At an unchanged size CUDA's interpolate copies, while SPEC's formula (the CPU kernel's)
         # still weighs the zero-weight taps, so an inf spreads NaN to its neighbours (0 * inf).
@@ -36,7 +38,7 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     else:
         resized = F.interpolate(channel_mean, size=tuple(grid), mode=mode,
                                 align_corners=align_corners)
-    return resized.flatten(1)
+    return resized.flatten(1).float()
 
 
 def keep_count(n: int, z: float, num_prefix_tokens: int = 1) -> int:
