@@ -6,10 +6,13 @@ See SPEC.md in the source repository for the exact contract every backend meets.
 """
 from typing import List, Optional
 
+import torch
+
 from . import backends
-from .function import prune
+from .api import prune
 from .module import PaPr
-from .reference import keep_count, significance
+from .reference import significance
+from .spec import keep_count
 
 __version__ = "0.1.0"
 
@@ -18,7 +21,5 @@ __all__ = ["prune", "significance", "keep_count", "available_backends", "PaPr", 
 
 def available_backends(device: Optional[str] = None) -> List[str]:
     """Names of the backends that can run here (on `device`'s type when given)."""
-    import torch
-
     device_type = None if device is None else torch.device(device).type
     return backends.available(device_type)

@@ -1,5 +1,6 @@
 """Command line: `python -m papr_kernels info` and `python -m papr_kernels demo`."""
 import argparse
+import os
 import platform
 import sys
 import time
@@ -43,6 +44,15 @@ def info() -> None:
             reason = backends.unavailable_reason(name, device_type)
             status = "available" if reason is None else "unavailable"
             print(f"{name:<8}  {device_type:<6}  {status:<11}  {reason or backend.description}")
+    print()
+    forced = os.environ.get(backends.ENV_VAR)
+    for device_type in ["cpu"] + (["cuda"] if cuda else []):
+        try:
+            chosen = backends.pick(None, device_type)
+        except (ValueError, RuntimeError) as exc:
+            chosen = f"error: {exc}"
+        how = f"{backends.ENV_VAR}={forced}" if forced else "auto"
+        print(f"prune on {device_type} tensors runs: {chosen} ({how})")
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -74,6 +84,20 @@ def demo(batch: int = 8, repeats: int = 20) -> bool:
     return all_match
 
 
+def _tokens_seen(model):
+    """A list a forward fills with the token count entering the first block (ViT) or the rows
+    the first pruned block's MLP runs on (Swin, ConvNeXt), and the hook handles."""
+    seen = []
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None:                                    # ViT: tokens entering block 0
+        hooks = [blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))]
+    else:                                                     # rows of the first MLP
+        first = next(m for name, m in model.named_modules() if name.endswith("mlp"))
+        hooks = [first.register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].shape[1] * (a[0].shape[2] if a[0].dim() == 4 else 1)))]
+    return seen, hooks
+
+
 def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
     """A patched timm model end to end (random weights, MobileOne-S0 proposal): images/s."""
     import timm
@@ -82,9 +106,12 @@ def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
     from papr_kernels import proposal as papr_proposal
 
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False).eval()
+    try:
+        model = timm.create_model(model_name, pretrained=False).eval()
+    except RuntimeError as exc:   # timm: "Unknown model (...)"
+        raise SystemExit(f"python -m papr_kernels demo: --model {model_name!r}: {exc}") from None
     images = torch.randn(batch, 3, *model.pretrained_cfg["input_size"][1:])
-    proposal = papr_proposal.create("mobileone_s0")
+    proposal = papr_proposal.create("mobileone_s0", pretrained=False)
     print(f"{model_name} (random weights), MobileOne-S0 proposal, batch {batch}, "
           f"{tuple(images.shape[1:])}, fp32, {'CUDA' if images.is_cuda else 'CPU'}, "
           f"torch threads {torch.get_num_threads()}")
@@ -94,10 +121,10 @@ def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
         for z in (1.0, 0.7, 0.5, 0.3):
             if z < 1:
                 papr_timm.patch(model, proposal, z=z)
-            seen = []
-            hook = model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+            seen, hooks = _tokens_seen(model)
             ms = _median_ms(lambda: model(images), repeats)
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             rate = batch / (ms / 1e3)
             baseline = baseline or rate
             label = "none" if z == 1 else f"{z}"
@@ -111,11 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and backend availability")
     demo_parser = sub.add_parser("demo", help="prune ViT-B/16-shaped tokens on every backend")
-    demo_parser.add_argument("--batch", type=int, default=8)
-    demo_parser.add_argument("--repeats", type=int, default=None,
+    demo_parser.add_argument("--batch", type=_positive_int, default=8)
+    demo_parser.add_argument("--repeats", type=_positive_int, default=None,
                              help="timed runs (default 20; 3 with --model)")
     demo_parser.add_argument("--model", default=None,
-                             help="run this timm ViT patched end to end (e.g. vit_base_patch16_224)")
+                             help="run this timm model (ViT, Swin, ConvNeXt) patched end to end "
+                                  "(e.g. vit_base_patch16_224)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
@@ -123,6 +151,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.model:
         return 0 if timm_demo(args.model, args.batch, args.repeats or 3) else 1
     return 0 if demo(args.batch, args.repeats or 20) else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
 
 
 if __name__ == "__main__":

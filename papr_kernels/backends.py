@@ -1,26 +1,51 @@
-"""The backend registry: which implementation of `prune` runs for given tensors.
+"""The backend registry: which implementation of `prune` (and of the row ops) runs for given tensors.
 
-A backend is a module, imported on first use, that provides
-
-    unavailable_reason(device_type: str) -> Optional[str]   # None when it can run there
-    forward(x, f, plan) -> (out, indices)                   # plan: validation.Plan, z < 1, B > 0
-    backward(grad_out, indices, plan) -> grad_x             # unique indices: no atomics
-
-and, optionally, the row ops of the hierarchical models (papr_kernels.hierarchical):
-
-    gather_rows(x, indices) -> (B, k, C)              # x (B, N, C) or (B, H, W, C), any strides
-    scatter_rows(values, indices, shape) -> zeros of `shape` holding values at the kept rows
-    scatter_back(x, indices, values, inplace) -> x + values at the kept rows
-
-Auto selection (`backend=None`) takes, among the backends listed for the tensors' device type,
-the first that can run. `PAPR_KERNELS_BACKEND` overrides auto selection.
+A backend is a module, imported on first use, that follows `PruneBackend` (and, to serve the
+hierarchical models, `RowBackend`). Auto selection (`backend=None`) takes, among the backends
+listed for the tensors' device type, the first that can run; `PAPR_KERNELS_BACKEND` overrides it.
+Whether a backend can run on a device type is decided here only (`unavailable_reason`).
 """
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from .spec import Plan
 
 ENV_VAR = "PAPR_KERNELS_BACKEND"
+
+
+class PruneBackend(Protocol):
+    """What a backend module provides for `prune` (papr_kernels.api)."""
+
+    def unavailable_reason(self, device_type: str) -> Optional[str]:
+        """None when it can run on tensors of `device_type`, else why not (a sentence)."""
+
+    def forward(self, x: torch.Tensor, f: torch.Tensor, plan: Plan
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out, indices) for checked arguments with z < 1 and B > 0; f carries no gradient."""
+
+    def backward(self, grad_out: torch.Tensor, indices: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """grad_x: grad_out's rows written at the prefix and at `indices` (unique: no atomics),
+        zeros elsewhere."""
+
+
+class RowBackend(Protocol):
+    """The row ops of the hierarchical models (papr_kernels.hierarchical), over x (B, N, C) or
+    channels-last (B, H, W, C) of any strides, with indices (B, k) unique per row and checked."""
+
+    def gather_rows(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(B, k, C): the rows of x at `indices`."""
+
+    def scatter_rows(self, values: torch.Tensor, indices: torch.Tensor,
+                     shape: Sequence[int]) -> torch.Tensor:
+        """Zeros of `shape` holding `values` (B, k, C) at `indices`."""
+
+    def scatter_back(self, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                     inplace: bool) -> torch.Tensor:
+        """x + values at `indices` (written into x when `inplace`)."""
 
 
 @dataclass(frozen=True)
@@ -58,24 +83,15 @@ def _load(name: str):
     return _MODULES.get(name)
 
 
-def _constant_under_compile(fn):
-    # torch.compile evaluates it once while tracing and bakes the answer in (it imports modules,
-    # which dynamo cannot trace): prune() compiles with fullgraph=True even on a cold start.
-    try:
-        import torch
-        return torch.compiler.assume_constant_result(fn)
-    except (ImportError, AttributeError):
-        return fn
-
-
-@_constant_under_compile
+# torch.compile evaluates it once while tracing and bakes the answer in (it imports modules,
+# which dynamo cannot trace): prune() compiles with fullgraph=True even on a cold start.
+@torch.compiler.assume_constant_result
 def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     """None when backend `name` can run on `device_type`, else a sentence saying why not."""
     backend = _REGISTRY[name]
     if device_type not in backend.devices:
         return f"runs on {'/'.join(backend.devices)} tensors only, not {device_type}"
     if device_type == "cuda":
-        import torch
         if not torch.cuda.is_available():
             return "no CUDA device here"
     module = _load(name)
@@ -92,7 +108,6 @@ def available(device_type: Optional[str] = None) -> List[str]:
 
 
 def _local_device_types() -> List[str]:
-    import torch
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -103,26 +118,37 @@ def _missing(module, ops: Tuple[str, ...]) -> List[str]:
     return [op for op in ops if not hasattr(module, op)]
 
 
-def resolve(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()):
-    """The module of the backend that runs `prune` (and the functions `ops`, e.g. ROW_OPS) for
-    tensors on `device_type`. Auto selection skips backends without `ops`."""
+def pick(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()) -> str:
+    """The name of the backend that runs `prune` (and the functions `ops`, e.g. ROW_OPS) for
+    tensors on `device_type`: `name`, else PAPR_KERNELS_BACKEND, else auto selection (which
+    skips backends without `ops`). Raises saying why when the one asked for cannot run."""
+    from_env = name is None and bool(os.environ.get(ENV_VAR))
     if name is None:
         name = os.environ.get(ENV_VAR) or None
     if name is None:
         for candidate in _AUTO_ORDER.get(device_type, []) + ["torch"]:
             if unavailable_reason(candidate, device_type) is None and not (
                     ops and _missing(_MODULES[candidate], ops)):
-                return _MODULES[candidate]
+                return candidate
         raise RuntimeError(f"no papr_kernels backend can run on {device_type} tensors")
     if name not in _REGISTRY:
+        if from_env:
+            raise ValueError(f"the environment variable {ENV_VAR} must be one of {names()} or "
+                             f"unset, got {name!r}")
         raise ValueError(f"backend must be one of {names()} or None, got {name!r}")
+    asked = f"{ENV_VAR}={name}" if from_env else f"backend {name!r}"
     reason = unavailable_reason(name, device_type)
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device_type} tensors here: {reason}")
+        raise RuntimeError(f"{asked} cannot run on {device_type} tensors here: {reason}")
     missing = ops and _missing(_MODULES[name], ops)
     if missing:
-        raise RuntimeError(f"backend {name!r} has no {', '.join(missing)} kernel")
-    return _MODULES[name]
+        raise RuntimeError(f"{asked} has no {', '.join(missing)} kernel")
+    return name
+
+
+def resolve(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()):
+    """The module of the backend `pick` names (a PruneBackend, and a RowBackend with ROW_OPS)."""
+    return _MODULES[pick(name, device_type, ops)]
 
 
 # Auto preference: CUDA tensors -> triton, then cuda; CPU tensors -> cpp; torch is the fallback.
@@ -133,5 +159,5 @@ register(Backend("cuda", "papr_kernels.ops.cpp_prune", ("cuda",),
                  "CUDA kernel of the C++ extension"), auto_for=("cuda",))
 register(Backend("cpp", "papr_kernels.ops.cpp_prune", ("cpu",),
                  "C++ CPU kernel of the extension"), auto_for=("cpu",))
-register(Backend("torch", "papr_kernels.reference", ("cpu", "cuda", "meta"),
+register(Backend("torch", "papr_kernels.ops.torch", ("cpu", "cuda", "meta"),
                  "pure-PyTorch reference (SPEC's executable form)"))

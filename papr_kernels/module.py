@@ -4,8 +4,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import validation
-from .function import prune
+from . import spec
+from .api import prune
 
 
 class PaPr(nn.Module):
@@ -19,9 +19,8 @@ class PaPr(nn.Module):
                  grid: Optional[Sequence[int]] = None, align_corners: bool = True,
                  return_indices: bool = False, backend: Optional[str] = None):
         super().__init__()
-        validation.check_z(z)
-        if order not in validation.ORDERS:
-            raise ValueError(f"order must be one of {validation.ORDERS}, got {order!r}")
+        spec.check_z(z)
+        spec.check_order(order)
         self.z = z
         self.num_prefix_tokens = num_prefix_tokens
         self.order = order

@@ -3,13 +3,15 @@
     proposal = papr_kernels.proposal.create("mobileone_s0")   # any timm ConvNet, stride 32
     f = proposal(images)                                      # (B, K, h, w), no grad
 
-`create` builds the timm model with `features_only=True, out_indices=(-1,)` (its last stage),
-reparameterizes it where timm can (MobileOne's branches fold into single convolutions), puts it
-in eval mode, freezes it and runs it under `torch.no_grad`. A user `nn.Module` that returns
-(B, K, h, w) (or a list/tuple whose last entry is that) is wrapped the same way.
-Nothing is downloaded unless `pretrained=True` is passed through to timm.
+`create` builds the timm model with `features_only=True, out_indices=(-1,)` (its last stage)
+and its pretrained weights (timm downloads them once into its cache; `pretrained=False` gives
+random weights, for tests only: PaPr needs a trained ConvNet), reparameterizes it where timm can
+(MobileOne's branches fold into single convolutions), puts it in eval mode, freezes it and runs
+it under `torch.no_grad`. A user `nn.Module` that returns (B, K, h, w) (or a list/tuple whose
+last entry is that) is wrapped the same way: note that this puts that module itself in eval mode
+and freezes its parameters (in place). Any other callable is wrapped as is.
 """
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -20,9 +22,9 @@ __all__ = ["Proposal", "create"]
 class Proposal(nn.Module):
     """A frozen feature extractor: eval mode forever, no gradients, returns one (B, K, h, w) map."""
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: Union[nn.Module, Callable]):
         super().__init__()
-        self.network = network
+        self.network = network if isinstance(network, nn.Module) else _Function(network)
         self.train(False)
         self.network.requires_grad_(False)
 
@@ -42,30 +44,56 @@ class Proposal(nn.Module):
         return f
 
 
-def create(name: Union[str, nn.Module] = "mobileone_s0", pretrained: bool = False,
+class _Function(nn.Module):
+    """A plain callable as a module (no parameters)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: bool = True,
            **timm_kwargs) -> Proposal:
     """A frozen proposal network: a timm ConvNet by name, or a user module wrapped as is.
 
     Args:
         name: a timm model name (a ConvNet with `features_only` support), or an `nn.Module`
-            returning (B, K, h, w) features.
-        pretrained: passed to `timm.create_model` (False: random weights, no download).
-        **timm_kwargs: further `timm.create_model` arguments (e.g. `in_chans`).
+            (or any callable) returning (B, K, h, w) features of the images.
+        pretrained: load timm's pretrained weights (default). False gives random weights, for
+            tests and demos: the selected tokens are then noise.
+        **timm_kwargs: further `timm.create_model` arguments, e.g.
+            `pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors")` to load a local
+            file offline.
     """
     if isinstance(name, Proposal):
         return name
-    if isinstance(name, nn.Module):
-        if timm_kwargs or pretrained:
-            raise ValueError("pretrained and timm_kwargs apply to a timm model name, not to a module")
-        return Proposal(name)
     if not isinstance(name, str):
-        raise TypeError(f"name must be a timm model name or an nn.Module, got {type(name).__name__}")
+        if not callable(name):
+            raise TypeError(f"proposal must be a timm model name, an nn.Module or a callable "
+                            f"(images -> (B, K, h, w) features), got {type(name).__name__}")
+        if timm_kwargs:
+            raise ValueError("timm_kwargs apply to a timm model name, not to a module")
+        return Proposal(name)
     import timm
     from timm.utils.model import reparameterize_model
 
     kwargs = {"features_only": True, "out_indices": (-1,)}
     kwargs.update(timm_kwargs)
-    network = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        network = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:
+        if not pretrained or isinstance(exc, RuntimeError) and "Unknown model" in str(exc):
+            raise
+        raise RuntimeError(
+            f"could not load the pretrained weights of the proposal {name!r} "
+            f"({type(exc).__name__}: {exc}). Offline, give timm a local file: "
+            f"pretrained_cfg_overlay=dict(file='/path/to/weights') (e.g. "
+            f"papr_kernels.proposal.create({name!r}, pretrained_cfg_overlay=...)), or pass "
+            f"pretrained=False for random weights (tests only: the kept tokens are then noise)"
+        ) from exc
     network.eval()
     network = reparameterize_model(network)  # a no-op for models without reparameterizable blocks
     return Proposal(network)

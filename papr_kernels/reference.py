@@ -3,12 +3,13 @@
 Every other backend is tested against this module, so it favours plain, obviously correct code
 over speed. The four steps of the method are separate functions:
 
-    scores  = significance(f, grid)          # channel mean, resized to the token grid (fp32)
+    scores  = significance(f, grid)          # channel mean, resized to the token grid
     k       = keep_count(n, z, P)            # int(n * z) on the full token count, clamped
-    indices = select(scores, k, order)       # SPEC's total order, top k
+    indices = top_k(scores, k, order)        # SPEC's total order, top k
     out     = gather(x, indices, P)          # prefix tokens, then the kept patch tokens
 
-and `scatter` is the gradient of `gather`.
+and `scatter` is the gradient of `gather`. The row ops of the hierarchical models
+(`gather_rows`, `scatter_rows`, `scatter_back`) follow.
 """
 import math
 from typing import Sequence
@@ -16,7 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import validation
+from . import spec
+from .spec import keep_count  # noqa: F401  (step 2 of the method, defined with the checks)
 
 
 def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = True) -> torch.Tensor:
@@ -41,15 +43,6 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     return resized.flatten(1).float()
 
 
-def keep_count(n: int, z: float, num_prefix_tokens: int = 1) -> int:
-    """Number of patch tokens kept out of `n` tokens (prefix tokens included) at keep ratio `z`.
-
-    As in the published code, `int(n * z)` counts the prefix tokens: ViT-B/16 at 224 px
-    (n = 197) with z = 0.5 keeps 98 patches plus the class token.
-    """
-    return min(max(int(n * z), 1), n - num_prefix_tokens)
-
-
 def rank(scores: torch.Tensor) -> torch.Tensor:
     """All patch indices (B, N) by descending score: SPEC's total order.
 
@@ -59,7 +52,7 @@ def rank(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(total_order, dim=1, descending=True, stable=True)
 
 
-def select(scores: torch.Tensor, k: int, order: str = "score") -> torch.Tensor:
+def top_k(scores: torch.Tensor, k: int, order: str = "score") -> torch.Tensor:
     """The k kept patch indices (B, k), int64, in rank order or ascending ("spatial")."""
     indices = rank(scores)[:, :k]
     if order == "spatial":
@@ -88,14 +81,19 @@ def scatter(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: int,
     return grad_x
 
 
+def all_indices(batch: int, num_patches: int, device) -> torch.Tensor:
+    """The indices of z == 1: arange(N) for every row (SPEC, semantics 5)."""
+    return torch.arange(num_patches, device=device).expand(batch, -1).contiguous()
+
+
 def prune(x, f, z, *, num_prefix_tokens=1, grid=None, align_corners=True, order="score",
           return_indices=False):
     """SPEC's `prune` in plain PyTorch, differentiable through ordinary autograd."""
-    plan = validation.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
+    plan = spec.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
     if plan.identity:
-        out, indices = x, validation.all_patch_indices(x, plan)
+        out, indices = x, all_indices(x.shape[0], plan.num_patches, x.device)
     else:
-        indices = select(significance(f, plan.grid, align_corners), plan.keep, order)
+        indices = top_k(significance(f, plan.grid, align_corners), plan.keep, order)
         out = gather(x, indices, num_prefix_tokens)
     return (out, indices) if return_indices else out
 
@@ -148,18 +146,3 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         x.copy_(out)
         return x
     return out
-
-
-# The "torch" backend: the reference itself.
-
-def unavailable_reason(device_type: str):
-    return None
-
-
-def forward(x: torch.Tensor, f: torch.Tensor, plan: "validation.Plan"):
-    indices = select(significance(f, plan.grid, plan.align_corners), plan.keep, plan.order)
-    return gather(x, indices, plan.num_prefix_tokens), indices
-
-
-def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan: "validation.Plan"):
-    return scatter(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)

@@ -13,13 +13,13 @@ from typing import List
 
 import torch
 
-from . import reference, validation
+from . import reference, spec
 
 
 def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
                **kwargs) -> List[str]:
     """Why (out, indices) does not match the reference for prune(x, f, z, **kwargs); [] if it does."""
-    plan = validation.check_prune_args(x, f, z, kwargs.get("num_prefix_tokens", 1),
+    plan = spec.check_prune_args(x, f, z, kwargs.get("num_prefix_tokens", 1),
                                        kwargs.get("grid"), kwargs.get("align_corners", True),
                                        kwargs.get("order", "score"))
     ref_out, ref_indices = reference.prune(x, f, z, return_indices=True, **kwargs)
@@ -49,7 +49,7 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
         position = torch.empty_like(ranked).scatter_(
             1, ranked, torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked))
         indices = indices.gather(1, position.gather(1, indices).argsort(dim=1))
-        ref_indices = reference.select(scores, plan.keep, "score")
+        ref_indices = reference.top_k(scores, plan.keep, "score")
     problems += _swaps_beyond_one_ulp(scores, indices, ref_indices, max_items)
     if (indices.sort(dim=1).values.diff(dim=1) == 0).any():
         problems.append("indices of a row are not unique")

@@ -66,7 +66,7 @@ def test_compile_inductor_forward_and_backward_match_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_opcheck(spatial, dtype):
     x, f = _inputs(dtype=dtype)
-    # Autograd lives in papr_kernels.function.PruneFunction, not on the op: inputs without grad.
+    # Autograd lives in papr_kernels.api.PruneFunction, not on the op: inputs without grad.
     torch.library.opcheck(torch.ops.papr_kernels.prune_forward.default,
                           (x, f, 1, [14, 14], 98, True, spatial))
     _, idx = torch.ops.papr_kernels.prune_forward(x, f, 1, [14, 14], 98, True, spatial)

@@ -1,5 +1,5 @@
 """PaPr for hierarchical models: the ops of `papr_kernels.hierarchical` and the timm Swin/ConvNeXt
-patch of `papr_kernels.timm_hierarchical`.
+patch of `papr_kernels.timm` (swin.py, convnext.py).
 
 The model tests compare the patched model with a hand-written reference of the method: an explicit
 loop over the stages and blocks that computes every block DENSELY (all positions) and then keeps the
@@ -18,7 +18,8 @@ from papr_kernels import reference
 from papr_kernels.testing import assert_matches_reference
 
 timm = pytest.importorskip("timm")
-from papr_kernels import timm_hierarchical as th  # noqa: E402
+from papr_kernels import spec  # noqa: E402
+from papr_kernels import timm as ptimm  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # select
@@ -28,7 +29,7 @@ from papr_kernels import timm_hierarchical as th  # noqa: E402
                                       ((14, 14), 0.5, 98), ((7, 7), 0.65, 31), ((7, 7), 1.0, 49),
                                       ((7, 7), 0.01, 1), ((3, 5), 0.5, 7)])
 def test_keep_count_is_int_of_hw_times_z(grid, z, k):
-    assert hier.keep_count(grid, z) == k == min(max(int(grid[0] * grid[1] * z), 1),
+    assert spec.keep_count(grid[0] * grid[1], z, 0) == k == min(max(int(grid[0] * grid[1] * z), 1),
                                                 grid[0] * grid[1])
     f = torch.randn(2, 4, 7, 7)
     assert hier.select(f, grid, z).shape == (2, k)
@@ -166,7 +167,7 @@ def test_select_on_every_backend_matches_reference(backend, grid, z, order, alig
     f = torch.randn(3, 8, 7, 7, generator=torch.Generator().manual_seed(grid[0] + grid[1]))
     got = hier.select(f.to(device), grid, z, align_corners, order, backend=name)
     assert got.dtype == torch.int64 and got.device.type == device
-    assert got.shape == (3, hier.keep_count(grid, z))
+    assert got.shape == (3, spec.keep_count(grid[0] * grid[1], z, 0))
     positions = torch.arange(grid[0] * grid[1], dtype=torch.float32).view(1, -1, 1).expand(3, -1, 1)
     assert_matches_reference(positions, f, z, reference.gather(positions, got.cpu(), 0), got.cpu(),
                              num_prefix_tokens=0, grid=grid, align_corners=align_corners,
@@ -360,9 +361,9 @@ def convnext_by_hand(model, proposal, images, z, stages):
 
 
 MODELS = {
-    "swin": (_swin, th.patch_swin, swin_by_hand),
-    "convnext": (_convnext, th.patch_convnext, convnext_by_hand),
-    "convnext-conv_mlp": (lambda: _convnext(conv_mlp=True), th.patch_convnext, convnext_by_hand),
+    "swin": (_swin, ptimm.patch, swin_by_hand),
+    "convnext": (_convnext, ptimm.patch, convnext_by_hand),
+    "convnext-conv_mlp": (lambda: _convnext(conv_mlp=True), ptimm.patch, convnext_by_hand),
 }
 
 
@@ -387,7 +388,7 @@ def test_patched_model_matches_hand_written_reference(models, images, name, z, s
         try:
             got = model(x)
         finally:
-            th.unpatch_hierarchical(model)
+            ptimm.unpatch(model)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -405,7 +406,7 @@ def test_z_one_is_the_unpatched_model_and_unpatch_restores_it(models, images, na
         patch(model, _proposal(), 0.5)                  # re-patching replaces the first patch
         assert list(model.state_dict()) == keys         # nothing registered on the model
         assert (model(x) - dense).abs().max() > 1e-3    # pruning changes the output
-        th.unpatch_hierarchical(model)
+        ptimm.unpatch(model)
         assert type(model) is cls
         assert not any(type(m).__name__.startswith("PaPr") for m in model.modules())
         assert torch.equal(model(x), dense)
@@ -432,7 +433,7 @@ def test_proposal_runs_once_and_selection_once_per_pruned_stage(models, images, 
         with torch.no_grad():
             model(images[:1])
     finally:
-        th.unpatch_hierarchical(model)
+        ptimm.unpatch(model)
     assert calls == {"proposal": 1, "select": [(56, 56), (14, 14), (7, 7)]}
 
 
@@ -441,8 +442,8 @@ def test_training_gradients_match_the_hand_written_reference():
     proposal = _proposal().double()
     # smaller images keep float64 training affordable: Swin at 112 px, ConvNeXt at 64 px
     # (drop_path_rate=0: stochastic depth would draw different masks in the two runs)
-    cases = ((_swin(img_size=112, drop_path_rate=0.0), th.patch_swin, swin_by_hand, 112),
-             (_convnext(), th.patch_convnext, convnext_by_hand, 64))
+    cases = ((_swin(img_size=112, drop_path_rate=0.0), ptimm.patch, swin_by_hand, 112),
+             (_convnext(), ptimm.patch, convnext_by_hand, 64))
     for model, patch, by_hand, size in cases:
         model = model.double().train()
         x = torch.randn(1, 3, size, size, dtype=torch.float64)
@@ -453,7 +454,7 @@ def test_training_gradients_match_the_hand_written_reference():
         patch(model, proposal, 0.5)
         x_got = x.clone().requires_grad_()
         model(x_got).square().sum().backward()
-        th.unpatch_hierarchical(model)
+        ptimm.unpatch(model)
         torch.testing.assert_close(x_got.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
         for p, g in zip(model.parameters(), ref_grads):
             torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
@@ -461,28 +462,27 @@ def test_training_gradients_match_the_hand_written_reference():
 
 def test_patch_argument_errors(models):
     swin, convnext, prop = models["swin"], models["convnext"], _proposal()
-    with pytest.raises(TypeError, match="model must be a timm SwinTransformer"):
-        th.patch_swin(convnext, prop)
-    with pytest.raises(TypeError, match="model must be a timm ConvNeXt"):
-        th.patch_convnext(swin, prop)
-    with pytest.raises(TypeError, match="proposal must be callable"):
-        th.patch_swin(swin, "mobileone_s0")
+    with pytest.raises(TypeError, match="proposal must be a timm model name, an nn.Module or a"):
+        ptimm.patch(swin, 42)
     with pytest.raises(ValueError, match="z must be"):
-        th.patch_swin(swin, prop, z=0.0)
+        ptimm.patch(swin, prop, z=0.0)
     with pytest.raises(ValueError, match="stages must be distinct stage numbers in"):
-        th.patch_convnext(convnext, prop, stages=(0, 4))
+        ptimm.patch(convnext, prop, stages=(0, 4))
     with pytest.raises(TypeError, match="stages must hold ints"):
-        th.patch_convnext(convnext, prop, stages=(0.5,))
+        ptimm.patch(convnext, prop, stages=(0.5,))
+    with pytest.raises(ValueError, match="order does not apply to SwinTransformer"):
+        ptimm.patch(swin, prop, order="spatial")
     assert type(swin).__name__ == "SwinTransformer"                 # nothing was patched
-    th.patch_swin(swin, lambda x: torch.randn(x.shape[0] + 1, 4, 7, 7))
+    ptimm.patch(swin, lambda x: torch.randn(x.shape[0] + 1, 4, 7, 7))
     try:
         with pytest.raises(ValueError, match="proposal must return features with the batch"):
             swin(torch.randn(1, 3, IMG, IMG))
     finally:
-        th.unpatch_hierarchical(swin)
+        ptimm.unpatch(swin)
     v2 = timm.create_model("convnextv2_atto", pretrained=False, depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="ConvNeXt-V2"):
-        th.patch_convnext(v2, prop)
+        ptimm.patch(v2, prop)
+    assert not ptimm.is_patched(v2)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -492,7 +492,7 @@ def test_timm_patch_dispatches_hierarchical_models(models, images, name):
     model, (_, _, by_hand) = models[name], MODELS[name]
     cls, x = type(model), images[:1]
     with torch.no_grad():
-        expected = by_hand(model, _proposal(), x, th.DEFAULT_Z, th.DEFAULT_STAGES)
+        expected = by_hand(model, _proposal(), x, 0.65, (0, 1, 2, 3))
         ptimm.patch(model, _proposal())             # z and stages: the family's defaults
         try:
             got = model(x)
@@ -514,7 +514,7 @@ def test_full_models_with_mobileone_proposal(model_name, by_hand):
     from papr_kernels import timm as papr_timm
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
-    proposal = papr_proposal.create("mobileone_s0")
+    proposal = papr_proposal.create("mobileone_s0", pretrained=False)
     images = torch.randn(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = by_hand(model, proposal, images, 0.65, (0, 1, 2, 3))
@@ -539,5 +539,5 @@ def test_patched_model_compiles_without_graph_breaks(models, images, name):
             eager = model(x)
             compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
         finally:
-            th.unpatch_hierarchical(model)
+            ptimm.unpatch(model)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

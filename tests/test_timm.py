@@ -67,7 +67,7 @@ def reference_tokens(model, net, images, z, order="score"):
     if z < 1:
         scores = reference.significance(net(images), grid)
         keep = reference.keep_count(x.shape[1], z, num_prefix)
-        x = reference.gather(x, reference.select(scores, keep, order), num_prefix)
+        x = reference.gather(x, reference.top_k(scores, keep, order), num_prefix)
     return x, num_prefix
 
 
@@ -203,7 +203,7 @@ def test_patch_rejects_bad_arguments():
 
 
 def test_proposal_create_mobileone_is_frozen_reparameterized_stride_32():
-    proposal = papr_proposal.create("mobileone_s0")
+    proposal = papr_proposal.create("mobileone_s0", pretrained=False)
     assert not proposal.training and not proposal.network.training
     assert all(not p.requires_grad for p in proposal.parameters())
     # MobileOne's training-time branches are folded into single convolutions.
@@ -219,7 +219,7 @@ def test_proposal_create_mobileone_is_frozen_reparameterized_stride_32():
     unfused = timm.create_model("mobileone_s0", pretrained=False, features_only=True,
                                 out_indices=(-1,)).eval()
     torch.manual_seed(0)
-    fused = papr_proposal.create("mobileone_s0")
+    fused = papr_proposal.create("mobileone_s0", pretrained=False)
     with torch.no_grad():
         a, b = fused(images), unfused(images)[-1]
     scale = b.abs().max()  # random weights: activations grow large, compare relative to them
@@ -270,7 +270,7 @@ def test_full_vit_base_with_mobileone_proposal():
     """The published setting end to end: all 12 blocks of ViT-B/16, MobileOne-S0 proposal."""
     model = make_vit("vit_base_patch16_224")
     torch.manual_seed(0)
-    proposal = papr_proposal.create("mobileone_s0")
+    proposal = papr_proposal.create("mobileone_s0", pretrained=False)
     images = images_for(model, batch=1)
     papr_timm.patch(model, proposal, z=0.5)
     counts = count_block_tokens(model)

@@ -42,7 +42,7 @@ def test_tubelet_vit_pruned_by_r3d_matches_hand_written_pipeline():
         assert f.shape == (1, 512, 2, 7, 7)
         scores = reference.significance(f, (8, 14, 14))                      # trilinear, 5-D path
         keep = reference.keep_count(1568, 0.5, 0)
-        kept = reference.gather(tokens, reference.select(scores, keep), 0)
+        kept = reference.gather(tokens, reference.top_k(scores, keep), 0)
         x = vit.blocks(kept)
         want = vit.head(vit.fc_norm(x.mean(dim=1)))
     assert seen[0] == 784  # int(1568 * 0.5) tokens enter the first block

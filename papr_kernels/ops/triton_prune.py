@@ -494,8 +494,8 @@ def _(grad_out, indices, num_tokens, num_prefix_tokens):
 # ----------------------------------------------------------------------------------------------
 def forward(x: torch.Tensor, f: torch.Tensor, plan):
     if fallback_reason(f, plan.num_patches) is not None:
-        from .. import reference
-        return reference.forward(x, f, plan)
+        from . import torch as torch_backend
+        return torch_backend.forward(x, f, plan)
     return triton_prune_forward(x, f, plan.num_prefix_tokens, list(plan.grid), plan.keep,
                                 plan.align_corners, plan.order == "spatial")
 

@@ -1,9 +1,9 @@
-"""`prune`: validation, backend dispatch and the autograd Function every backend plugs into."""
+"""`prune`: checks, backend dispatch and the autograd Functions every backend plugs into."""
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import backends, reference, validation
+from . import backends, reference, spec
 
 
 class PruneFunction(torch.autograd.Function):
@@ -49,6 +49,23 @@ class ScatterFunction(torch.autograd.Function):
         return reference.gather(grad_grad_x, indices, ctx.num_prefix_tokens), None, None, None
 
 
+def run(x: torch.Tensor, f: torch.Tensor, plan: spec.Plan, impl: backends.PruneBackend
+        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, indices) of checked arguments on backend `impl`, recorded by autograd when x needs
+    a gradient. f never gets one (it is detached: no autograd kernel is ever asked for)."""
+    f = f.detach()
+    if plan.identity:
+        return x, reference.all_indices(x.shape[0], plan.num_patches, x.device)
+    if x.shape[0] == 0:
+        # Still through autograd when x needs a gradient: out.sum().backward() must work.
+        indices = torch.empty(0, plan.keep, dtype=torch.int64, device=x.device)
+        return reference.gather(x, indices, plan.num_prefix_tokens), indices
+    if torch.is_grad_enabled() and x.requires_grad:
+        return PruneFunction.apply(x, f, impl, plan)
+    # Nothing to record: skipping Function.apply saves ~4 us of a ~36 us B = 1 call on CPU.
+    return impl.forward(x, f, plan)
+
+
 def prune(
     x: torch.Tensor,
     f: torch.Tensor,
@@ -78,15 +95,6 @@ def prune(
     Returns:
         (B, num_prefix_tokens + k, C) tokens, and the indices when `return_indices`.
     """
-    plan = validation.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
-    impl = backends.resolve(backend, x.device.type)
-    if plan.identity:
-        out, indices = x, validation.all_patch_indices(x, plan)
-    elif x.shape[0] == 0:
-        out = x.new_empty(0, plan.num_prefix_tokens + plan.keep, x.shape[2])
-        indices = torch.empty(0, plan.keep, dtype=torch.int64, device=x.device)
-    elif torch.is_grad_enabled() and x.requires_grad:
-        out, indices = PruneFunction.apply(x, f, impl, plan)
-    else:  # nothing to record: skipping Function.apply saves ~4 us of a ~36 us B = 1 call on CPU
-        out, indices = impl.forward(x, f, plan)
+    plan = spec.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
+    out, indices = run(x, f, plan, backends.resolve(backend, x.device.type))
     return (out, indices) if return_indices else out

@@ -1,0 +1,253 @@
+"""SPEC's arguments: every check and the `Plan` a backend receives (SPEC.md, "Bad input").
+
+Everything a user passes goes through a function of this module before any kernel runs, and
+each misuse raises TypeError/ValueError naming the argument. `check_prune_args` turns `prune`'s
+arguments into a `Plan`: the few integers and flags a backend needs besides the tensors.
+The hierarchical ops' checks (positions grid, row tensors, indices, values) live here too.
+"""
+import math
+import numbers
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+ORDERS = ("score", "spatial")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Plan(NamedTuple):
+    """What `prune` will do, derived once from checked arguments."""
+
+    num_tokens: int            # n: tokens per row of x, prefix included
+    num_prefix_tokens: int     # P: leading tokens that are never pruned
+    grid: Tuple[int, ...]      # token grid (H, W) or (T, H, W), prod(grid) == n - P
+    keep: int                  # k: patch tokens kept
+    align_corners: bool
+    order: str                 # "score" or "spatial"
+    identity: bool             # z == 1: x is returned unchanged, indices are arange(N)
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_tokens - self.num_prefix_tokens
+
+
+def keep_count(n: int, z: float, num_prefix_tokens: int = 1) -> int:
+    """Number of patch tokens kept out of `n` tokens (prefix tokens included) at keep ratio `z`.
+
+    As in the published code, `int(n * z)` counts the prefix tokens: ViT-B/16 at 224 px
+    (n = 197) with z = 0.5 keeps 98 patches plus the class token. Hierarchical models pass
+    n = H * W and no prefix.
+    """
+    return min(max(int(n * z), 1), n - num_prefix_tokens)
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalars
+
+
+def check_z(z) -> float:
+    """z as a float, or TypeError/ValueError when it is not a keep ratio in (0, 1].
+
+    Written with comparisons only (no math.isfinite), so that torch.compile traces it even when
+    z is symbolic (`dynamic=True`): NaN fails `0 < z`, inf fails `z <= 1`.
+    """
+    if isinstance(z, bool) or not isinstance(z, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"z must be a real number (the keep ratio), got {type(z).__name__}")
+    if not (0.0 < z <= 1.0):
+        raise ValueError(f"z must be a keep ratio in (0, 1], got {z}")
+    return float(z)
+
+
+def check_order(order) -> str:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    return order
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(name: str, value, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _check_prefix(num_prefix_tokens, n: int) -> int:
+    num_prefix_tokens = check_int("num_prefix_tokens", num_prefix_tokens)
+    if not num_prefix_tokens < n:
+        raise ValueError(f"num_prefix_tokens must be in [0, n) = [0, {n}) so that at least one "
+                         f"patch token remains, got {num_prefix_tokens}")
+    return num_prefix_tokens
+
+
+def _ints(name: str, value, rank: int, shape: str) -> Tuple[int, ...]:
+    """`value` as a tuple of `rank` ints."""
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of ints {shape}, got {type(value).__name__}") \
+            from None
+    if len(value) != rank or not all(
+            isinstance(g, numbers.Integral) and not isinstance(g, bool) for g in value):
+        raise ValueError(f"{name} must be {rank} ints {shape}, got {value}")
+    return tuple(int(g) for g in value)
+
+
+def check_token_grid(grid: Optional[Sequence[int]], num_patches: int, f_dim: int
+                     ) -> Tuple[int, ...]:
+    """The token grid of `prune`: (H, W) for 4-D f, (T, H, W) for 5-D f, holding N patches."""
+    rank = f_dim - 2
+    if grid is None:
+        if rank == 3:
+            raise ValueError("grid (T, H, W) is required when f is 5-D (video)")
+        side = int(round(num_patches ** 0.5))  # = isqrt for perfect squares; traceable with dynamic=True
+        if side * side != num_patches:
+            raise ValueError(f"grid is required: the {num_patches} patch tokens do not form a "
+                             f"square grid")
+        return (side, side)
+    grid = _ints("grid", grid, rank, "(H, W)" if rank == 2 else "(T, H, W)")
+    if min(grid) < 1 or math.prod(grid) != num_patches:
+        raise ValueError(f"grid {grid} must be positive and hold the {num_patches} patch tokens "
+                         f"(prod(grid) == n - num_prefix_tokens)")
+    return grid
+
+
+def check_positions_grid(grid) -> Tuple[int, int]:
+    """The (H, W) grid of a hierarchical stage."""
+    grid = _ints("grid", grid, 2, "(H, W)")
+    if min(grid) < 1:
+        raise ValueError(f"grid must be positive, got {grid}")
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+def check_floating_tensor(name: str, t) -> None:
+    """TypeError unless `t` is a tensor of one of SPEC's floating dtypes (fp16, bf16, fp32, fp64;
+    float8 and other floating types are refused before any kernel sees them)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, "
+                        f"float64), got {t.dtype}")
+
+
+def check_features(f, ranks=(4, 5)) -> None:
+    """Proposal features: a floating tensor (B, K, h, w) (or (B, K, t, h, w)) with no empty
+    dimension after the batch."""
+    check_floating_tensor("f", f)
+    if f.dim() not in ranks:
+        shapes = " or ".join({4: "4-D (B, K, h, w)", 5: "5-D (B, K, t, h, w)"}[r] for r in ranks)
+        raise ValueError(f"f must be {shapes}, got shape {shape_str(f)}")
+    if any(s == 0 for s in f.shape[1:]):
+        raise ValueError(f"f must have channels and a spatial extent (no zero-sized dimension "
+                         f"after the batch), got shape {shape_str(f)}")
+
+
+def _check_tokens_and_features(x, f) -> None:
+    check_floating_tensor("x", x)
+    check_floating_tensor("f", f)
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, n, C), got shape {shape_str(x)}")
+    check_features(f)
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x must have tokens and channels (B, n > 0, C > 0), got shape "
+                         f"{shape_str(x)}")
+    if f.shape[0] != x.shape[0]:
+        raise ValueError(f"f must have the batch size of x ({x.shape[0]}), got {f.shape[0]}")
+    if f.device != x.device:
+        raise ValueError(f"f must be on the device of x ({x.device}), got {f.device}")
+
+
+def check_prune_args(x, f, z, num_prefix_tokens=1, grid=None, align_corners=True,
+                     order="score") -> Plan:
+    """Check `prune`'s arguments; raise TypeError/ValueError naming the argument, or return a Plan."""
+    _check_tokens_and_features(x, f)
+    z = check_z(z)
+    n = x.shape[1]
+    prefix = _check_prefix(num_prefix_tokens, n)
+    grid = check_token_grid(grid, n - prefix, f.dim())
+    return Plan(n, prefix, grid, keep_count(n, z, prefix), check_flag("align_corners", align_corners),
+                check_order(order), identity=z == 1.0)
+
+
+def check_select_args(f, grid, z, align_corners, order) -> Plan:
+    """`hierarchical.select`'s arguments as the Plan of a prune without prefix over (H, W);
+    every position kept (k == H * W) counts as z == 1."""
+    check_features(f, ranks=(4,))
+    grid = check_positions_grid(grid)
+    num_positions = grid[0] * grid[1]
+    keep = keep_count(num_positions, check_z(z), 0)
+    return Plan(num_positions, 0, grid, keep, check_flag("align_corners", align_corners),
+                check_order(order), identity=keep == num_positions)
+
+
+def check_rows(name: str, x) -> int:
+    """Row-op tensor (B, N, C) or channels-last (B, H, W, C); returns N."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{name} must be (B, N, C) or channels-last (B, H, W, C), "
+                         f"got shape {shape_str(x)}")
+    if any(s == 0 for s in x.shape[1:]):
+        raise ValueError(f"{name} must have positions and channels (no zero-sized dimension "
+                         f"after the batch), got shape {shape_str(x)}")
+    return math.prod(x.shape[1:-1])
+
+
+def check_indices(indices, x, name: str) -> None:
+    """Kept positions (B, k) of the row-op tensor `x` (called `name`)."""
+    batch, num_positions, device = x.shape[0], math.prod(x.shape[1:-1]), x.device
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be 2-D (B, k), got shape {shape_str(indices)}")
+    if indices.shape[0] != batch:
+        raise ValueError(f"indices must have the batch size of {name} ({batch}), "
+                         f"got {indices.shape[0]}")
+    if indices.shape[1] > num_positions:
+        raise ValueError(f"indices must have at most N = {num_positions} columns (one per kept "
+                         f"position), got {indices.shape[1]}")
+    if indices.device != device:
+        raise ValueError(f"indices must be on the device of {name} ({device}), "
+                         f"got {indices.device}")
+    # A range check on a CUDA tensor would synchronise, and under torch.compile it would break
+    # the graph on a data-dependent branch; there the kernels guard themselves (cpp checks every
+    # index, cuda and triton mask out-of-range rows; torch's indexing raises).
+    if indices.device.type == "cpu" and indices.numel() > 0 and \
+            not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_positions:
+            raise ValueError(f"indices must lie in [0, N) = [0, {num_positions}), "
+                             f"got values in [{lo}, {hi}]")
+
+
+def check_values(values, indices, x, name: str) -> None:
+    """Rows (B, k, C) to put at `indices` of the row-op tensor `x` (called `name`)."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    k = indices.shape[1] if isinstance(indices, torch.Tensor) and indices.dim() == 2 else None
+    expected = (x.shape[0], k, x.shape[-1])
+    if values.dim() != 3 or values.shape[0] != x.shape[0] or values.shape[2] != x.shape[-1] or (
+            k is not None and values.shape[1] != k):
+        raise ValueError(f"values must be (B, k, C) = {expected} to match {name} and indices, "
+                         f"got shape {shape_str(values)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values must have the dtype of {name} ({x.dtype}), got {values.dtype}")
+    if values.device != x.device:
+        raise ValueError(f"values must be on the device of {name} ({x.device}), "
+                         f"got {values.device}")

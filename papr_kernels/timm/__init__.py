@@ -1,0 +1,88 @@
+"""One-line PaPr for timm models, in the style of ToMe's `tome.patch.timm(model)`.
+
+    import timm, papr_kernels.timm
+    model = timm.create_model("vit_base_patch16_224", pretrained=True).eval()
+    papr_kernels.timm.patch(model, "mobileone_s0", z=0.5)  # pretrained MobileOne-S0 proposal
+    model.papr_z = 0.3                                       # change between calls (checked)
+    torch.save(model, "papr_vit.pt")                         # whole model, proposal included
+    papr_kernels.timm.unpatch(model)                         # back to the original model
+
+Families (each in its own module, registered with `register_family`):
+- `VisionTransformer` and subclasses (DeiT distilled, register tokens, gap): `vit.py`; tokens
+  are pruned once before the blocks (options `order`, `merge_r`).
+- `SwinTransformer` (`swin.py`) and `ConvNeXt` (`convnext.py`): the dense grid is kept and each
+  pruned stage runs the per-token part of its blocks on the kept positions (option `stages`).
+
+`patch` swaps classes (see `_core`): weights, `state_dict()` and other instances of the class are
+untouched. The proposal network lives outside the module tree (not in `parameters()` or
+`state_dict()`, always in eval mode) and follows the images' device and dtype. Pickling a patched
+model (`torch.save(model)`, `copy.deepcopy`) keeps the patch and the proposal's weights.
+"""
+from typing import Callable, Optional, Sequence, Union
+
+import timm  # noqa: F401  (absolute import: the real timm, not this package)
+from torch import nn
+
+from .. import spec
+from ..proposal import Proposal, create as create_proposal
+from . import convnext, swin, vit  # noqa: F401  (each registers its family)
+from ._core import MARKER, Family, PaPrState, family_of, register_family, restore_classes
+
+__all__ = ["patch", "unpatch", "is_patched", "register_family", "Family"]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when `model` was patched by `patch` (any family)."""
+    return MARKER in model.__dict__
+
+
+def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileone_s0",
+          z: Optional[float] = None, *, pretrained: bool = True, order: str = "score",
+          merge_r: int = 0, stages: Optional[Sequence[int]] = None,
+          align_corners: bool = True) -> nn.Module:
+    """Make `model` prune its patch tokens with PaPr; returns the same (modified) model.
+
+    Args:
+        model: a timm `VisionTransformer`, `SwinTransformer` or `ConvNeXt` (or subclass).
+        proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
+            pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
+            to (B, K, h, w) features (a module is put in eval mode and frozen, in place).
+        z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs; 0.65 for Swin
+            and ConvNeXt, as in the published evaluation). `model.papr_z` changes it later.
+        pretrained: for a proposal given by name: load its pretrained weights (default; offline
+            the error says how to load a local file). False: random weights, for tests only.
+        order: ViTs: "score" (the published order, needed by merging) or "spatial".
+        merge_r: ViTs: tokens merged per block (ToMe bipartite soft matching with proportional
+            attention) in the second half of the blocks; 0 disables merging.
+        stages: Swin / ConvNeXt: the stages to prune (default: all four).
+        align_corners: of the bicubic resize of the proposal map (True as published).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    family = family_of(model)
+    _check_options(family, order=order != "score", merge_r=merge_r != 0, stages=stages is not None)
+    if isinstance(merge_r, bool) or not isinstance(merge_r, int) or merge_r < 0:
+        raise ValueError(f"merge_r must be a non-negative int, got {merge_r!r}")
+    state = PaPrState(proposal=None, z=family.default_z if z is None else z,
+                      order=spec.check_order(order), merge_r=merge_r,
+                      stages=stages, align_corners=spec.check_flag("align_corners", align_corners))
+    family.check(model, state)
+    state.proposal = proposal if isinstance(proposal, Proposal) else \
+        create_proposal(proposal, pretrained=pretrained) if isinstance(proposal, str) else \
+        create_proposal(proposal)
+    unpatch(model)
+    family.apply(model, state)
+    return model
+
+
+def _check_options(family: Family, **given: bool) -> None:
+    for option, is_set in given.items():
+        if is_set and option not in family.options:
+            raise ValueError(f"{option} does not apply to {family.model_class.__name__} models "
+                             f"(options: {', '.join(family.options) or 'none'})")
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch` in place (a no-op on an unpatched model): the original classes again."""
+    restore_classes(model)
+    return model

@@ -1,0 +1,196 @@
+"""What every patched timm family shares: the state, the class swap, the proposal, pickling.
+
+A patch swaps the `__class__` of the model (and, for hierarchical models, of some stages and
+blocks) for a cached subclass `type("PaPr" + cls.__name__, (mixin, cls), {})`, the ToMe way.
+Every swapped module carries two plain attributes (outside the module tree, so `state_dict()`
+and `parameters()` are the model's own):
+
+    _papr_original_class   the class to restore (the one marker `is_patched` looks for)
+    _papr                  the `PaPrState` shared by the model and its swapped submodules
+"""
+import threading
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import spec
+from ..proposal import Proposal
+
+MARKER = "_papr_original_class"
+STATE = "_papr"
+
+
+class PaPrState:
+    """The settings of one patched model and the proposal features of the forward in progress.
+
+    The features are per thread (two threads may run one patched model at once) and exist only
+    during a forward. Pickling keeps the settings and the proposal (with its weights).
+    """
+
+    def __init__(self, proposal: Optional[Proposal], z: float, order: str = "score",
+                 merge_r: int = 0, stages: Optional[Sequence[int]] = None,
+                 align_corners: bool = True):
+        self.proposal = proposal
+        self.z = z
+        self.order = order
+        self.merge_r = merge_r
+        self.stages = stages
+        self.align_corners = align_corners
+        self._local = threading.local()
+
+    @property
+    def z(self) -> float:
+        # Stored as text: torch.compile guards a string by value, so a new z recompiles once
+        # with the constant, where a float attribute would turn symbolic after one change.
+        return float(self._z)
+
+    @z.setter
+    def z(self, value) -> None:
+        self._z = repr(spec.check_z(value))
+
+    @property
+    def features(self) -> Optional[torch.Tensor]:
+        return getattr(self._local, "features", None)
+
+    @features.setter
+    def features(self, value: Optional[torch.Tensor]) -> None:
+        self._local.features = value
+
+    def proposal_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The proposal's features of `images`. The proposal follows the images' device and
+        floating dtype (moved and cast in place on first use, like the model it serves); under
+        autocast it stays as it is and autocast picks the compute dtype."""
+        param = next(self.proposal.parameters(), None)
+        if param is not None and (param.device != images.device or (
+                images.is_floating_point() and param.dtype != images.dtype
+                and not torch.is_autocast_enabled(images.device.type))):
+            dtype = images.dtype if images.is_floating_point() else param.dtype
+            self.proposal.to(device=images.device, dtype=dtype)
+        f = self.proposal(images)
+        if f.shape[0] != images.shape[0]:
+            raise ValueError(f"proposal must return features with the batch size of the images "
+                             f"({images.shape[0]}), got {f.shape[0]}")
+        if f.device != images.device:
+            raise ValueError(f"proposal must return features on the device of the images "
+                             f"({images.device}), got {f.device}")
+        return f
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+# ---------------------------------------------------------------------------------------------
+# Class swapping
+
+
+class Patched:
+    """Base of every patched class: pickles as the original class plus the patch, so that
+    torch.save / copy.deepcopy / multiprocessing of a patched model work (the patched classes
+    are made at run time and cannot be found by name)."""
+
+    def __reduce_ex__(self, protocol):
+        mixin = type(self).__bases__[0]        # patched_class(mixin, original)
+        return _rebuild, (mixin, self.__dict__[MARKER]), self.__getstate__()
+
+
+def _rebuild(mixin: type, original: type):
+    module = original.__new__(original)
+    module.__class__ = patched_class(mixin, original)
+    return module
+
+
+_CLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def patched_class(mixin: type, cls: type) -> type:
+    assert issubclass(mixin, Patched), mixin
+    if (mixin, cls) not in _CLASSES:
+        _CLASSES[(mixin, cls)] = type("PaPr" + cls.__name__, (mixin, cls), {})
+    return _CLASSES[(mixin, cls)]
+
+
+def swap_class(module: nn.Module, mixin: type, state: PaPrState) -> None:
+    """Make `module` an instance of mixin + its class, sharing `state`."""
+    original = module.__dict__.get(MARKER, type(module))
+    module.__dict__[MARKER] = original
+    module.__dict__[STATE] = state
+    module.__class__ = patched_class(mixin, original)
+
+
+def restore_classes(model: nn.Module) -> None:
+    """Undo every `swap_class` in the module tree of `model`."""
+    for module in model.modules():
+        original = module.__dict__.pop(MARKER, None)
+        if original is not None:
+            module.__class__ = original
+            module.__dict__.pop(STATE, None)
+
+
+class PatchedModel(Patched):
+    """What a patched model shows its user: its settings, `papr_z` writable (checked)."""
+
+    @property
+    def papr_z(self) -> float:
+        return self._papr.z
+
+    @papr_z.setter
+    def papr_z(self, value) -> None:
+        self._papr.z = value
+
+    @property
+    def papr_order(self) -> str:
+        return self._papr.order
+
+    @property
+    def papr_merge_r(self) -> int:
+        return self._papr.merge_r
+
+    @property
+    def papr_proposal(self) -> Proposal:
+        return self._papr.proposal
+
+
+# ---------------------------------------------------------------------------------------------
+# Families
+
+
+@dataclass(frozen=True)
+class Family:
+    """A timm model family `patch` supports.
+
+    `check(model, state)` raises on a model or setting the family cannot patch (and normalizes
+    `state.stages`) before anything changes; `apply(model, state)` then swaps the classes of the
+    model and of the submodules it changes (with `swap_class`); `options` names the `patch`
+    options that apply to the family.
+    """
+
+    model_class: type
+    check: Callable[[nn.Module, PaPrState], None]
+    apply: Callable[[nn.Module, PaPrState], None]
+    default_z: float
+    options: Tuple[str, ...]
+
+
+FAMILIES: Dict[type, Family] = {}
+
+
+def register_family(family: Family) -> None:
+    FAMILIES[family.model_class] = family
+
+
+def family_of(model: nn.Module) -> Family:
+    original = model.__dict__.get(MARKER, type(model))
+    for base in original.__mro__:      # the most specific registered base first
+        if base in FAMILIES:
+            return FAMILIES[base]
+    supported = ", ".join(sorted(c.__name__ for c in FAMILIES))
+    raise TypeError(f"papr_kernels.timm.patch supports timm's {supported} (and subclasses), "
+                    f"got {original.__name__}")

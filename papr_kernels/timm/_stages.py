@@ -1,0 +1,93 @@
+"""What the hierarchical families (Swin, ConvNeXt) share: the model and stage mixins.
+
+Per forward pass the proposal runs once on the images (without gradient); each pruned stage,
+after its downsampling, selects the top int(H*W*z) positions of its own (H, W) grid
+(`hierarchical.select`: SPEC's scores and total order) once, and all its blocks use them
+through their `_papr_forward(x, indices)`. With z = 1 every position is kept and the original
+forward runs: the output is the unpatched model's.
+"""
+import functools
+import numbers
+from typing import Tuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .. import hierarchical, spec
+from ._core import Patched, PatchedModel, swap_class
+
+DEFAULT_Z = 0.65                 # the published evaluation scripts' keep ratio for both families
+OPTIONS = ("stages",)
+
+
+class HierarchicalModel(PatchedModel):
+    """The model: the proposal features are set (for this thread) while a forward runs."""
+
+    def forward_features(self, x):
+        return self._papr_run(super().forward_features, x)
+
+    def forward_intermediates(self, x, *args, **kwargs):
+        return self._papr_run(super().forward_intermediates, x, *args, **kwargs)
+
+    def _papr_run(self, forward, images, *args, **kwargs):
+        state = self._papr
+        if state.features is not None:   # nested call (forward_intermediates -> forward_features)
+            return forward(images, *args, **kwargs)
+        state.features = state.proposal_features(images)
+        try:
+            return forward(images, *args, **kwargs)
+        finally:
+            state.features = None
+
+
+class PrunedStage(Patched):
+    """A stage: downsample, select once, then its blocks on the kept positions."""
+
+    def _papr_grid(self, x) -> Tuple[int, int]:
+        raise NotImplementedError
+
+    def forward(self, x):
+        x = self.downsample(x)
+        indices = self._papr_indices(self._papr_grid(x))   # once for all blocks
+        for block in self.blocks:
+            run = block if indices is None else functools.partial(block._papr_forward,
+                                                                  indices=indices)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(run, x, use_reentrant=False)
+            else:
+                x = run(x)
+        return x
+
+    def _papr_indices(self, grid: Tuple[int, int]):
+        """The kept positions (B, k) of this stage's grid, or None when nothing is pruned."""
+        state = self._papr
+        if state.features is None or spec.keep_count(grid[0] * grid[1], state.z, 0) == \
+                grid[0] * grid[1]:
+            return None
+        return hierarchical.select(state.features, grid, state.z, state.align_corners)
+
+
+def check_stages(stages, num_stages: int) -> Tuple[int, ...]:
+    """`stages` as a tuple of distinct stage numbers in [0, num_stages); None means all."""
+    if stages is None:
+        return tuple(range(num_stages))
+    try:
+        stages = tuple(stages)
+    except TypeError:
+        raise TypeError(f"stages must be a sequence of stage numbers, got "
+                        f"{type(stages).__name__}") from None
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in stages):
+        raise TypeError(f"stages must hold ints, got {stages}")
+    if len(set(stages)) != len(stages) or not all(0 <= s < num_stages for s in stages):
+        raise ValueError(f"stages must be distinct stage numbers in [0, {num_stages}), "
+                         f"got {stages}")
+    return tuple(int(s) for s in stages)
+
+
+def apply(model, state, stage_list, stage_mixin, block_mixin) -> None:
+    """Swap the classes of the model, of the pruned stages and of their blocks."""
+    swap_class(model, HierarchicalModel, state)
+    for s in state.stages:
+        swap_class(stage_list[s], stage_mixin, state)
+        for block in stage_list[s].blocks:
+            swap_class(block, block_mixin, state)

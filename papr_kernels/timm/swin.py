@@ -1,0 +1,43 @@
+"""PaPr for timm `SwinTransformer`: window attention runs on all tokens; the MLP branch (norm2,
+mlp, drop_path2) runs on the kept tokens only and is added back in place; pruned tokens keep
+their residual unchanged."""
+import torch
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+
+from .. import hierarchical
+from . import _stages
+from ._core import Family, Patched, register_family
+from ._stages import PrunedStage
+
+
+class PaPrSwinStage(PrunedStage):
+    def _papr_grid(self, x):
+        return int(x.shape[1]), int(x.shape[2])       # (B, H, W, C)
+
+
+class PaPrSwinBlock(Patched):
+    def _papr_forward(self, x, indices):
+        x = x + self.drop_path1(self._attn(self.norm1(x)))           # dense: (B, H, W, C)
+        rows = hierarchical.gather_rows(x, indices)                   # (B, k, C)
+        delta = self.drop_path2(self.mlp(self.norm2(rows)))
+        return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta))
+
+
+def _can_write_inplace(*tensors) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _check(model: SwinTransformer, state) -> None:
+    state.stages = _stages.check_stages(state.stages, len(model.layers))
+    for s in state.stages:
+        for block in model.layers[s].blocks:
+            if not isinstance(block, SwinTransformerBlock):
+                raise TypeError(f"model has a {type(block).__name__} block; only timm's "
+                                f"SwinTransformerBlock is supported")
+
+
+register_family(Family(
+    SwinTransformer, check=_check,
+    apply=lambda model, state: _stages.apply(model, state, model.layers, PaPrSwinStage,
+                                             PaPrSwinBlock),
+    default_z=_stages.DEFAULT_Z, options=_stages.OPTIONS))
