@@ -364,8 +364,8 @@ def plot(groups, providers, png):
 
 
 LEGEND = ("`x floor`: time / the floor's time (forward: a clone of the output-sized block plus "
-          "one read of f; backward: a write of the whole gradient; row ops: a copy of the rows "
-          "they write). `x eager` (`x torch` for the row ops): the baseline's time / this "
+          "one read of f; backward: a write of the whole gradient; row ops: one write "
+          "of their output). `x eager` (`x torch` for the row ops): the baseline's time / this "
           "provider's time, higher is faster.")
 
 
