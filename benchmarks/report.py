@@ -467,7 +467,9 @@ def main(argv=None):
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     stem = build(args.results, make_plot=not args.no_plot, command=args.command)
-    print(f"wrote {stem}.csv, .md" + ("" if args.no_plot else " and .png"))
+    made = ([".csv"] if args.results.endswith(".json") else []) + [".md"] + \
+        ([] if args.no_plot else [".png"])
+    print(f"wrote {stem}{{{','.join(made)}}}")
     if args.doc:
         write_doc(args.doc, os.path.dirname(os.path.abspath(args.results)))
         print(f"regenerated {args.doc}")
