@@ -5,6 +5,7 @@
     pytest benchmarks/                                  # every case runs once, untimed
 """
 import os
+import shlex
 import sys
 
 import pytest
@@ -49,3 +50,5 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     dev = config.getoption("--bench-device") or papr_bench.default_device()
     machine_info["papr_kernels"] = papr_bench.machine_description(dev)
     machine_info["papr_kernels"]["quick"] = config.getoption("--bench-quick")
+    # The report prints it beside the numbers (every result is dated with its command).
+    machine_info["papr_kernels"]["command"] = "pytest " + shlex.join(config.invocation_params.args)

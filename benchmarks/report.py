@@ -1,209 +1,46 @@
-"""Turn a pytest-benchmark JSON of this suite into a markdown table, a PNG plot and the README's
-performance section.
+"""Turn a run of this suite into a compact CSV, markdown tables, a PNG plot and docs/performance.md.
 
-    python benchmarks/report.py benchmarks/results/<machine>.json [--readme README.md] [--no-plot]
+    python benchmarks/report.py RESULTS [--command CMD] [--no-plot] [--doc docs/performance.md]
 
-Writes <machine>.md and <machine>.png next to the JSON. With --readme, the text between
-`<!-- bench:start -->` and `<!-- bench:end -->` in that file is replaced by the summary.
+RESULTS is either the pytest-benchmark JSON of a run (`<machine>.json`, not kept in git) or the
+CSV this script wrote from one (`<machine>.csv`, kept in git). From a JSON it writes
+`<machine>.csv`; from either it writes `<machine>.md` (every case) and `<machine>.png` next to
+it. With --doc, that file is regenerated from every `*.csv` in the same folder (CPU machines
+first). --command records the command that produced the run when the JSON does not (runs made
+before the suite recorded its own command line).
+
+The CSV has one row per case: suite, name, shape, dtype, B, z, pass, provider, median_s, iqr_s,
+rounds, x_floor, x_eager (then, for end-to-end rows, the model's pipeline, backend and GFLOPs),
+after `# key: value` lines giving the machine, the date, the commit and the command.
 Every ratio is of two medians measured in the same process (same run, same machine).
 """
 import argparse
+import csv
+import glob
+import io
 import json
 import os
-import statistics
 import sys
 from collections import defaultdict
 
-EAGER, COMPILE, FLOOR = "eager", "compile", "floor"
+EAGER, COMPILE, FLOOR, TORCH = "eager", "compile", "floor", "torch"
 NON_BACKENDS = (EAGER, COMPILE, FLOOR)
 HEADLINE = "vit-b16-224"
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+KERNEL_SUITES = ("prune", "zsweep", "rows")
+COLUMNS = ["suite", "name", "shape", "dtype", "B", "z", "pass", "provider", "median_s", "iqr_s",
+           "rounds", "x_floor", "x_eager", "device", "proposal", "pipeline", "backend",
+           "gflops_per_image", "proposal_gflops_per_image"]
+FLOATS = ("z", "median_s", "iqr_s", "x_floor", "x_eager", "gflops_per_image",
+          "proposal_gflops_per_image")
+INTS = ("B", "rounds")
+META = ("machine", "device", "date", "commit", "command", "timing")
 
+
+# ------------------------------------------------------------------------------------ loading
 
 def median_s(bench):
     """CUDA-event median when the run recorded one (GPU), else pytest-benchmark's median."""
     return bench["extra_info"].get("event_median_s") or bench["stats"]["median"]
-
-
-def load(path):
-    with open(path) as fh:
-        data = json.load(fh)
-    rows = []
-    for bench in data["benchmarks"]:
-        info = dict(bench["extra_info"])
-        info["median_s"] = median_s(bench)
-        info["rounds"] = bench["stats"]["rounds"]
-        rows.append(info)
-    return data, rows
-
-
-def fmt_time(seconds):
-    if seconds is None:
-        return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
-
-
-def fmt_ratio(r):
-    return "-" if r is None else f"{r:.2f}x"
-
-
-def kernel_groups(rows):
-    """{(suite, shape, dtype, batch, z, mode): {provider: median_s}}"""
-    groups = defaultdict(dict)
-    for r in rows:
-        if r.get("suite") in ("prune", "zsweep"):
-            key = (r["suite"], r["shape"], r["dtype"], r["batch"], r["z"], r["mode"])
-            groups[key][r["provider"]] = r["median_s"]
-    return groups
-
-
-def provider_order(providers):
-    backends = sorted(p for p in providers if p not in NON_BACKENDS)
-    return [p for p in (EAGER, COMPILE) if p in providers] + backends + \
-        ([FLOOR] if FLOOR in providers else [])
-
-
-def kernel_table(groups, keys, providers):
-    """One row per case: each provider's median, x floor and speed-up over eager."""
-    head = ["shape", "dtype", "B", "z", "pass"] + [p for p in providers]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in keys:
-        _, shape, dtype, batch, z, mode = key
-        g = groups[key]
-        cells = [shape, dtype, str(batch), f"{z:g}", mode]
-        for p in providers:
-            t = g.get(p)
-            if t is None:
-                cells.append("-")
-                continue
-            parts = [fmt_time(t)]
-            if p != FLOOR and g.get(FLOOR):
-                parts.append(f"{t / g[FLOOR]:.1f}x floor")
-            if p not in (EAGER, FLOOR) and g.get(EAGER):
-                parts.append(f"{g[EAGER] / t:.2f}x eager")
-            cells.append("<br>".join(parts) if len(parts) > 1 else parts[0])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def best_backend(g, exclude_torch=True):
-    cands = {p: t for p, t in g.items() if p not in NON_BACKENDS and not (exclude_torch and p == "torch")}
-    if not cands:
-        return None, None
-    p = min(cands, key=cands.get)
-    return p, cands[p]
-
-
-def targets(groups, rows):
-    """[(target, measured, met)] for the issue's targets (ViT-B/16-224, fp32, z = 0.5)."""
-    out = []
-    head = {k: g for k, g in groups.items()
-            if k[0] == "prune" and k[1] == HEADLINE and k[2] == "fp32" and k[4] == 0.5}
-    batches = sorted({k[3] for k in head})
-    bmin, bmax = (batches[0], batches[-1]) if batches else (None, None)
-
-    def g(batch, mode):
-        return head.get(("prune", HEADLINE, "fp32", batch, 0.5, mode), {})
-
-    def fused_missing(target):
-        out.append((target, "no fused backend available here (only the torch reference)", None))
-
-    # forward vs eager at the smallest and largest batch
-    for batch, want in ((bmin, 10.0), (bmax, 4.0)):
-        t = f"forward >= {want:g}x eager reference at B={batch}"
-        p, tb = best_backend(g(batch, "fwd"))
-        if p is None:
-            fused_missing(t)
-        else:
-            r = g(batch, "fwd")[EAGER] / tb
-            out.append((t, f"{p}: {r:.2f}x", r >= want))
-    def at_every_batch(target, mode, baseline, want):
-        """The fastest fused backend against `baseline` at each batch, met when all reach `want`."""
-        ratios = []
-        for batch in batches:
-            p, tb = best_backend(g(batch, mode))
-            if p is not None and baseline in g(batch, mode):
-                ratios.append((batch, p, g(batch, mode)[baseline] / tb))
-        if not ratios:
-            fused_missing(target)
-        else:
-            out.append((target, ", ".join(f"B={b} {p}: {r:.2f}x" for b, p, r in ratios),
-                        all(r >= want for _, _, r in ratios)))
-
-    at_every_batch("forward >= 2x torch.compile(reference) at every B", "fwd", COMPILE, 2)
-    # floor at the largest batch
-    t = f"forward <= 1.3x the floor at B={bmax}"
-    p, tb = best_backend(g(bmax, "fwd"))
-    if p is None:
-        fused_missing(t)
-    else:
-        r = tb / g(bmax, "fwd")[FLOOR]
-        out.append((t, f"{p}: {r:.2f}x floor", r <= 1.3))
-    at_every_batch("backward >= 3x the reference autograd (every B)", "bwd", EAGER, 3)
-    # end to end
-    e2e = e2e_rows(rows)
-    t = "end to end images/s at z=0.5 >= 1.9x unpruned"
-    vit = [r for r in e2e if r["provider"] == "papr-z0.5" and r["model"].startswith("vit")]
-    pick = [r for r in vit if r["device"] == "cpu" and r["batch"] == 8] or vit
-    if pick:
-        r = pick[0]
-        out.append((t + f" (B={r['batch']})", f"{r['speedup']:.2f}x (backend {r['backend']}, "
-                    f"FLOP ratio {r['flop_ratio']:.2f}x)", r["speedup"] >= 1.9))
-    return out
-
-
-def e2e_rows(rows):
-    e2e = [dict(r) for r in rows if r.get("suite") == "e2e"]
-    base = {(r["model"], r["device"], r["batch"]): r for r in e2e if r["provider"] == "unpruned"}
-    for r in e2e:
-        b = base.get((r["model"], r["device"], r["batch"]))
-        r["images_per_s"] = r["batch"] / r["median_s"]
-        r["speedup"] = b["median_s"] / r["median_s"] if b else None
-        r["flop_ratio"] = b["gflops_per_image"] / r["gflops_per_image"] if b else None
-    order = {"unpruned": 0, "papr-z0.7": 1, "papr-z0.65": 2, "papr-z0.5": 3, "papr-z0.3": 4}
-    models = {"vit": 0, "swin": 1, "convnext": 2}
-    return sorted(e2e, key=lambda r: (models.get(r["model"].split("_")[0], 9), r["model"],
-                                      r["device"], r["batch"], order.get(r["provider"], 9)))
-
-
-def e2e_table(e2e):
-    lines = ["| model | B | config | pipeline | GFLOPs/image (proposal) | images/s | speed-up | FLOP ratio |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in e2e:
-        lines.append(f"| {r['model']} + {r['proposal']} | {r['batch']} | {r['provider']} | {r['pipeline']} | "
-                     f"{r['gflops_per_image']:.2f} ({r['proposal_gflops_per_image']:.2f}) | "
-                     f"{r['images_per_s']:.2f} | {fmt_ratio(r['speedup'])} | {fmt_ratio(r['flop_ratio'])} |")
-    return "\n".join(lines)
-
-
-def plot(groups, providers, png):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    modes = ("fwd", "bwd", "fwdbwd")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
-    for ax, mode in zip(axes, modes):
-        for p in providers:
-            pts = sorted((k[3], g[p]) for k, g in groups.items()
-                         if k[0] == "prune" and k[1] == HEADLINE and k[2] == "fp32" and k[4] == 0.5
-                         and k[5] == mode and p in g)
-            if pts:
-                ax.plot([b for b, _ in pts], [t * 1e3 for _, t in pts], marker="o", label=p,
-                        linestyle="--" if p == FLOOR else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch")
-        ax.set_ylabel("median latency (ms)")
-        ax.set_title(f"prune {mode}: ViT-B/16-224 fp32 z=0.5")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 def machine_line(data):
@@ -220,78 +57,422 @@ def machine_line(data):
     return desc
 
 
-def build(json_path, make_plot=True):
-    data, rows = load(json_path)
-    stem = os.path.splitext(json_path)[0]
+def from_json(path, command=None):
+    """(meta, rows) of a pytest-benchmark JSON, rows in the CSV's columns."""
+    with open(path) as fh:
+        data = json.load(fh)
+    info = data["machine_info"].get("papr_kernels", {})
+    meta = {
+        "machine": machine_line(data),
+        "device": info.get("device", "cpu"),
+        "date": data.get("datetime", "")[:19].replace("T", " ") + " UTC",
+        "commit": data.get("commit_info", {}).get("id", "?")[:10],
+        "command": command or info.get("command") or "?",
+        "timing": "median_s: CUDA-event median" if info.get("device") == "cuda" else
+                  "median_s: wall-clock median",
+    }
+    meta["timing"] += ", iqr_s: wall-clock interquartile range (pytest-benchmark)"
+    rows = []
+    for bench in data["benchmarks"]:
+        e = bench["extra_info"]
+        suite = e.get("suite", "?")
+        row = dict(suite=suite, name=bench["name"], dtype=e.get("dtype", "fp32"), B=e["batch"],
+                   z=e["z"], provider=e["provider"], median_s=median_s(bench),
+                   iqr_s=bench["stats"]["iqr"], rounds=bench["stats"]["rounds"],
+                   device=e.get("device", meta["device"]))
+        if suite == "e2e":
+            row.update(shape=e["model"], proposal=e.get("proposal"), pipeline=e.get("pipeline"),
+                       backend=e.get("backend"), gflops_per_image=e.get("gflops_per_image"),
+                       proposal_gflops_per_image=e.get("proposal_gflops_per_image"),
+                       **{"pass": "fwd"})
+        else:
+            row.update(shape=e["shape"], **{"pass": e["mode"]})
+        rows.append(row)
+    add_ratios(rows)
+    return meta, rows
+
+
+def add_ratios(rows):
+    """x_floor (time / floor's time) and x_eager (baseline's time / time) of the kernel cases;
+    the baseline is the eager reference, or the `torch` backend where a suite has no eager."""
+    groups = defaultdict(dict)
+    for r in rows:
+        if r["suite"] in KERNEL_SUITES:
+            groups[case_key(r)][r["provider"]] = r["median_s"]
+    for r in rows:
+        r.setdefault("x_floor", None)
+        r.setdefault("x_eager", None)
+        if r["suite"] not in KERNEL_SUITES:
+            continue
+        g, p, t = groups[case_key(r)], r["provider"], r["median_s"]
+        base = baseline(g)
+        if p != FLOOR and g.get(FLOOR):
+            r["x_floor"] = t / g[FLOOR]
+        if p not in (base, FLOOR) and base:
+            r["x_eager"] = g[base] / t
+
+
+def baseline(g):
+    return EAGER if EAGER in g else (TORCH if TORCH in g else None)
+
+
+def case_key(r):
+    return (r["suite"], r["shape"], r["dtype"], r["B"], r["z"], r["pass"])
+
+
+def write_csv(path, meta, rows):
+    with open(path, "w", newline="") as fh:
+        for k in META:
+            fh.write(f"# {k}: {meta.get(k, '?')}\n")
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            out = {}
+            for c in COLUMNS:
+                v = r.get(c)
+                if v is None:
+                    out[c] = ""
+                elif c in ("median_s", "iqr_s"):
+                    out[c] = f"{v:.9g}"
+                elif c in ("x_floor", "x_eager"):
+                    out[c] = f"{v:.6g}"
+                elif c in ("gflops_per_image", "proposal_gflops_per_image"):
+                    out[c] = f"{v:.4f}"
+                elif c == "z":
+                    out[c] = f"{v:g}"
+                else:
+                    out[c] = v
+            w.writerow(out)
+
+
+def from_csv(path):
+    meta, body = {}, []
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith("# ") and ":" in line and not body:
+                k, v = line[2:].split(":", 1)
+                meta[k.strip()] = v.strip()
+            else:
+                body.append(line)
+    rows = []
+    for r in csv.DictReader(io.StringIO("".join(body))):
+        row = {}
+        for k, v in r.items():
+            if v == "":
+                row[k] = None
+            elif k in FLOATS:
+                row[k] = float(v)
+            elif k in INTS:
+                row[k] = int(v)
+            else:
+                row[k] = v
+        rows.append(row)
+    return meta, rows
+
+
+def load(path, command=None):
+    if path.endswith(".json"):
+        return from_json(path, command)
+    meta, rows = from_csv(path)
+    if command:
+        meta["command"] = command
+    return meta, rows
+
+
+# ------------------------------------------------------------------------------------- tables
+
+def fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_ratio(r):
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def kernel_groups(rows, suites=("prune", "zsweep")):
+    """{(suite, shape, dtype, B, z, pass): {provider: row}}"""
+    groups = defaultdict(dict)
+    for r in rows:
+        if r["suite"] in suites:
+            groups[case_key(r)][r["provider"]] = r
+    return groups
+
+
+def provider_order(providers):
+    backends = sorted(p for p in providers if p not in NON_BACKENDS)
+    return [p for p in (EAGER, COMPILE) if p in providers] + backends + \
+        ([FLOOR] if FLOOR in providers else [])
+
+
+def kernel_table(groups, keys, providers):
+    """One row per case: each provider's median, x floor and speed-up over the baseline."""
+    head = ["shape", "dtype", "B", "z", "pass"] + list(providers)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in keys:
+        _, shape, dtype, batch, z, mode = key
+        g = groups[key]
+        base = baseline(g)
+        cells = [shape, dtype, str(batch), f"{z:g}", mode]
+        for p in providers:
+            r = g.get(p)
+            if r is None:
+                cells.append("-")
+                continue
+            parts = [fmt_time(r["median_s"])]
+            if r.get("x_floor") is not None:
+                parts.append(f"{r['x_floor']:.1f}x floor")
+            if r.get("x_eager") is not None:
+                parts.append(f"{r['x_eager']:.2f}x {base}")
+            cells.append("<br>".join(parts))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def medians(g):
+    return {p: r["median_s"] for p, r in g.items()}
+
+
+def best_backend(g):
+    cands = {p: t for p, t in medians(g).items() if p not in NON_BACKENDS and p != TORCH}
+    if not cands:
+        return None, None
+    p = min(cands, key=cands.get)
+    return p, cands[p]
+
+
+def targets(groups, rows):
+    """[(target, measured, met)] for the issue's targets (ViT-B/16-224, fp32, z = 0.5)."""
+    out = []
+    head = {k: g for k, g in groups.items()
+            if k[0] == "prune" and k[1] == HEADLINE and k[2] == "fp32" and k[4] == 0.5}
+    batches = sorted({k[3] for k in head})
+    if not batches:
+        return out
+    bmin, bmax = batches[0], batches[-1]
+
+    def g(batch, mode):
+        return medians(head.get(("prune", HEADLINE, "fp32", batch, 0.5, mode), {}))
+
+    def fused_missing(target):
+        out.append((target, "no fused backend measured here", None))
+
+    for batch, want in ((bmin, 10.0), (bmax, 4.0)):
+        t = f"forward >= {want:g}x eager reference at B={batch}"
+        p, tb = best_backend(head.get(("prune", HEADLINE, "fp32", batch, 0.5, "fwd"), {}))
+        if p is None or EAGER not in g(batch, "fwd"):
+            fused_missing(t)
+        else:
+            r = g(batch, "fwd")[EAGER] / tb
+            out.append((t, f"{p}: {r:.2f}x", r >= want))
+
+    def at_every_batch(target, mode, base, want):
+        ratios = []
+        for batch in batches:
+            p, tb = best_backend(head.get(("prune", HEADLINE, "fp32", batch, 0.5, mode), {}))
+            if p is not None and base in g(batch, mode):
+                ratios.append((batch, p, g(batch, mode)[base] / tb))
+        if not ratios:
+            out.append((target, f"no `{base}` provider in this run", None))
+        else:
+            out.append((target, ", ".join(f"B={b} {p}: {r:.2f}x" for b, p, r in ratios),
+                        all(r >= want for _, _, r in ratios)))
+
+    at_every_batch("forward >= 2x torch.compile(reference) at every B", "fwd", COMPILE, 2)
+    t = f"forward <= 1.3x the floor at B={bmax}"
+    p, tb = best_backend(head.get(("prune", HEADLINE, "fp32", bmax, 0.5, "fwd"), {}))
+    if p is None or FLOOR not in g(bmax, "fwd"):
+        fused_missing(t)
+    else:
+        r = tb / g(bmax, "fwd")[FLOOR]
+        out.append((t, f"{p}: {r:.2f}x floor", r <= 1.3))
+    at_every_batch("backward >= 3x the reference autograd (every B)", "bwd", EAGER, 3)
+    e2e = e2e_rows(rows)
+    t = "end to end images/s at z=0.5 >= 1.9x unpruned"
+    vit = [r for r in e2e if r["provider"] == "papr-z0.5" and r["shape"].startswith("vit")]
+    pick = [r for r in vit if r.get("device") == "cpu" and r["B"] == 8] or vit
+    if pick and pick[0]["speedup"] is not None:
+        r = pick[0]
+        out.append((t + f" (B={r['B']})", f"{r['speedup']:.2f}x (backend {r['backend']}, "
+                    f"FLOP ratio {r['flop_ratio']:.2f}x)", r["speedup"] >= 1.9))
+    return out
+
+
+def targets_table(tg):
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    for t, measured, met in tg:
+        lines.append(f"| {t} | {measured} | "
+                     f"{'yes' if met else ('no' if met is False else 'not measured')} |")
+    return "\n".join(lines)
+
+
+def e2e_rows(rows):
+    e2e = [dict(r) for r in rows if r["suite"] == "e2e"]
+    base = {(r["shape"], r.get("device"), r["B"]): r for r in e2e if r["provider"] == "unpruned"}
+    for r in e2e:
+        b = base.get((r["shape"], r.get("device"), r["B"]))
+        r["images_per_s"] = r["B"] / r["median_s"]
+        r["speedup"] = b["median_s"] / r["median_s"] if b else None
+        r["flop_ratio"] = b["gflops_per_image"] / r["gflops_per_image"] if b else None
+    order = {"unpruned": 0, "papr-z0.7": 1, "papr-z0.65": 2, "papr-z0.5": 3, "papr-z0.3": 4}
+    models = {"vit": 0, "swin": 1, "convnext": 2}
+    return sorted(e2e, key=lambda r: (models.get(r["shape"].split("_")[0], 9), r["shape"],
+                                      r.get("device") or "", r["B"], order.get(r["provider"], 9)))
+
+
+def e2e_table(e2e):
+    lines = ["| model | B | config | pipeline | GFLOPs/image (proposal) | images/s | speed-up | "
+             "FLOP ratio |", "|---|---|---|---|---|---|---|---|"]
+    for r in e2e:
+        lines.append(f"| {r['shape']} + {r['proposal']} | {r['B']} | {r['provider']} | "
+                     f"{r['pipeline']} | {r['gflops_per_image']:.2f} "
+                     f"({r['proposal_gflops_per_image']:.2f}) | {r['images_per_s']:.2f} | "
+                     f"{fmt_ratio(r['speedup'])} | {fmt_ratio(r['flop_ratio'])} |")
+    return "\n".join(lines)
+
+
+def plot(groups, providers, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = ("fwd", "bwd", "fwdbwd")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
+    for ax, mode in zip(axes, modes):
+        for p in providers:
+            pts = sorted((k[3], g[p]["median_s"]) for k, g in groups.items()
+                         if k[0] == "prune" and k[1] == HEADLINE and k[2] == "fp32" and k[4] == 0.5
+                         and k[5] == mode and p in g)
+            if pts:
+                ax.plot([b for b, _ in pts], [t * 1e3 for _, t in pts], marker="o", label=p,
+                        linestyle="--" if p == FLOOR else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_title(f"prune {mode}: ViT-B/16-224 fp32 z=0.5")
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+LEGEND = ("`x floor`: time / the floor's time (forward: a clone of the output-sized block plus "
+          "one read of f; backward: a write of the whole gradient; row ops: one write "
+          "of their output). `x eager` (`x torch` for the row ops): the baseline's time / this "
+          "provider's time, higher is faster.")
+
+
+def sections(meta, rows, name, link_prefix=""):
+    """The markdown blocks of one machine: (summary, every other kernel case)."""
     groups = kernel_groups(rows)
     providers = provider_order({p for g in groups.values() for p in g})
     mode_rank = {"fwd": 0, "bwd": 1, "fwdbwd": 2}
-    keys = sorted(groups, key=lambda k: (k[0], k[1] != HEADLINE, k[1], k[2], k[4], k[3], mode_rank[k[5]]))
+    keys = sorted(groups, key=lambda k: (k[0], k[1] != HEADLINE, k[1], k[2], k[4], k[3],
+                                         mode_rank.get(k[5], 9)))
     head_keys = [k for k in keys if k[0] == "prune" and k[1] == HEADLINE and k[2] == "fp32"]
     other_keys = [k for k in keys if k not in head_keys]
-    e2e = e2e_rows(rows)
+    out = [f"Machine: {meta.get('machine', '?')}. Run {meta.get('date', '?')}, commit "
+           f"{meta.get('commit', '?')}, command: `{meta.get('command', '?')}`. "
+           f"{meta.get('timing', '')}.", ""]
     tg = targets(groups, rows)
-    name = os.path.basename(stem)
-    when = data.get("datetime", "")[:19]
-
-    summary = [
-        f"Machine: {machine_line(data)}. Run {when} UTC with `make bench` "
-        f"(commit {data.get('commit_info', {}).get('id', '?')[:10]}); every ratio is of two medians measured in that one process. "
-        "`x floor`: time / the floor's time (a clone of the output-sized block plus one read of f "
-        "forward; a write of the whole gradient backward). `x eager`: the eager reference's time / "
-        "this provider's time (higher is faster).",
-        "",
-        "**Targets** (ViT-B/16-224, fp32, z = 0.5; fastest fused backend, the `torch` backend not counted):",
-        "",
-        "| target | measured | met |",
-        "|---|---|---|",
-    ]
-    for t, measured, met in tg:
-        summary.append(f"| {t} | {measured} | {'yes' if met else ('no' if met is False else 'no (nothing to measure)')} |")
-    summary += ["", f"**prune, ViT-B/16-224 fp32, z = 0.5** (median; plot: `benchmarks/results/{name}.png`):",
-                "", kernel_table(groups, head_keys, providers)]
+    if tg:
+        out += ["**Targets** (ViT-B/16-224, fp32, z = 0.5; fastest fused backend, the `torch` "
+                "backend not counted):", "", targets_table(tg), ""]
+    if head_keys:
+        out += [f"**prune, ViT-B/16-224 fp32, z = 0.5** (median):", "",
+                kernel_table(groups, head_keys, providers), ""]
+        png = f"{name}.png"
+        out += [f"![prune latency vs batch, {name}]({link_prefix}{png})", ""]
+    rgroups = kernel_groups(rows, suites=("rows",))
+    if rgroups:
+        rprov = provider_order({p for g in rgroups.values() for p in g})
+        out += ["**Row ops of the hierarchical models** (`papr_kernels.hierarchical`, one "
+                "provider per backend; `pass` is the op):", "",
+                kernel_table(rgroups, sorted(rgroups), rprov), ""]
+    e2e = e2e_rows(rows)
     if e2e:
-        summary += ["", "**End to end** (images/s with the proposal's cost included; GFLOPs = 2 x "
-                    "multiply-adds per image, analytic):", "", e2e_table(e2e)]
-    summary_md = "\n".join(summary)
+        out += ["**End to end** (images/s with the proposal's cost included; GFLOPs = 2 x "
+                "multiply-adds per image):", "", e2e_table(e2e), ""]
+    rest = kernel_table(groups, other_keys, providers) if other_keys else ""
+    return "\n".join(out), rest
 
-    md = [f"# papr_kernels benchmarks: {name}", "", summary_md, "",
-          "## All kernel cases", "", kernel_table(groups, other_keys, providers), ""]
+
+def build(path, make_plot=True, command=None):
+    meta, rows = load(path, command)
+    stem = os.path.splitext(path)[0]
+    name = os.path.basename(stem)
+    if path.endswith(".json"):
+        write_csv(stem + ".csv", meta, rows)
+    summary, rest = sections(meta, rows, name)
+    md = [f"# papr_kernels benchmarks: {name}", "",
+          f"<!-- generated by `python benchmarks/report.py {name}.csv` from the CSV beside it -->",
+          "", LEGEND, "", summary]
+    if rest:
+        md += ["## All other kernel cases", "", rest, ""]
     with open(stem + ".md", "w") as fh:
         fh.write("\n".join(md))
     if make_plot:
-        plot(groups, providers, stem + ".png")
-    return summary_md, name
+        groups = kernel_groups(rows)
+        if any(k[0] == "prune" and k[1] == HEADLINE for k in groups):
+            plot(groups, provider_order({p for g in groups.values() for p in g}), stem + ".png")
+    return stem
 
 
-def rewrite_readme(readme, summary_md, name, has_plot):
-    with open(readme) as fh:
-        text = fh.read()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme}: markers {START} / {END} not found")
-    body = [START,
-            f"<!-- generated by `python benchmarks/report.py benchmarks/results/{name}.json --readme README.md`;"
-            " do not edit by hand -->", "", summary_md, ""]
-    if has_plot:
-        body += [f"![prune latency vs batch](benchmarks/results/{name}.png)", ""]
-    body += [f"Every kernel case (all shapes, bf16, the z sweep): `benchmarks/results/{name}.md`.", END]
-    pre, rest = text.split(START, 1)
-    _, post = rest.split(END, 1)
-    with open(readme, "w") as fh:
-        fh.write(pre + "\n".join(body) + post)
+def write_doc(doc, results_dir):
+    """docs/performance.md from every CSV in results_dir (CPU machines first)."""
+    csvs = sorted(glob.glob(os.path.join(results_dir, "*.csv")),
+                  key=lambda p: (not os.path.basename(p).startswith("cpu-"), p))
+    rel = os.path.relpath(results_dir, os.path.dirname(os.path.abspath(doc)) or ".")
+    text = [
+        "# Performance",
+        "",
+        "<!-- generated by `make bench` (`python benchmarks/report.py <results> --doc "
+        "docs/performance.md`) from benchmarks/results/*.csv; do not edit by hand -->",
+        "",
+        "`make bench` runs the benchmark suite (`benchmarks/`, pytest-benchmark), "
+        "writes `benchmarks/results/<machine>.csv`, `.md` and `.png` "
+        "(the raw JSON stays out of git) and regenerates this page from every CSV there. "
+        "`make bench-quick` only proves the suite runs (CI). Each machine's section gives the "
+        "date, commit and command of its run; every ratio is of two medians measured in that "
+        "one process. The GPU runs, their context and their commands are in [gpu.md](gpu.md).",
+        "",
+        LEGEND,
+        "",
+    ]
+    for path in csvs:
+        meta, rows = from_csv(path)
+        name = os.path.splitext(os.path.basename(path))[0]
+        summary, rest = sections(meta, rows, name, link_prefix=f"{rel}/")
+        text += [f"## {name}", "", summary]
+        if rest:
+            text += [f"Every other kernel case (all shapes, bf16, the z sweep): "
+                     f"[{rel}/{name}.md]({rel}/{name}.md).", ""]
+    with open(doc, "w") as fh:
+        fh.write("\n".join(text).rstrip() + "\n")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json")
-    ap.add_argument("--readme", help="rewrite the bench section of this README")
+    ap.add_argument("results", help="<machine>.json (pytest-benchmark) or <machine>.csv")
+    ap.add_argument("--command", help="the command that produced the run (when not recorded)")
+    ap.add_argument("--doc", help="regenerate this page (docs/performance.md) from every CSV "
+                                  "in the results' folder")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    summary_md, name = build(args.json, make_plot=not args.no_plot)
-    print(f"wrote {os.path.splitext(args.json)[0]}.md" + ("" if args.no_plot else " and .png"))
-    if args.readme:
-        rewrite_readme(args.readme, summary_md, name, has_plot=not args.no_plot)
-        print(f"rewrote the bench section of {args.readme}")
+    stem = build(args.results, make_plot=not args.no_plot, command=args.command)
+    made = ([".csv"] if args.results.endswith(".json") else []) + [".md"] + \
+        ([] if args.no_plot else [".png"])
+    print(f"wrote {stem}{{{','.join(made)}}}")
+    if args.doc:
+        write_doc(args.doc, os.path.dirname(os.path.abspath(args.results)))
+        print(f"regenerated {args.doc}")
     return 0
 
 

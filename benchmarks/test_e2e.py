@@ -7,12 +7,11 @@ blocks per token, attention's two n x n x C products, the patch-embedding convol
 the proposal with torch.utils.flop_counter.FlopCounterMode (its convolutions). Random weights:
 speed does not depend on them. Quick mode (CI) uses vit_tiny_patch16_224 at B = 1.
 
-Uses `papr_kernels.timm.patch` when the timm integration is installed and agrees with the
-hand-written pipeline (patch embed, pos embed, prune, blocks, norm, head); otherwise the latter.
-The hierarchical models run `papr_kernels.timm.patch` (their own tests check it against a
-hand-written reference); their GFLOPs are counted by FlopCounterMode on the patched model, which
-runs the proposal too. On a CPU their speed-up stays well under the FLOP ratio: the dense parts
-(norms, window shuffles, depthwise convs) are memory bound and the pruned part is the MLP alone.
+Every pruned model is a `papr_kernels.timm.patch`ed copy (tests/ check each patch against a
+hand-written pipeline). The hierarchical models' GFLOPs are counted by FlopCounterMode on the
+patched model, which runs the proposal too. On a CPU their speed-up stays well under the FLOP
+ratio: the dense parts (norms, window shuffles, depthwise convs) are memory bound and the pruned
+part is the MLP alone.
 """
 import copy
 import functools
@@ -73,41 +72,6 @@ def _models(device, model_name):
     return timm.create_model(model_name, pretrained=False).eval().to(device), _proposal(device)
 
 
-def hand_written(vit, proposal, z):
-    """PaPr by hand on a timm ViT: prune once after the positional embedding."""
-    def forward(img):
-        f = proposal(img)[-1]
-        x = vit.patch_embed(img)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        x = papr_kernels.prune(x, f, z, num_prefix_tokens=vit.num_prefix_tokens)
-        x = vit.blocks(x)
-        x = vit.norm(x)
-        return vit.forward_head(x)
-    return forward
-
-
-def pipeline(vit, proposal, z, img):
-    """(callable, description): the timm integration when it exists and matches, else by hand."""
-    manual = hand_written(vit, proposal, z)
-    try:
-        from papr_kernels import timm as papr_timm
-    except ImportError:
-        return manual, "hand-written (papr_kernels.timm not installed)"
-    try:
-        model = copy.deepcopy(vit)
-        patched = papr_timm.patch(model, proposal, z)
-        model = patched if isinstance(patched, torch.nn.Module) else model
-        with torch.inference_mode():
-            ok = torch.allclose(model(img[:1]), manual(img[:1]), rtol=1e-3, atol=1e-3)
-        if ok:
-            return model, "papr_kernels.timm.patch"
-        return manual, "hand-written (papr_kernels.timm.patch disagreed with it)"
-    except Exception as exc:  # an integration in progress must not break the benchmark
-        return manual, f"hand-written (papr_kernels.timm.patch failed: {type(exc).__name__})"
-
-
 def vit_gflops(vit, num_tokens: int) -> float:
     """Analytic FLOPs of one image through a timm ViT whose blocks see `num_tokens` tokens."""
     macs = 0
@@ -125,6 +89,7 @@ def vit_gflops(vit, num_tokens: int) -> float:
 
 
 def test_e2e(benchmark, device, quick, batch, config):
+    from papr_kernels import timm as papr_timm
     model_name = "vit_tiny_patch16_224" if quick else "vit_base_patch16_224"
     vit, proposal = _models(device, model_name)
     img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
@@ -133,7 +98,7 @@ def test_e2e(benchmark, device, quick, batch, config):
         fn, how, z, prop_gflops = vit, "timm forward", 1.0, 0.0
     else:
         z = float(config.split("z")[1])
-        fn, how = pipeline(vit, proposal, z, img)
+        fn, how = papr_timm.patch(copy.deepcopy(vit), proposal, z), "papr_kernels.timm.patch"
         num_tokens = vit.num_prefix_tokens + papr_kernels.keep_count(num_tokens, z, vit.num_prefix_tokens)
         prop_gflops = counted_gflops(proposal, img)
     time_forward(benchmark, device, quick, fn, img,
