@@ -91,10 +91,11 @@ def _tokens_seen(model):
     blocks = getattr(model, "blocks", None)
     if blocks is not None:                                    # ViT: tokens entering block 0
         hooks = [blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))]
-    else:                                                     # rows of the first MLP
-        first = next(m for name, m in model.named_modules() if name.endswith("mlp"))
-        hooks = [first.register_forward_pre_hook(
-            lambda m, a: seen.append(a[0].shape[1] * (a[0].shape[2] if a[0].dim() == 4 else 1)))]
+    else:                                                     # positions in the first MLP
+        fc1 = next(m for name, m in model.named_modules() if name.endswith("mlp.fc1"))
+        channels_dim = -1 if isinstance(fc1, torch.nn.Linear) else 1   # Linear or 1x1 conv
+        hooks = [fc1.register_forward_pre_hook(lambda m, a: seen.append(
+            a[0].numel() // (a[0].shape[0] * a[0].shape[channels_dim])))]
     return seen, hooks
 
 

@@ -63,15 +63,18 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (indices,) = ctx.saved_tensors
-        return _ScatterRows.apply(grad_rows, indices, ctx.shape, ctx.impl), None, None
+        like = grad_rows.new_empty(()).expand(ctx.shape)      # the shape, no memory
+        return _ScatterRows.apply(grad_rows, indices, like, ctx.impl), None, None
 
 
 class _ScatterRows(torch.autograd.Function):
+    # `like` is a tensor, not a shape tuple: torch.jit.trace records tensor arguments of a
+    # Function but fails on traced sizes passed as plain ints ("unordered_map::at").
     @staticmethod
-    def forward(ctx, values, indices, shape, impl):
+    def forward(ctx, values, indices, like, impl):
         ctx.save_for_backward(indices)
         ctx.impl = impl
-        return impl.scatter_rows(values, indices, shape)
+        return impl.scatter_rows(values, indices, tuple(like.shape))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -120,7 +123,7 @@ def scatter_rows(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor
     spec.check_values(values, indices, like, "like")
     spec.check_indices(indices, like, "like")
     impl = backends.resolve(backend, like.device.type, backends.ROW_OPS)
-    return _ScatterRows.apply(values, indices, tuple(like.shape), impl)
+    return _ScatterRows.apply(values, indices, like, impl)
 
 
 def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *,

@@ -1,0 +1,303 @@
+"""What users do with a patched timm model beyond one forward: pretrained proposals, saving and
+reloading, compiling while z changes, training settings, tracing, the command line.
+
+Every family (ViT, Swin, ConvNeXt) goes through `papr_kernels.timm.patch`; random weights only.
+"""
+import copy
+import io
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm")
+
+import papr_kernels  # noqa: E402
+import papr_kernels.timm as pt  # noqa: E402
+from papr_kernels import proposal as papr_proposal  # noqa: E402
+from papr_kernels import reference  # noqa: E402
+from papr_kernels.__main__ import main  # noqa: E402
+
+
+class TinyProposal(nn.Module):
+    """(B, 3, H, W) -> (B, 8, H/32, W/32), cheap."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 32, stride=32)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _vit(**kwargs):
+    torch.manual_seed(0)
+    args = dict(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+    args.update(kwargs)
+    return timm.models.vision_transformer.VisionTransformer(**args).eval()
+
+
+def _swin():
+    torch.manual_seed(0)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1),
+                             embed_dim=32, num_heads=(1, 2, 4, 8)).eval()
+
+
+def _convnext():
+    torch.manual_seed(0)
+    return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1)).eval()
+
+
+FAMILIES = {"vit": _vit, "swin": _swin, "convnext": _convnext}
+
+
+def _patched(family, z=0.5):
+    torch.manual_seed(1)
+    return pt.patch(FAMILIES[family](), TinyProposal(), z=z)
+
+
+def _images(batch=2, seed=2):
+    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A proposal given by name is the pretrained network
+
+
+def test_a_proposal_name_loads_pretrained_weights_and_says_how_to_work_offline():
+    code = ("import timm, papr_kernels.timm as pt\n"
+            "m = timm.create_model('vit_small_patch16_224', depth=1)\n"
+            "try:\n"
+            "    pt.patch(m, 'mobileone_s0')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERROR', e)\n"
+            "print('patched', pt.is_patched(m))\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")     # this machine, like CI, cannot reach the Hub
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300).stdout
+    assert "ERROR could not load the pretrained weights of the proposal 'mobileone_s0'" in out
+    assert "pretrained_cfg_overlay=dict(file=" in out and "pretrained=False" in out
+    assert "patched False" in out                   # nothing changed on failure
+
+
+def test_pretrained_false_is_random_and_asked_for():
+    model = _vit()
+    pt.patch(model, "mobileone_s0", pretrained=False)
+    network = model.papr_proposal.network
+    assert type(network).__name__ == "FeatureListNet"   # timm's features_only MobileOne-S0
+    assert not any(p.requires_grad for p in network.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Saving and reloading a patched model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_torch_save_and_load_keep_the_patch_and_the_proposal(family):
+    model, images = _patched(family), _images()
+    with torch.no_grad():
+        expected = model(images)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert pt.is_patched(loaded) and type(loaded) is type(model)
+        assert loaded.papr_z == 0.5
+        assert torch.equal(loaded(images), expected)
+        # the proposal's weights travelled too
+        for a, b in zip(loaded.papr_proposal.parameters(), model.papr_proposal.parameters()):
+            assert torch.equal(a, b)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(images), expected)
+        pt.unpatch(loaded)
+        assert not pt.is_patched(loaded) and not type(loaded).__name__.startswith("PaPr")
+        assert pt.is_patched(model)
+
+
+def test_state_dict_round_trip_with_a_repatch():
+    """The documented alternative: the model's state_dict (the proposal is not in it) and the
+    same proposal passed to `patch` again."""
+    model, images = _patched("vit"), _images()
+    state = model.state_dict()
+    assert not any(k.startswith("_papr") or "proposal" in k for k in state)
+    fresh = _vit(depth=2)
+    fresh.load_state_dict(state)
+    pt.patch(fresh, model.papr_proposal, z=0.5)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. torch.compile(fullgraph=True) while z changes
+
+
+def test_compiled_vit_follows_z_with_one_compile_per_distinct_z():
+    model, images = _patched("vit"), _images()
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    with torch.no_grad():
+        for z in (0.5, 0.25, 0.3, 0.5, 0.25, 1.0):
+            model.papr_z = z
+            torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    assert len(compiles) == 4          # 0.5, 0.25, 0.3, 1.0: revisiting a z reuses its graph
+
+
+def test_compiled_prune_with_dynamic_true():
+    x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7)
+    torch._dynamo.reset()
+    compiled = torch.compile(papr_kernels.prune, fullgraph=True, dynamic=True, backend="aot_eager")
+    for z in (0.5, 0.3):
+        assert torch.equal(compiled(x, f, z), reference.prune(x, f, z))
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4, 5. Training settings and silent settings
+
+
+def test_patch_dropout_in_training_drops_among_the_kept_tokens():
+    model = pt.patch(_vit(patch_drop_rate=0.25), TinyProposal(), z=0.5).train()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    out = model(_images(batch=1))
+    kept = reference.keep_count(197, 0.5, 1)              # 98 patches kept by PaPr
+    assert seen == [1 + int(kept * (1 - 0.25))]           # then PatchDropout keeps 75 % of them
+    assert out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("bad", [1.5, float("nan"), 0.0, -1.0, float("inf")])
+def test_papr_z_is_checked_on_every_family(family, bad):
+    model = _patched(family)
+    with pytest.raises(ValueError, match="z must be a keep ratio in"):
+        model.papr_z = bad
+    assert model.papr_z == 0.5
+
+
+@pytest.mark.parametrize("family", ["swin", "convnext"])
+def test_papr_z_changes_a_hierarchical_model(family):
+    model, images = _patched(family, z=0.65), _images(batch=1)
+    with torch.no_grad():
+        at_065 = model(images)
+        model.papr_z = 0.3
+        at_03 = model(images)
+        model.papr_z = 1.0
+        dense = model(images)
+        pt.unpatch(model)
+        assert torch.equal(dense, model(images))
+    assert (at_065 - at_03).abs().max() > 1e-4
+
+
+def test_merging_with_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = pt.patch(_vit(depth=4), TinyProposal(), z=0.5, merge_r=4).train()
+        model.set_grad_checkpointing(checkpointing)
+        model(_images(batch=1)).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_patching_freezes_a_user_module_in_place_as_documented():
+    net = TinyProposal().train()
+    pt.patch(_vit(), net)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Tracing, threads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_jit_trace_of_a_patched_model(family):
+    model, images = _patched(family), _images()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, images, check_trace=False)
+        assert torch.equal(traced(images), model(images))
+
+
+@pytest.mark.parametrize("family", ["swin", "convnext"])
+def test_threads_sharing_a_hierarchical_model_use_their_own_features(family):
+    model = _patched(family)
+    inputs = [_images(batch=1, seed=s) for s in range(6)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    results = [None] * len(inputs)
+    barrier = threading.Barrier(len(inputs))
+
+    def run(i):
+        barrier.wait()
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = model(inputs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Messages
+
+
+def test_patch_of_an_unsupported_model_names_every_family():
+    with pytest.raises(TypeError, match="ConvNeXt, SwinTransformer, VisionTransformer"):
+        pt.patch(nn.Linear(2, 2), TinyProposal())
+
+
+@pytest.mark.parametrize("model_name", ["swin_tiny_patch4_window7_224", "convnext_atto"])
+def test_cli_demo_runs_hierarchical_models(capsys, model_name):
+    assert main(["demo", "--model", model_name, "--batch", "1", "--repeats", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["none", "0.7", "0.5", "0.3"]
+    # rows entering the first pruned MLP: all 56 * 56 positions, then int(3136 z)
+    assert [int(row[1]) for row in rows] == [3136, 2195, 1568, 940]
+
+
+def test_cli_rejects_unknown_models_and_nonpositive_repeats(capsys):
+    with pytest.raises(SystemExit, match="--model 'no_such_model'"):
+        main(["demo", "--model", "no_such_model"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--repeats", "0"])
+    assert "expected a positive int, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Gradients at the edges
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_empty_batch_keeps_the_graph(backend):
+    if backend not in papr_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} cannot run here")
+    x = torch.randn(0, 197, 8, requires_grad=True)
+    out = papr_kernels.prune(x, torch.randn(0, 4, 7, 7), 0.5, backend=backend)
+    assert out.shape == (0, 99, 8) and out.grad_fn is not None
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_only_f_requiring_grad_gives_an_output_without_grad(backend, recwarn):
+    if backend not in papr_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} cannot run here")
+    x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7, requires_grad=True)
+    out = papr_kernels.prune(x, f, 0.5, backend=backend)
+    assert not out.requires_grad and out.grad_fn is None
+    assert not [w for w in recwarn if "autograd kernel was not registered" in str(w.message)]
