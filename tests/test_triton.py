@@ -15,14 +15,15 @@ _reason = backends.unavailable_reason("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"triton on {DEVICE}: {_reason}")
 
 if _reason is None:
-    from papr_kernels.ops import triton_prune as tp
+    from papr_kernels.ops.triton import common
+    from papr_kernels.ops.triton import prune as tp
 
 
 @pytest.fixture
 def split(monkeypatch):
     """Force several programs per batch row (row/token chunks, channel chunks)."""
     def set_split(rows, chans):
-        monkeypatch.setattr(tp, "_SPLIT_OVERRIDE", (rows, chans))
+        monkeypatch.setattr(common, "SPLIT_OVERRIDE", (rows, chans))
     return set_split
 
 

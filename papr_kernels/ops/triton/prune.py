@@ -51,38 +51,19 @@ fp32 or fp64 (loaded and converted to fp32, as the reference does with f.float()
 larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) are outside the kernel's
 register budget and fall back to the reference (`fallback_reason`).
 """
-import contextlib
 import math
-import os
-import threading
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    _IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - triton is pinned with torch
-    triton = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from ... import reference
+from . import common
+from .common import launch_guard, next_pow2, tl, triton
 
 MAX_SOURCE = 4096          # largest f spatial size (h*w or t*h*w) the kernel holds in registers
 MAX_PATCHES = 1 << 16      # sort size limit (SPEC needs 4096)
 _INT64_MIN = -(1 << 63)
-
-
-def unavailable_reason(device_type: str) -> Optional[str]:
-    if triton is None:
-        return f"triton cannot be imported ({_IMPORT_ERROR})"
-    if device_type == "cuda":
-        return None if torch.cuda.is_available() else "torch.cuda is not available"
-    if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
-    return f"Triton kernels do not run on {device_type} tensors"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,17 +316,11 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-# Tests set these to force several programs per batch row on tiny shapes (row/channel splits).
-_SPLIT_OVERRIDE: Optional[Tuple[int, int]] = None   # (row/token chunks, channel chunks) per row
-
+# Tests force several programs per batch row on tiny shapes through common.SPLIT_OVERRIDE.
 BLOCK_R = 16
 BLOCK_C = 128
 BLOCK_T = 16
 BLOCK_J = 128
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
 
 
 def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
@@ -357,38 +332,10 @@ def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
     return float(np.float32(size_in) / np.float32(size_out))
 
 
-def _split(batch: int, rows: int, channels: int, device: torch.device) -> Tuple[int, int]:
-    """Chunks of rows and of channels per batch row: enough programs at small B."""
-    if _SPLIT_OVERRIDE is not None:
-        return min(_SPLIT_OVERRIDE[0], rows), min(_SPLIT_OVERRIDE[1], channels)
-    if device.type != "cuda":   # the interpreter runs programs one after another: fewest wins
-        return 1, 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, (4 * sms + batch - 1) // batch)
-    row_chunks = min(want, (rows + BLOCK_R - 1) // BLOCK_R)
-    chan_chunks = min(max(1, want // row_chunks), (channels + BLOCK_C - 1) // BLOCK_C)
-    return row_chunks, chan_chunks
-
-
-# The Triton interpreter keeps the launch grid and program ids in process-global state, so two
-# threads launching at once corrupt each other ("x >= grid_dim[0]"): interpreted launches take
-# this lock. GPU launches are thread-safe and never take it.
-_INTERPRETER_LOCK = threading.Lock()
-
-
-def _launch_guard(device: torch.device):
-    return _INTERPRETER_LOCK if device.type != "cuda" else contextlib.nullcontext()
-
-
-def _interpreted(device: torch.device) -> bool:
-    # The interpreter runs a program's tile loop op by op in Python: big tiles, few iterations.
-    return device.type != "cuda"
-
-
 def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spatial: bool,
                    interpreted: bool = False):
     """The compile-time parameters of the forward kernel for a problem (also used by gpu-report)."""
-    block_s = _next_pow2(source)
+    block_s = next_pow2(source)
     return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
                 BLOCK_K=max(1, min(64, 4096 // block_s)),
                 LOG_N=max(1, (num_patches - 1).bit_length()),
@@ -397,7 +344,7 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
 
 def fwd_num_warps(num_patches: int) -> int:
     """More warps for bigger sorts: the 2**LOG_N int64 keys live in registers."""
-    size = _next_pow2(num_patches)
+    size = next_pow2(num_patches)
     return 4 if size <= 512 else 8 if size <= 2048 else 16
 
 
@@ -429,12 +376,13 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     dst = tuple(grid) if video else (1,) + tuple(grid)
     scales = [_scale(i, o, align_corners) for i, o in zip(src, dst)]
     rows = P + keep
-    row_chunks, chan_chunks = _split(batch, rows, channels, x.device)
+    row_chunks, chan_chunks = common.split(batch, rows, channels, BLOCK_R, BLOCK_C,
+                                           common.multiprocessors(x.device))
     rows_per = -(-rows // row_chunks)
     chans_per = -(-channels // chan_chunks)
     meta = fwd_constexprs(N, math.prod(src), video, align_corners, spatial,
-                          _interpreted(x.device))
-    with _launch_guard(x.device):
+                          common.interpreted(x.device))
+    with launch_guard(x.device):
         _prune_fwd_kernel[(batch, -(-rows // rows_per), -(-channels // chans_per))](
             x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
             channels, f.shape[1], math.prod(src), N, P, keep,
@@ -450,14 +398,15 @@ def _launch_backward(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: 
     if batch == 0:
         return grad_x
     indices = indices.contiguous()
-    tok_chunks, chan_chunks = _split(batch, num_tokens, channels, grad_out.device)
+    tok_chunks, chan_chunks = common.split(batch, num_tokens, channels, BLOCK_T, BLOCK_C,
+                                           common.multiprocessors(grad_out.device))
     toks_per = -(-num_tokens // tok_chunks)
     chans_per = -(-channels // chan_chunks)
-    with _launch_guard(grad_out.device):
+    with launch_guard(grad_out.device):
         _prune_bwd_kernel[(batch, -(-num_tokens // toks_per), -(-channels // chans_per))](
             grad_out, indices, grad_x, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             channels, num_tokens, num_prefix_tokens, keep, toks_per, chans_per,
-            **bwd_constexprs(_interpreted(grad_out.device)))
+            **bwd_constexprs(common.interpreted(grad_out.device)))
     return grad_x
 
 
@@ -494,7 +443,6 @@ def _(grad_out, indices, num_tokens, num_prefix_tokens):
 # ----------------------------------------------------------------------------------------------
 def forward(x: torch.Tensor, f: torch.Tensor, plan):
     if fallback_reason(f, plan.num_patches) is not None:
-        from .. import reference
         return reference.forward(x, f, plan)
     return triton_prune_forward(x, f, plan.num_prefix_tokens, list(plan.grid), plan.keep,
                                 plan.align_corners, plan.order == "spatial")
@@ -503,5 +451,3 @@ def forward(x: torch.Tensor, f: torch.Tensor, plan):
 def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
     return triton_prune_backward(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
 
-
-from .triton_rows import gather_rows, scatter_rows, scatter_back  # hierarchical ops (Swin, ConvNeXt)
