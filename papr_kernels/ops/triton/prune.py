@@ -1,12 +1,17 @@
 """The "triton" backend: PaPr pruning as one fused Triton kernel forward and one backward.
 
 Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks). Every program
-    1. averages the K channels of f[b] over the source grid S = h*w (or t*h*w) in fp32
-       (a [BLOCK_K, BLOCK_S] tile accumulated over K, summed once, divided by K: torch's CPU mean
-       is sum / K too),
-    2. resizes that map to the N patch scores with PyTorch's upsample arithmetic, step by step:
-       bicubic (A = -0.75, clamped taps, x taps first, then y) for 4-D f, trilinear (w, h, t) for
-       5-D f, both align_corners, scales computed on the host in float32 as ATen does,
+    1. averages the K channels of f[b] over the source grid S = h*w (or t*h*w) in float64
+       (a [BLOCK_K, BLOCK_S] float64 tile accumulated over K, summed once, divided by K: torch's
+       CPU mean is sum / K too),
+    2. resizes that map to the N patch scores in float64 with PyTorch's upsample arithmetic for
+       double input, step by step: bicubic (A = -0.75, clamped taps, x taps first, then y) for
+       4-D f, trilinear (w, h, t) for 5-D f, both align_corners; the scales are
+       area_pixel_compute_scale<double> computed on the host as Python floats and passed as their
+       int64 bits (a float argument would reach the kernel as fp32); the tap index is floorf of
+       the source coordinate, as ATen's guard_index_and_lambda does. Then each score is rounded
+       ONCE to float32 (SPEC semantics 1): summation-order differences of a few float64 ULP
+       vanish in that rounding, and constant regions of f tie exactly,
     3. ranks the N scores with SPEC's total order by a bitonic sort of packed int64 keys
        (order-preserving score bits << 32 | (2^31 - 1 - index)): descending score, ties to the lower
        index, -0.0 == +0.0 (score + 0.0), NaN as -inf. The compare-exchange of each stage picks the
@@ -47,7 +52,7 @@ _backward) with fake implementations, so torch.compile(prune, fullgraph=True) tr
 without a graph break.
 
 x may be any float dtype (fp16, bf16, fp32, fp64: the copy is dtype-agnostic); f fp16, bf16,
-fp32 or fp64 (loaded and converted to fp32, as the reference does with f.float()). Source grids
+fp32 or fp64 (loaded and converted to float64, as the reference does with f.double()). Source grids
 larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) are outside the kernel's
 register budget and fall back to the reference (`fallback_reason`).
 """
@@ -82,17 +87,24 @@ if triton is not None:
         return ((-0.75 * x + 3.75) * x - 6.0) * x + 3.0
 
     @triton.jit
+    def _as_double(bits):
+        """A float64 passed as its int64 bits (Triton passes Python floats as fp32)."""
+        return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+    @triton.jit
     def _src_index(o, size_in, scale, ALIGN: tl.constexpr, CUBIC: tl.constexpr):
-        """ATen's area_pixel_compute_source_index + guard_index_and_lambda: (index, lambda)."""
-        of = o.to(tl.float32)
+        """ATen's area_pixel_compute_source_index<double> + guard_index_and_lambda: (index,
+        lambda), float64. The index is floorf(real): ATen floors the float32 rounding of the
+        double (so e.g. 5.99999999999 gives index 6, lambda 0), and so does this."""
+        of = o.to(tl.float64)
         if ALIGN:
             real = scale * of
         else:
             real = scale * (of + 0.5) - 0.5
             if not CUBIC:
                 real = tl.where(real < 0.0, 0.0, real)
-        i0 = tl.minimum(tl.floor(real).to(tl.int32), size_in - 1)
-        lam = tl.minimum(tl.maximum(real - i0.to(tl.float32), 0.0), 1.0)
+        i0 = tl.minimum(tl.floor(real.to(tl.float32)).to(tl.int32), size_in - 1)
+        lam = tl.minimum(tl.maximum(real - i0.to(tl.float64), 0.0), 1.0)
         return i0, lam
 
     @triton.jit
@@ -157,7 +169,7 @@ if triton is not None:
         stride_xb, stride_xn, stride_xc,
         C, K, S, N, P, KEEP,
         in_t, in_h, in_w, out_t, out_h, out_w,
-        scale_t, scale_h, scale_w,
+        scale_t_bits, scale_h_bits, scale_w_bits,
         rows_per_prog, chans_per_prog,
         SPATIAL: tl.constexpr, ALIGN: tl.constexpr, VIDEO: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, LOG_N: tl.constexpr,
@@ -168,19 +180,22 @@ if triton is not None:
         pid_r = tl.program_id(1)
         pid_c = tl.program_id(2)
 
-        # 1. channel mean of f[b] over the S source positions, fp32
+        # 1. channel mean of f[b] over the S source positions, float64 (sum, then / K)
         offs_s = tl.arange(0, BLOCK_S)
         offs_k = tl.arange(0, BLOCK_K)
         f_row = f_ptr + b * K * S
-        acc = tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float64)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask = (kk[:, None] < K) & (offs_s[None, :] < S)
             ptrs = f_row + kk[:, None].to(tl.int64) * S + offs_s[None, :]
-            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
         m = tl.sum(acc, axis=0) / K
+        scale_t = _as_double(scale_t_bits)
+        scale_h = _as_double(scale_h_bits)
+        scale_w = _as_double(scale_w_bits)
 
-        # 2. resize to the patch grid: scores s (NP2,), patch p = (ot, oy, ox) row-major
+        # 2. resize to the patch grid in float64: scores (NP2,), patch p = (ot, oy, ox) row-major
         p = tl.arange(0, NP2)
         valid = p < N
         pc = tl.where(valid, p, 0)
@@ -224,7 +239,8 @@ if triton is not None:
                             wx0, wx1, wx2, wx3)
             score = r0 * wy0 + r1 * wy1 + r2 * wy2 + r3 * wy3
 
-        # 3. SPEC's total order as packed keys; padding sorts last
+        # 3. one rounding to float32 (SPEC), then SPEC's total order as packed keys; padding last
+        score = score.to(tl.float32)
         score = tl.where(score != score, float("-inf"), score) + 0.0
         bits = score.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -324,12 +340,17 @@ BLOCK_J = 128
 
 
 def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
-    """ATen's area_pixel_compute_scale<float>, in float32."""
+    """ATen's area_pixel_compute_scale<double> (interpolate with size=, no scale_factor): a
+    Python float is that double."""
     if align_corners:
-        if size_out > 1:
-            return float(np.float32(size_in - 1) / np.float32(size_out - 1))
-        return 0.0
-    return float(np.float32(size_in) / np.float32(size_out))
+        return (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    return size_in / size_out
+
+
+def _double_bits(value: float) -> int:
+    """The int64 bit pattern of a float64: the kernel reads it back with a bitcast (a Python
+    float argument would reach the kernel as fp32)."""
+    return int(np.array(value, dtype=np.float64).view(np.int64))
 
 
 def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spatial: bool,
@@ -374,7 +395,7 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     video = f.dim() == 5
     src = tuple(f.shape[2:]) if video else (1,) + tuple(f.shape[2:])
     dst = tuple(grid) if video else (1,) + tuple(grid)
-    scales = [_scale(i, o, align_corners) for i, o in zip(src, dst)]
+    scales = [_double_bits(_scale(i, o, align_corners)) for i, o in zip(src, dst)]
     rows = P + keep
     row_chunks, chan_chunks = common.split(batch, rows, channels, BLOCK_R, BLOCK_C,
                                            common.multiprocessors(x.device))
