@@ -53,8 +53,15 @@ without a graph break.
 
 x may be any float dtype (fp16, bf16, fp32, fp64: the copy is dtype-agnostic); f fp16, bf16,
 fp32 or fp64 (loaded and converted to float64, as the reference does with f.double()). Source grids
-larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) are outside the kernel's
-register budget and fall back to the reference (`fallback_reason`).
+larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) and patch grids larger
+than MAX_PATCHES (the 2**LOG_N sort keys live in one program's registers) are outside the kernel's
+register budget: forward and backward then run on the fastest other backend that can run on the
+tensors' device (`fallback_backend`: the extension's "cuda" kernel on CUDA when built, else the
+"torch" reference; "cpp" then "torch" on CPU), with the same results (`fallback_reason`).
+
+Duplicate indices (only reachable by calling torch.ops.papr_kernels.triton_prune_backward
+directly: prune's indices are unique) stay in bounds: a patch named by several indices gets a zero
+gradient row (as if pruned), an index outside [0, N) names no patch.
 """
 import math
 from typing import List, Optional, Tuple
@@ -62,12 +69,12 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ... import reference
+from ... import backends
 from . import common
 from .common import launch_guard, next_pow2, tl, triton
 
 MAX_SOURCE = 4096          # largest f spatial size (h*w or t*h*w) the kernel holds in registers
-MAX_PATCHES = 1 << 16      # sort size limit (SPEC needs 4096)
+MAX_PATCHES = 4096         # largest N whose sort fits one program's registers (gpu_report compiles it)
 _INT64_MIN = -(1 << 63)
 
 
@@ -309,16 +316,21 @@ if triton is not None:
             t = t0 + offs_t
             tmask = t < t_hi
             patch = t - P
-            # output row of each token: prefix rows map to themselves, kept patches to P + j
+            # output row of each token: prefix rows map to themselves, kept patches to P + j.
+            # Only in-range indices of in-range j count, and a patch found more than once
+            # (duplicate indices, outside the contract) is treated as pruned, so P + pos is
+            # always a row of grad_out whatever the indices hold.
             pos = tl.zeros((BLOCK_T,), dtype=tl.int32)
-            found = t < P
+            hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
             for j0 in range(0, KEEP, BLOCK_J):
                 j = j0 + offs_j
-                kept = tl.load(idx_ptr + b * KEEP + j, mask=j < KEEP, other=-1).to(tl.int32)
-                hit = kept[None, :] == patch[:, None]
+                kept = tl.load(idx_ptr + b * KEEP + j, mask=j < KEEP, other=-1)
+                kept = tl.where((kept >= 0) & (kept < NT - P), kept, -1).to(tl.int32)
+                hit = (kept[None, :] == patch[:, None]) & (patch[:, None] >= 0)
                 pos += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
-                found = found | (tl.sum(hit.to(tl.int32), axis=1) > 0)
-            src = tl.where(t < P, t, P + pos).to(tl.int64)
+                hits += tl.sum(hit.to(tl.int32), axis=1)
+            found = (t < P) | (hits == 1)
+            src = tl.where(t < P, t, P + tl.where(hits == 1, pos, 0)).to(tl.int64)
             src = tl.where(tmask & found, src, 0)
             for c0 in range(c_lo, c_hi, BLOCK_C):
                 c = c0 + offs_c
@@ -358,7 +370,7 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
     """The compile-time parameters of the forward kernel for a problem (also used by gpu-report)."""
     block_s = next_pow2(source)
     return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
-                BLOCK_K=max(1, min(64, 4096 // block_s)),
+                BLOCK_K=max(1, min(64, 1024 // block_s)),   # float64 tile: 1024 elements
                 LOG_N=max(1, (num_patches - 1).bit_length()),
                 BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
 
@@ -372,6 +384,13 @@ def fwd_num_warps(num_patches: int) -> int:
 def bwd_constexprs(interpreted: bool = False):
     return dict(BLOCK_T=256 if interpreted else BLOCK_T, BLOCK_J=1024 if interpreted else BLOCK_J,
                 BLOCK_C=BLOCK_C)
+
+
+def fallback_backend(device_type: str):
+    """The backend module that runs shapes outside the kernel's limits: the fastest other backend
+    that can run on `device_type` (registration order is the preference order)."""
+    name = next(n for n in backends.available(device_type) + ["torch"] if n != "triton")
+    return backends.resolve(name, device_type)
 
 
 def fallback_reason(f: torch.Tensor, num_patches: int) -> Optional[str]:
@@ -413,8 +432,14 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
 
 def _launch_backward(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: int,
                      num_prefix_tokens: int):
-    batch, _, channels = grad_out.shape
+    batch, rows, channels = grad_out.shape
     keep = indices.shape[1]
+    if (indices.dim() != 2 or indices.shape[0] != batch or rows != num_prefix_tokens + keep
+            or not 0 <= num_prefix_tokens <= num_tokens or indices.dtype != torch.int64):
+        raise ValueError(
+            f"triton_prune_backward: grad_out (B, P + k, C) = {tuple(grad_out.shape)} and "
+            f"int64 indices (B, k) = {tuple(indices.shape)} {indices.dtype} do not match "
+            f"num_tokens={num_tokens}, num_prefix_tokens={num_prefix_tokens}")
     grad_x = torch.empty(batch, num_tokens, channels, dtype=grad_out.dtype, device=grad_out.device)
     if batch == 0:
         return grad_x
@@ -464,11 +489,13 @@ def _(grad_out, indices, num_tokens, num_prefix_tokens):
 # ----------------------------------------------------------------------------------------------
 def forward(x: torch.Tensor, f: torch.Tensor, plan):
     if fallback_reason(f, plan.num_patches) is not None:
-        return reference.forward(x, f, plan)
+        return fallback_backend(x.device.type).forward(x, f, plan)
     return triton_prune_forward(x, f, plan.num_prefix_tokens, list(plan.grid), plan.keep,
                                 plan.align_corners, plan.order == "spatial")
 
 
 def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
+    if plan.num_patches > MAX_PATCHES:   # the compare-per-token backward is O(N * k): hand over
+        return fallback_backend(grad_out.device.type).backward(grad_out, indices, plan)
     return triton_prune_backward(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
 
