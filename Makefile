@@ -50,9 +50,7 @@ GPU_REPORT_ARGS ?=
 
 .PHONY: gpu-report
 gpu-report: install
-	$(PY) tools/gpu_report_triton.py $(GPU_REPORT_ARGS)
-	$(PY) tools/gpu_report_triton_rows.py
-	$(PY) tools/gpu_report_cuda.py
+	$(PY) tools/gpu_report.py $(GPU_REPORT_ARGS)
 
 # Benchmarks (issue 5): never part of `make test` (testpaths is `tests`). `make bench` runs the
 # suite (prune kernels, hierarchical row ops, end to end), writes benchmarks/results/<machine>.csv,

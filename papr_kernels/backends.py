@@ -152,7 +152,7 @@ def resolve(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()):
 
 
 # Auto preference: CUDA tensors -> triton, then cuda; CPU tensors -> cpp; torch is the fallback.
-register(Backend("triton", "papr_kernels.ops.triton_prune", ("cuda", "cpu"),
+register(Backend("triton", "papr_kernels.ops.triton", ("cuda", "cpu"),
                  "fused Triton kernels (CPU tensors only under TRITON_INTERPRET=1)"),
          auto_for=("cuda",))
 register(Backend("cuda", "papr_kernels.ops.cpp_prune", ("cuda",),

@@ -15,14 +15,15 @@ _reason = backends.unavailable_reason("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"triton on {DEVICE}: {_reason}")
 
 if _reason is None:
-    from papr_kernels.ops import triton_prune as tp
+    from papr_kernels.ops.triton import common
+    from papr_kernels.ops.triton import prune as tp
 
 
 @pytest.fixture
 def split(monkeypatch):
     """Force several programs per batch row (row/token chunks, channel chunks)."""
     def set_split(rows, chans):
-        monkeypatch.setattr(tp, "_SPLIT_OVERRIDE", (rows, chans))
+        monkeypatch.setattr(common, "SPLIT_OVERRIDE", (rows, chans))
     return set_split
 
 
@@ -162,3 +163,170 @@ def test_compile_fullgraph_no_graph_break():
                        fullgraph=True, backend="aot_eager")
     out = fn(x, f)
     assert torch.equal(out, papr_kernels.prune(x, f, 0.5, backend="torch"))
+
+
+def _tie_rich_maps():
+    """(name, f, grid_if_align_corners, grid_otherwise): maps whose float64 scores tie exactly or
+    round to the same float32, where float32 arithmetic (or another summation order) would break
+    ties by rounding noise.
+
+    The integer-valued maps use grids whose source coordinates are dyadic (align_corners: (in-1) /
+    (out-1) = 1/2; otherwise in / out = 1/2), so every weight and every partial sum is exact in
+    float64 and a score that should be 0 is 0. On other grids an integer map's true zeros come out
+    as +-1e-17 noise whose sign depends on how the reference's compiler fused multiply-adds (the
+    CPU reference's own kernel uses FMA): no float32 rounding can erase noise around 0."""
+    gen = torch.Generator().manual_seed(5)
+    per_channel = torch.randn(2, 5, 1, 1, generator=gen).expand(2, 5, 4, 4).contiguous()
+    plateau = torch.randint(0, 3, (2, 3, 3, 3), generator=gen).float()
+    plateau = plateau.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)   # 2x2 plateaus
+    video_per_channel = torch.rand(2, 3, 1, 1, 1, generator=gen).expand(2, 3, 2, 3, 3)
+    integer = torch.randint(-3, 4, (2, 3, 4, 5), generator=gen).float()
+    video_integer = torch.randint(-2, 3, (1, 2, 3, 4, 4), generator=gen).double()
+    return [
+        ("constant", torch.ones(2, 4, 3, 3), (14, 14), (14, 14)),
+        ("constant-fp32", torch.full((2, 3, 7, 7), 0.1), (14, 14), (14, 14)),
+        ("per-channel-constant", per_channel, (14, 14), (14, 14)),
+        ("plateaus", plateau, (9, 11), (9, 11)),
+        ("integer", integer, (7, 9), (8, 10)),
+        ("constant-fp16", torch.full((2, 3, 4, 4), 0.3).half(), (14, 14), (14, 14)),
+        ("constant-bf16", torch.full((2, 3, 4, 4), -1.7).bfloat16(), (10, 13), (10, 13)),
+        ("video-constant", torch.full((2, 3, 2, 3, 3), 0.7), (4, 6, 6), (4, 6, 6)),
+        ("video-per-channel", video_per_channel.contiguous(), (3, 5, 4), (3, 5, 4)),
+        ("video-integer", video_integer, (5, 7, 7), (6, 8, 8)),
+    ]
+
+
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+@pytest.mark.parametrize("name,f,grid_align,grid", _tie_rich_maps(),
+                         ids=[m[0] for m in _tie_rich_maps()])
+def test_tie_rich_maps_give_the_reference_indices(name, f, grid_align, grid, order, align):
+    """SPEC: scores in float64 rounded once to float32, so constant regions tie exactly and the
+    tie order is the index order: identical indices to the reference, not just within one ULP."""
+    f = f.to(DEVICE)
+    grid = grid_align if align else grid
+    x = torch.randn(f.shape[0], 1 + int(torch.tensor(grid).prod()), 3, device=DEVICE)
+    kwargs = dict(grid=grid, order=order, align_corners=align)
+    for z in (0.3, 0.7):
+        out, idx = _prune(x, f, z, **kwargs)
+        want_out, want_idx = reference.prune(x, f, z, return_indices=True, **kwargs)
+        assert torch.equal(idx, want_idx), (name, z)
+        assert torch.equal(out, want_out)
+
+
+def test_patch_limit_is_what_one_program_holds():
+    # gpu_report compiles (and checks for spills) the sort of up to 4096 keys: no larger N runs
+    assert tp.MAX_PATCHES == 4096
+    f = torch.randn(1, 1, 7, 7)
+    assert tp.fallback_reason(f, 4096) is None and tp.fallback_reason(f, 4097) is not None
+
+
+def _expected_fallback(device):
+    """The fastest non-triton backend of `device` (registration order is preference order)."""
+    for name in ("cuda", "cpp") if device == "cuda" else ("cpp",):
+        if backends.unavailable_reason(name, device) is None:
+            return name
+    return "torch"
+
+
+@pytest.mark.parametrize("grid,fshape", [((65, 65), (1, 2, 5, 5)), ((4, 33, 33), (1, 2, 2, 3, 3))])
+def test_large_grid_runs_on_the_fastest_other_backend(launches, monkeypatch, grid, fshape):
+    """N > MAX_PATCHES: forward and backward go to the fallback backend, never the kernels
+    (4225 and 4356 patches: the N <= 4096 sort would not fit)."""
+    torch.manual_seed(6)
+    n = 1 + int(torch.tensor(grid).prod())
+    x = torch.randn(2, n, 3, device=DEVICE, requires_grad=True)
+    f = torch.randn(2, *fshape[1:], device=DEVICE)
+    fallback = tp.fallback_backend(x.device.type)
+    assert fallback is backends.resolve(_expected_fallback(x.device.type), x.device.type)
+    # exactly what the fallback backend gives (its own tests compare it with the reference)
+    want_out, want_idx = papr_kernels.prune(x.detach(), f, 0.3, grid=grid, return_indices=True,
+                                            backend=_expected_fallback(x.device.type))
+    calls = {"forward": 0, "backward": 0}
+    for op in calls:
+        def spy(*args, _op=op, _orig=getattr(fallback, op)):
+            calls[_op] += 1
+            return _orig(*args)
+        monkeypatch.setattr(fallback, op, spy)
+    out, idx = _prune(x, f, 0.3, grid=grid)
+    assert torch.equal(idx, want_idx) and torch.equal(out, want_out)
+    g = torch.randn_like(out)
+    out.backward(g)
+    assert torch.equal(x.grad, reference.scatter(g, idx, n, 1))
+    assert calls == {"forward": 1, "backward": 1}
+    assert launches == {"fwd": 0, "bwd": 0}
+
+
+def test_backward_with_duplicate_and_out_of_range_indices_stays_in_bounds(split):
+    """The custom op called directly (prune's indices are unique and in range): a patch named
+    twice gets a zero row (as if pruned), an index outside [0, N) names nothing, and no program
+    reads past grad_out (a duplicate's summed position would: 2 + 5 >= k = 6)."""
+    split(2, 2)
+    torch.manual_seed(7)
+    P, N, C = 2, 10, 5
+    g = torch.randn(2, P + 6, C, device=DEVICE)
+    idx = torch.tensor([[3, 3, 7, 1, 9, 0],          # 3 twice (j = 0, 1)
+                        [4, -1, 6, 12, 8, 6]],       # 6 twice (j = 2, 5), -1 and 12 out of range
+                       device=DEVICE)
+    got = torch.ops.papr_kernels.triton_prune_backward(g, idx, P + N, P)
+    want = torch.zeros(2, P + N, C, device=DEVICE)
+    want[:, :P] = g[:, :P]
+    for b in range(2):
+        row = idx[b].tolist()
+        for j, i in enumerate(row):
+            if 0 <= i < N and row.count(i) == 1:
+                want[b, P + i] = g[b, P + j]
+    assert torch.equal(got, want)
+
+
+def test_backward_rejects_mismatched_shapes():
+    g = torch.randn(1, 5, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="triton_prune_backward"):
+        torch.ops.papr_kernels.triton_prune_backward(g, torch.zeros(1, 3, dtype=torch.int64,
+                                                                    device=DEVICE), 10, 1)
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+def test_launches_run_on_the_current_stream():
+    """Work queued on a side stream before the launch (a long sleep, then writing x) must be
+    complete when the kernels read x: they run on the current stream, after it."""
+    from papr_kernels.ops.triton import rows as tr
+    torch.manual_seed(8)
+    x_src = torch.randn(4, 1 + 196, 64, device="cuda")
+    f = torch.randn(4, 8, 7, 7, device="cuda")
+    want_out, want_idx = reference.prune(x_src, f, 0.5, return_indices=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x = torch.zeros_like(x_src)
+        torch.cuda._sleep(50_000_000)   # ~tens of ms of GPU time on s before x is written
+        x.copy_(x_src)
+        out, idx = _prune(x, f, 0.5)
+        rows = tr.gather_rows(x[:, 1:], idx)
+        gx = torch.ops.papr_kernels.triton_prune_backward(out, idx, x.shape[1], 1)
+    s.synchronize()
+    assert torch.equal(idx, want_idx) and torch.equal(out, want_out)
+    assert torch.equal(rows, want_out[:, 1:])
+    assert torch.equal(gx, reference.scatter(want_out, want_idx, x.shape[1], 1))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_run_on_the_tensors_device():
+    from papr_kernels.ops.triton import rows as tr
+    torch.manual_seed(9)
+    x = torch.randn(3, 1 + 196, 32)
+    f = torch.randn(3, 8, 7, 7)
+    want_out, want_idx = reference.prune(x, f, 0.5, return_indices=True)
+    with torch.cuda.device(0):       # current device 0, tensors on device 1
+        x1, f1 = x.to("cuda:1"), f.to("cuda:1")
+        out, idx = _prune(x1, f1, 0.5)
+        rows = tr.gather_rows(x1[:, 1:], idx)
+        gx = torch.ops.papr_kernels.triton_prune_backward(out, idx, x.shape[1], 1)
+        torch.cuda.synchronize(1)
+    assert out.device == idx.device == torch.device("cuda:1")
+    assert torch.equal(idx.cpu(), want_idx) and torch.equal(out.cpu(), want_out)
+    assert torch.equal(rows.cpu(), want_out[:, 1:])
+    assert torch.equal(gx.cpu(), reference.scatter(want_out, want_idx, x.shape[1], 1))

@@ -1,4 +1,4 @@
-"""The hierarchical row ops of the triton backend (papr_kernels/ops/triton_rows.py) against
+"""The hierarchical row ops of the triton backend (papr_kernels/ops/triton/rows.py) against
 the plain-PyTorch row ops of `papr_kernels.reference`, bit for bit (torch.equal).
 
 "cpu" runs the kernels under TRITON_INTERPRET=1 (conftest sets it when there is no CUDA), so the
@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from papr_kernels import reference
-from papr_kernels.ops import triton_prune as tp
-from papr_kernels.ops import triton_rows as tr
+from papr_kernels.ops import triton as backend
+from papr_kernels.ops.triton import common
+from papr_kernels.ops.triton import rows as tr
 
 
 def _device_param(device):
     if device == "cuda" and not torch.cuda.is_available():
         reason = "torch.cuda is not available"
     else:
-        reason = tp.unavailable_reason(device)
+        reason = backend.unavailable_reason(device)
     marks = [pytest.mark.skip(reason=f"triton on {device}: {reason}")] if reason else []
     return pytest.param(device, marks=marks, id=device)
 
@@ -174,8 +175,8 @@ def test_empty_batch_and_k_zero_do_not_launch(device, launches):
 @pytest.mark.parametrize("layout", ["3d", "nchw"])
 def test_tiny_blocks_and_channel_chunks(device, layout, monkeypatch):
     """Blocks smaller than k, N and C, several channel chunks per row block: every mask used."""
-    monkeypatch.setattr(tr, "_BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_J=4, BLOCK_C=4))
-    monkeypatch.setattr(tr, "_CHUNK_OVERRIDE", 3)
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_J=4, BLOCK_C=4))
+    monkeypatch.setattr(common, "SPLIT_OVERRIDE", (1, 3))   # rows: one program per block, 3 chunks
     gen = torch.Generator().manual_seed(9)
     x = _x(layout, 3, 5, 3, 11, torch.float16, device, gen)
     idx = _indices(3, 15, 10, device, gen)

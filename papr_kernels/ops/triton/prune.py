@@ -1,12 +1,17 @@
 """The "triton" backend: PaPr pruning as one fused Triton kernel forward and one backward.
 
 Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks). Every program
-    1. averages the K channels of f[b] over the source grid S = h*w (or t*h*w) in fp32
-       (a [BLOCK_K, BLOCK_S] tile accumulated over K, summed once, divided by K: torch's CPU mean
-       is sum / K too),
-    2. resizes that map to the N patch scores with PyTorch's upsample arithmetic, step by step:
-       bicubic (A = -0.75, clamped taps, x taps first, then y) for 4-D f, trilinear (w, h, t) for
-       5-D f, both align_corners, scales computed on the host in float32 as ATen does,
+    1. averages the K channels of f[b] over the source grid S = h*w (or t*h*w) in float64
+       (a [BLOCK_K, BLOCK_S] float64 tile accumulated over K, summed once, divided by K: torch's
+       CPU mean is sum / K too),
+    2. resizes that map to the N patch scores in float64 with PyTorch's upsample arithmetic for
+       double input, step by step: bicubic (A = -0.75, clamped taps, x taps first, then y) for
+       4-D f, trilinear (w, h, t) for 5-D f, both align_corners; the scales are
+       area_pixel_compute_scale<double> computed on the host as Python floats and passed as their
+       int64 bits (a float argument would reach the kernel as fp32); the tap index is floorf of
+       the source coordinate, as ATen's guard_index_and_lambda does. Then each score is rounded
+       ONCE to float32 (SPEC semantics 1): summation-order differences of a few float64 ULP
+       vanish in that rounding, and constant regions of f tie exactly,
     3. ranks the N scores with SPEC's total order by a bitonic sort of packed int64 keys
        (order-preserving score bits << 32 | (2^31 - 1 - index)): descending score, ties to the lower
        index, -0.0 == +0.0 (score + 0.0), NaN as -inf. The compare-exchange of each stage picks the
@@ -47,42 +52,30 @@ _backward) with fake implementations, so torch.compile(prune, fullgraph=True) tr
 without a graph break.
 
 x may be any float dtype (fp16, bf16, fp32, fp64: the copy is dtype-agnostic); f fp16, bf16,
-fp32 or fp64 (loaded and converted to fp32, as the reference does with f.float()). Source grids
-larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) are outside the kernel's
-register budget and fall back to the reference (`fallback_reason`).
+fp32 or fp64 (loaded and converted to float64, as the reference does with f.double()). Source grids
+larger than MAX_SOURCE positions (f spatial size; MobileOne-S0 gives 7x7) and patch grids larger
+than MAX_PATCHES (the 2**LOG_N sort keys live in one program's registers) are outside the kernel's
+register budget: forward and backward then run on the fastest other backend that can run on the
+tensors' device (`fallback_backend`: the extension's "cuda" kernel on CUDA when built, else the
+"torch" reference; "cpp" then "torch" on CPU), with the same results (`fallback_reason`).
+
+Duplicate indices (only reachable by calling torch.ops.papr_kernels.triton_prune_backward
+directly: prune's indices are unique) stay in bounds: a patch named by several indices gets a zero
+gradient row (as if pruned), an index outside [0, N) names no patch.
 """
-import contextlib
 import math
-import os
-import threading
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    _IMPORT_ERROR = None
-except Exception as exc:  # pragma: no cover - triton is pinned with torch
-    triton = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from ... import backends
+from . import common
+from .common import launch_guard, next_pow2, tl, triton
 
 MAX_SOURCE = 4096          # largest f spatial size (h*w or t*h*w) the kernel holds in registers
-MAX_PATCHES = 1 << 16      # sort size limit (SPEC needs 4096)
+MAX_PATCHES = 4096         # largest N whose sort fits one program's registers (gpu_report compiles it)
 _INT64_MIN = -(1 << 63)
-
-
-def unavailable_reason(device_type: str) -> Optional[str]:
-    if triton is None:
-        return f"triton cannot be imported ({_IMPORT_ERROR})"
-    if device_type == "cuda":
-        return None if torch.cuda.is_available() else "torch.cuda is not available"
-    if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
-    return f"Triton kernels do not run on {device_type} tensors"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,17 +94,24 @@ if triton is not None:
         return ((-0.75 * x + 3.75) * x - 6.0) * x + 3.0
 
     @triton.jit
+    def _as_double(bits):
+        """A float64 passed as its int64 bits (Triton passes Python floats as fp32)."""
+        return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+    @triton.jit
     def _src_index(o, size_in, scale, ALIGN: tl.constexpr, CUBIC: tl.constexpr):
-        """ATen's area_pixel_compute_source_index + guard_index_and_lambda: (index, lambda)."""
-        of = o.to(tl.float32)
+        """ATen's area_pixel_compute_source_index<double> + guard_index_and_lambda: (index,
+        lambda), float64. The index is floorf(real): ATen floors the float32 rounding of the
+        double (so e.g. 5.99999999999 gives index 6, lambda 0), and so does this."""
+        of = o.to(tl.float64)
         if ALIGN:
             real = scale * of
         else:
             real = scale * (of + 0.5) - 0.5
             if not CUBIC:
                 real = tl.where(real < 0.0, 0.0, real)
-        i0 = tl.minimum(tl.floor(real).to(tl.int32), size_in - 1)
-        lam = tl.minimum(tl.maximum(real - i0.to(tl.float32), 0.0), 1.0)
+        i0 = tl.minimum(tl.floor(real.to(tl.float32)).to(tl.int32), size_in - 1)
+        lam = tl.minimum(tl.maximum(real - i0.to(tl.float64), 0.0), 1.0)
         return i0, lam
 
     @triton.jit
@@ -176,7 +176,7 @@ if triton is not None:
         stride_xb, stride_xn, stride_xc,
         C, K, S, N, P, KEEP,
         in_t, in_h, in_w, out_t, out_h, out_w,
-        scale_t, scale_h, scale_w,
+        scale_t_bits, scale_h_bits, scale_w_bits,
         rows_per_prog, chans_per_prog,
         SPATIAL: tl.constexpr, ALIGN: tl.constexpr, VIDEO: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, LOG_N: tl.constexpr,
@@ -187,19 +187,22 @@ if triton is not None:
         pid_r = tl.program_id(1)
         pid_c = tl.program_id(2)
 
-        # 1. channel mean of f[b] over the S source positions, fp32
+        # 1. channel mean of f[b] over the S source positions, float64 (sum, then / K)
         offs_s = tl.arange(0, BLOCK_S)
         offs_k = tl.arange(0, BLOCK_K)
         f_row = f_ptr + b * K * S
-        acc = tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float64)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask = (kk[:, None] < K) & (offs_s[None, :] < S)
             ptrs = f_row + kk[:, None].to(tl.int64) * S + offs_s[None, :]
-            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
         m = tl.sum(acc, axis=0) / K
+        scale_t = _as_double(scale_t_bits)
+        scale_h = _as_double(scale_h_bits)
+        scale_w = _as_double(scale_w_bits)
 
-        # 2. resize to the patch grid: scores s (NP2,), patch p = (ot, oy, ox) row-major
+        # 2. resize to the patch grid in float64: scores (NP2,), patch p = (ot, oy, ox) row-major
         p = tl.arange(0, NP2)
         valid = p < N
         pc = tl.where(valid, p, 0)
@@ -243,7 +246,8 @@ if triton is not None:
                             wx0, wx1, wx2, wx3)
             score = r0 * wy0 + r1 * wy1 + r2 * wy2 + r3 * wy3
 
-        # 3. SPEC's total order as packed keys; padding sorts last
+        # 3. one rounding to float32 (SPEC), then SPEC's total order as packed keys; padding last
+        score = score.to(tl.float32)
         score = tl.where(score != score, float("-inf"), score) + 0.0
         bits = score.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -312,16 +316,21 @@ if triton is not None:
             t = t0 + offs_t
             tmask = t < t_hi
             patch = t - P
-            # output row of each token: prefix rows map to themselves, kept patches to P + j
+            # output row of each token: prefix rows map to themselves, kept patches to P + j.
+            # Only in-range indices of in-range j count, and a patch found more than once
+            # (duplicate indices, outside the contract) is treated as pruned, so P + pos is
+            # always a row of grad_out whatever the indices hold.
             pos = tl.zeros((BLOCK_T,), dtype=tl.int32)
-            found = t < P
+            hits = tl.zeros((BLOCK_T,), dtype=tl.int32)
             for j0 in range(0, KEEP, BLOCK_J):
                 j = j0 + offs_j
-                kept = tl.load(idx_ptr + b * KEEP + j, mask=j < KEEP, other=-1).to(tl.int32)
-                hit = kept[None, :] == patch[:, None]
+                kept = tl.load(idx_ptr + b * KEEP + j, mask=j < KEEP, other=-1)
+                kept = tl.where((kept >= 0) & (kept < NT - P), kept, -1).to(tl.int32)
+                hit = (kept[None, :] == patch[:, None]) & (patch[:, None] >= 0)
                 pos += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
-                found = found | (tl.sum(hit.to(tl.int32), axis=1) > 0)
-            src = tl.where(t < P, t, P + pos).to(tl.int64)
+                hits += tl.sum(hit.to(tl.int32), axis=1)
+            found = (t < P) | (hits == 1)
+            src = tl.where(t < P, t, P + tl.where(hits == 1, pos, 0)).to(tl.int64)
             src = tl.where(tmask & found, src, 0)
             for c0 in range(c_lo, c_hi, BLOCK_C):
                 c = c0 + offs_c
@@ -335,75 +344,53 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-# Tests set these to force several programs per batch row on tiny shapes (row/channel splits).
-_SPLIT_OVERRIDE: Optional[Tuple[int, int]] = None   # (row/token chunks, channel chunks) per row
-
+# Tests force several programs per batch row on tiny shapes through common.SPLIT_OVERRIDE.
 BLOCK_R = 16
 BLOCK_C = 128
 BLOCK_T = 16
 BLOCK_J = 128
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
 def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
-    """ATen's area_pixel_compute_scale<float>, in float32."""
+    """ATen's area_pixel_compute_scale<double> (interpolate with size=, no scale_factor): a
+    Python float is that double."""
     if align_corners:
-        if size_out > 1:
-            return float(np.float32(size_in - 1) / np.float32(size_out - 1))
-        return 0.0
-    return float(np.float32(size_in) / np.float32(size_out))
+        return (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    return size_in / size_out
 
 
-def _split(batch: int, rows: int, channels: int, device: torch.device) -> Tuple[int, int]:
-    """Chunks of rows and of channels per batch row: enough programs at small B."""
-    if _SPLIT_OVERRIDE is not None:
-        return min(_SPLIT_OVERRIDE[0], rows), min(_SPLIT_OVERRIDE[1], channels)
-    if device.type != "cuda":   # the interpreter runs programs one after another: fewest wins
-        return 1, 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, (4 * sms + batch - 1) // batch)
-    row_chunks = min(want, (rows + BLOCK_R - 1) // BLOCK_R)
-    chan_chunks = min(max(1, want // row_chunks), (channels + BLOCK_C - 1) // BLOCK_C)
-    return row_chunks, chan_chunks
-
-
-# The Triton interpreter keeps the launch grid and program ids in process-global state, so two
-# threads launching at once corrupt each other ("x >= grid_dim[0]"): interpreted launches take
-# this lock. GPU launches are thread-safe and never take it.
-_INTERPRETER_LOCK = threading.Lock()
-
-
-def _launch_guard(device: torch.device):
-    return _INTERPRETER_LOCK if device.type != "cuda" else contextlib.nullcontext()
-
-
-def _interpreted(device: torch.device) -> bool:
-    # The interpreter runs a program's tile loop op by op in Python: big tiles, few iterations.
-    return device.type != "cuda"
+def _double_bits(value: float) -> int:
+    """The int64 bit pattern of a float64: the kernel reads it back with a bitcast (a Python
+    float argument would reach the kernel as fp32)."""
+    return int(np.array(value, dtype=np.float64).view(np.int64))
 
 
 def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spatial: bool,
                    interpreted: bool = False):
     """The compile-time parameters of the forward kernel for a problem (also used by gpu-report)."""
-    block_s = _next_pow2(source)
+    block_s = next_pow2(source)
     return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
-                BLOCK_K=max(1, min(64, 4096 // block_s)),
+                BLOCK_K=max(1, min(64, 1024 // block_s)),   # float64 tile: 1024 elements
                 LOG_N=max(1, (num_patches - 1).bit_length()),
                 BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
 
 
 def fwd_num_warps(num_patches: int) -> int:
     """More warps for bigger sorts: the 2**LOG_N int64 keys live in registers."""
-    size = _next_pow2(num_patches)
+    size = next_pow2(num_patches)
     return 4 if size <= 512 else 8 if size <= 2048 else 16
 
 
 def bwd_constexprs(interpreted: bool = False):
     return dict(BLOCK_T=256 if interpreted else BLOCK_T, BLOCK_J=1024 if interpreted else BLOCK_J,
                 BLOCK_C=BLOCK_C)
+
+
+def fallback_backend(device_type: str):
+    """The backend module that runs shapes outside the kernel's limits: the fastest other backend
+    that can run on `device_type` (registration order is the preference order)."""
+    name = next(n for n in backends.available(device_type) + ["torch"] if n != "triton")
+    return backends.resolve(name, device_type)
 
 
 def fallback_reason(f: torch.Tensor, num_patches: int) -> Optional[str]:
@@ -427,14 +414,15 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     video = f.dim() == 5
     src = tuple(f.shape[2:]) if video else (1,) + tuple(f.shape[2:])
     dst = tuple(grid) if video else (1,) + tuple(grid)
-    scales = [_scale(i, o, align_corners) for i, o in zip(src, dst)]
+    scales = [_double_bits(_scale(i, o, align_corners)) for i, o in zip(src, dst)]
     rows = P + keep
-    row_chunks, chan_chunks = _split(batch, rows, channels, x.device)
+    row_chunks, chan_chunks = common.split(batch, rows, channels, BLOCK_R, BLOCK_C,
+                                           common.multiprocessors(x.device))
     rows_per = -(-rows // row_chunks)
     chans_per = -(-channels // chan_chunks)
     meta = fwd_constexprs(N, math.prod(src), video, align_corners, spatial,
-                          _interpreted(x.device))
-    with _launch_guard(x.device):
+                          common.interpreted(x.device))
+    with launch_guard(x.device):
         _prune_fwd_kernel[(batch, -(-rows // rows_per), -(-channels // chans_per))](
             x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
             channels, f.shape[1], math.prod(src), N, P, keep,
@@ -444,20 +432,27 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
 
 def _launch_backward(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: int,
                      num_prefix_tokens: int):
-    batch, _, channels = grad_out.shape
+    batch, rows, channels = grad_out.shape
     keep = indices.shape[1]
+    if (indices.dim() != 2 or indices.shape[0] != batch or rows != num_prefix_tokens + keep
+            or not 0 <= num_prefix_tokens <= num_tokens or indices.dtype != torch.int64):
+        raise ValueError(
+            f"triton_prune_backward: grad_out (B, P + k, C) = {tuple(grad_out.shape)} and "
+            f"int64 indices (B, k) = {tuple(indices.shape)} {indices.dtype} do not match "
+            f"num_tokens={num_tokens}, num_prefix_tokens={num_prefix_tokens}")
     grad_x = torch.empty(batch, num_tokens, channels, dtype=grad_out.dtype, device=grad_out.device)
     if batch == 0:
         return grad_x
     indices = indices.contiguous()
-    tok_chunks, chan_chunks = _split(batch, num_tokens, channels, grad_out.device)
+    tok_chunks, chan_chunks = common.split(batch, num_tokens, channels, BLOCK_T, BLOCK_C,
+                                           common.multiprocessors(grad_out.device))
     toks_per = -(-num_tokens // tok_chunks)
     chans_per = -(-channels // chan_chunks)
-    with _launch_guard(grad_out.device):
+    with launch_guard(grad_out.device):
         _prune_bwd_kernel[(batch, -(-num_tokens // toks_per), -(-channels // chans_per))](
             grad_out, indices, grad_x, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             channels, num_tokens, num_prefix_tokens, keep, toks_per, chans_per,
-            **bwd_constexprs(_interpreted(grad_out.device)))
+            **bwd_constexprs(common.interpreted(grad_out.device)))
     return grad_x
 
 
@@ -494,14 +489,13 @@ def _(grad_out, indices, num_tokens, num_prefix_tokens):
 # ----------------------------------------------------------------------------------------------
 def forward(x: torch.Tensor, f: torch.Tensor, plan):
     if fallback_reason(f, plan.num_patches) is not None:
-        from . import torch as torch_backend
-        return torch_backend.forward(x, f, plan)
+        return fallback_backend(x.device.type).forward(x, f, plan)
     return triton_prune_forward(x, f, plan.num_prefix_tokens, list(plan.grid), plan.keep,
                                 plan.align_corners, plan.order == "spatial")
 
 
 def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
+    if plan.num_patches > MAX_PATCHES:   # the compare-per-token backward is O(N * k): hand over
+        return fallback_backend(grad_out.device.type).backward(grad_out, indices, plan)
     return triton_prune_backward(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
 
-
-from .triton_rows import gather_rows, scatter_rows, scatter_back  # hierarchical ops (Swin, ConvNeXt)

@@ -1,7 +1,7 @@
 """The hierarchical row ops (Swin, ConvNeXt) as Triton kernels: gather, scatter, scatter-add.
 
 The three plain functions below are what `papr_kernels.hierarchical` calls for the "triton"
-backend (`papr_kernels.ops.triton_prune` re-exports them); they reproduce
+backend (the package `papr_kernels.ops.triton` exports them); they reproduce
 the plain-PyTorch row ops of `papr_kernels.reference` bit for bit.
 
 Positions. x is (B, N, C) or channels-last (B, H, W, C) with ANY strides (an NCHW tensor seen
@@ -50,18 +50,15 @@ B = 0, k = 0 (and C = 0) launch nothing. Launchers are registered as torch.libra
 (papr_kernels::triton_gather_rows, _scatter_rows, _scatter_back, and the mutating
 _scatter_back_ with mutates_args=("x",)) with fake implementations, so torch.compile(fullgraph=
 True) traces through them without a graph break. Interpreted launches (CPU tensors under
-TRITON_INTERPRET=1) hold triton_prune's interpreter lock.
+TRITON_INTERPRET=1) hold the interpreter lock, CUDA launches run on the tensors' device and its
+current stream (common.launch_guard).
 """
-import contextlib
 from typing import List, Optional, Sequence
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - triton is pinned with torch; triton_prune reports why
-    triton = None
+from . import common
+from .common import launch_guard, next_pow2, tl, triton
 
 __all__ = ["gather_rows", "scatter_rows", "scatter_back"]
 
@@ -215,45 +212,19 @@ BLOCK_J = 128
 BLOCK_C = 64
 # The interpreter runs programs one after another, op by op in numpy: few, big programs.
 _INTERP_BLOCKS = dict(BLOCK_R=256, BLOCK_P=256, BLOCK_J=1024, BLOCK_C=256)
-# Tests set these to force tiny blocks / several channel chunks (mask and chunk coverage).
-_BLOCK_OVERRIDE: Optional[dict] = None
-_CHUNK_OVERRIDE: Optional[int] = None
+# Tests force tiny blocks / several channel chunks through common.BLOCK_OVERRIDE / SPLIT_OVERRIDE.
 
 _UPCAST = (torch.float16, torch.bfloat16)
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (int(v) - 1).bit_length())
-
-
-def _guard(device: torch.device):
-    """triton_prune's interpreter lock for interpreted launches (imported late: triton_prune
-    re-exports this module at its end)."""
-    if device.type == "cuda":
-        return contextlib.nullcontext()
-    from .triton_prune import _launch_guard
-    return _launch_guard(device)
 
 
 def block_sizes(channels: int, interpreted: bool = False) -> dict:
     """Tile sizes for a launch (also used for ahead-of-time compiles)."""
     blocks = dict(_INTERP_BLOCKS if interpreted else
                   dict(BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C))
-    if _BLOCK_OVERRIDE is not None:
-        blocks.update(_BLOCK_OVERRIDE)
-    blocks["BLOCK_C"] = max(1, min(blocks["BLOCK_C"], _next_pow2(channels)))
+    if common.BLOCK_OVERRIDE is not None:
+        blocks.update(common.BLOCK_OVERRIDE)
+    blocks["BLOCK_C"] = max(1, min(blocks["BLOCK_C"], next_pow2(channels)))
     return blocks
-
-
-def _chunks(programs: int, channels: int, block_c: int, device: torch.device) -> int:
-    """Channel chunks per block of rows: more programs when the rows alone give few (small B)."""
-    most = -(-channels // block_c)
-    if _CHUNK_OVERRIDE is not None:
-        return max(1, min(_CHUNK_OVERRIDE, channels))
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(most, -(-4 * sms // max(1, programs))))
 
 
 def _grid_args(t: torch.Tensor):
@@ -264,9 +235,10 @@ def _grid_args(t: torch.Tensor):
     return h * w, w, t.stride(0), t.stride(1), t.stride(2), t.stride(3), True
 
 
-def _plan(batch: int, count: int, channels: int, block: int, blocks: dict, device):
-    num_blocks = -(-count // block)
-    chunks = _chunks(batch * num_blocks, channels, blocks["BLOCK_C"], device)
+def _plan(batch: int, count: int, channels: int, block: int, blocks: dict, sms: int):
+    """1-D grid, blocks of `count` rows/positions, channel chunks, channels per chunk."""
+    num_blocks, chunks = common.split(batch, count, channels, block, blocks["BLOCK_C"], sms,
+                                      per_block=True)
     chans_per = -(-channels // chunks)
     chunks = -(-channels // chans_per)
     programs = batch * num_blocks * chunks
@@ -281,10 +253,10 @@ def _launch_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     n, w, sb, sh, sw, sc, grid_4d = _grid_args(x)
-    blocks = block_sizes(channels, x.device.type != "cuda")
+    blocks = block_sizes(channels, common.interpreted(x.device))
     grid, num_blocks, chunks, chans_per = _plan(batch, keep, channels, blocks["BLOCK_R"],
-                                                blocks, x.device)
-    with _guard(x.device):
+                                                blocks, common.multiprocessors(x.device))
+    with launch_guard(x.device):
         _gather_kernel[grid](
             x, indices, out, sb, sh, sw, sc, indices.stride(0), indices.stride(1),
             n, w, channels, keep, num_blocks, chunks, chans_per,
@@ -306,10 +278,10 @@ def _launch_dense(x: Optional[torch.Tensor], indices: torch.Tensor, values: torc
         return out
     src = x if x is not None else out   # out only stands in for x's (unused) pointer and strides
     n, w, sb, sh, sw, sc, grid_4d = _grid_args(src)
-    blocks = block_sizes(channels, ref.device.type != "cuda")
+    blocks = block_sizes(channels, common.interpreted(ref.device))
     grid, num_blocks, chunks, chans_per = _plan(batch, n, channels, blocks["BLOCK_P"], blocks,
-                                                ref.device)
-    with _guard(ref.device):
+                                                common.multiprocessors(ref.device))
+    with launch_guard(ref.device):
         _scatter_dense_kernel[grid](
             src, indices, values, out, sb, sh, sw, sc, indices.stride(0), indices.stride(1),
             values.stride(0), values.stride(1), values.stride(2),
@@ -324,10 +296,10 @@ def _launch_add_inplace(x: torch.Tensor, indices: torch.Tensor, values: torch.Te
     if batch == 0 or keep == 0 or channels == 0:
         return
     n, w, sb, sh, sw, sc, grid_4d = _grid_args(x)
-    blocks = block_sizes(channels, x.device.type != "cuda")
+    blocks = block_sizes(channels, common.interpreted(x.device))
     grid, num_blocks, chunks, chans_per = _plan(batch, keep, channels, blocks["BLOCK_R"],
-                                                blocks, x.device)
-    with _guard(x.device):
+                                                blocks, common.multiprocessors(x.device))
+    with launch_guard(x.device):
         _scatter_add_inplace_kernel[grid](
             x, indices, values, sb, sh, sw, sc, indices.stride(0), indices.stride(1),
             values.stride(0), values.stride(1), values.stride(2),

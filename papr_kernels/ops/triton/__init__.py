@@ -1,0 +1,16 @@
+"""The "triton" backend (papr_kernels.backends): Triton kernels for `prune` and the row ops.
+
+    common.py   what both launchers share: triton import and availability, the launch split,
+                the launch guard (device, stream, interpreter lock), test overrides
+    prune.py    the fused prune forward / backward kernels, their custom ops, forward / backward
+    rows.py     the hierarchical row kernels (Swin, ConvNeXt): gather_rows, scatter_rows,
+                scatter_back
+
+This package is the backend module: `importlib.import_module("papr_kernels.ops.triton")`.
+"""
+from .common import unavailable_reason
+from .prune import backward, forward
+from .rows import gather_rows, scatter_back, scatter_rows
+
+__all__ = ["unavailable_reason", "forward", "backward", "gather_rows", "scatter_rows",
+           "scatter_back"]
