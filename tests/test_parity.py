@@ -2,6 +2,9 @@
 
 A case is the arguments of one `prune` call; `exact` marks inputs without near-ties (integer
 channel means at the grid's own size, K a power of two), where indices must equal the reference's.
+The tie-rich maps (constant regions) must give the reference's indices exactly on every backend
+and device: SPEC's float64 scores, rounded once, tie exactly there. The reference always runs on
+the CPU, so a CUDA backend is held to the CPU's indices.
 """
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -10,6 +13,7 @@ import pytest
 import torch
 
 import papr_kernels
+from papr_kernels import hierarchical, reference
 from papr_kernels.testing import assert_matches_reference
 
 
@@ -138,3 +142,67 @@ def test_deterministic(backend):
     for _ in range(3):
         again = papr_kernels.prune(x, f, 0.5, return_indices=True, backend=name)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def _tie_rich_maps():
+    """(name, f, grid_if_align_corners, grid_otherwise): maps whose float64 scores tie exactly or
+    round to the same float32, where float32 arithmetic (or another summation order) would break
+    ties by rounding noise.
+
+    The integer-valued maps use grids whose source coordinates are dyadic (align_corners: (in-1) /
+    (out-1) = 1/2; otherwise in / out = 1/2), so every weight and every partial sum is exact in
+    float64 and a score that should be 0 is 0. On other grids an integer map's true zeros come out
+    as +-1e-17 noise whose sign depends on how the reference's compiler fused multiply-adds (the
+    CPU reference's own kernel uses FMA): no float32 rounding can erase noise around 0."""
+    gen = torch.Generator().manual_seed(5)
+    per_channel = torch.randn(2, 5, 1, 1, generator=gen).expand(2, 5, 4, 4).contiguous()
+    plateau = torch.randint(0, 3, (2, 3, 3, 3), generator=gen).float()
+    plateau = plateau.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)   # 2x2 plateaus
+    video_per_channel = torch.rand(2, 3, 1, 1, 1, generator=gen).expand(2, 3, 2, 3, 3)
+    integer = torch.randint(-3, 4, (2, 3, 4, 5), generator=gen).float()
+    video_integer = torch.randint(-2, 3, (1, 2, 3, 4, 4), generator=gen).double()
+    return [
+        ("constant", torch.ones(2, 4, 3, 3), (14, 14), (14, 14)),
+        ("constant-fp32", torch.full((2, 3, 7, 7), 0.1), (14, 14), (14, 14)),
+        ("per-channel-constant", per_channel, (14, 14), (14, 14)),
+        ("plateaus", plateau, (9, 11), (9, 11)),
+        ("integer", integer, (7, 9), (8, 10)),
+        ("constant-fp16", torch.full((2, 3, 4, 4), 0.3).half(), (14, 14), (14, 14)),
+        ("constant-bf16", torch.full((2, 3, 4, 4), -1.7).bfloat16(), (10, 13), (10, 13)),
+        ("video-constant", torch.full((2, 3, 2, 3, 3), 0.7), (4, 6, 6), (4, 6, 6)),
+        ("video-per-channel", video_per_channel.contiguous(), (3, 5, 4), (3, 5, 4)),
+        ("video-integer", video_integer, (5, 7, 7), (6, 8, 8)),
+    ]
+
+
+TIE_RICH = _tie_rich_maps()
+
+
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+@pytest.mark.parametrize("name,f,grid_align,grid", TIE_RICH, ids=[m[0] for m in TIE_RICH])
+def test_tie_rich_maps_give_the_reference_indices(backend, name, f, grid_align, grid, order,
+                                                  align):
+    backend_name, device = backend
+    grid = grid_align if align else grid
+    x = torch.randn(f.shape[0], 1 + int(torch.tensor(grid).prod()), 3)
+    kwargs = dict(grid=grid, order=order, align_corners=align)
+    for z in (0.3, 0.7):
+        out, idx = papr_kernels.prune(x.to(device), f.to(device), z, return_indices=True,
+                                      backend=backend_name, **kwargs)
+        want_out, want_idx = reference.prune(x, f, z, return_indices=True, **kwargs)
+        assert torch.equal(idx.cpu(), want_idx), (name, z)
+        assert torch.equal(out.cpu(), want_out)
+
+
+@pytest.mark.parametrize("order", ["score", "spatial"])
+@pytest.mark.parametrize("name,f,grid_align,grid", [m for m in TIE_RICH if m[1].dim() == 4],
+                         ids=[m[0] for m in TIE_RICH if m[1].dim() == 4])
+def test_tie_rich_maps_give_the_reference_positions_in_hierarchical_select(
+        backend, name, f, grid_align, grid, order):
+    backend_name, device = backend
+    for z in (0.3, 0.65):
+        got = hierarchical.select(f.to(device), grid_align, z, order=order, backend=backend_name)
+        scores = reference.significance(f, grid_align)
+        want = reference.top_k(scores, got.shape[1], order)
+        assert torch.equal(got.cpu(), want), (name, z)

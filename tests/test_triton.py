@@ -165,55 +165,6 @@ def test_compile_fullgraph_no_graph_break():
     assert torch.equal(out, papr_kernels.prune(x, f, 0.5, backend="torch"))
 
 
-def _tie_rich_maps():
-    """(name, f, grid_if_align_corners, grid_otherwise): maps whose float64 scores tie exactly or
-    round to the same float32, where float32 arithmetic (or another summation order) would break
-    ties by rounding noise.
-
-    The integer-valued maps use grids whose source coordinates are dyadic (align_corners: (in-1) /
-    (out-1) = 1/2; otherwise in / out = 1/2), so every weight and every partial sum is exact in
-    float64 and a score that should be 0 is 0. On other grids an integer map's true zeros come out
-    as +-1e-17 noise whose sign depends on how the reference's compiler fused multiply-adds (the
-    CPU reference's own kernel uses FMA): no float32 rounding can erase noise around 0."""
-    gen = torch.Generator().manual_seed(5)
-    per_channel = torch.randn(2, 5, 1, 1, generator=gen).expand(2, 5, 4, 4).contiguous()
-    plateau = torch.randint(0, 3, (2, 3, 3, 3), generator=gen).float()
-    plateau = plateau.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)   # 2x2 plateaus
-    video_per_channel = torch.rand(2, 3, 1, 1, 1, generator=gen).expand(2, 3, 2, 3, 3)
-    integer = torch.randint(-3, 4, (2, 3, 4, 5), generator=gen).float()
-    video_integer = torch.randint(-2, 3, (1, 2, 3, 4, 4), generator=gen).double()
-    return [
-        ("constant", torch.ones(2, 4, 3, 3), (14, 14), (14, 14)),
-        ("constant-fp32", torch.full((2, 3, 7, 7), 0.1), (14, 14), (14, 14)),
-        ("per-channel-constant", per_channel, (14, 14), (14, 14)),
-        ("plateaus", plateau, (9, 11), (9, 11)),
-        ("integer", integer, (7, 9), (8, 10)),
-        ("constant-fp16", torch.full((2, 3, 4, 4), 0.3).half(), (14, 14), (14, 14)),
-        ("constant-bf16", torch.full((2, 3, 4, 4), -1.7).bfloat16(), (10, 13), (10, 13)),
-        ("video-constant", torch.full((2, 3, 2, 3, 3), 0.7), (4, 6, 6), (4, 6, 6)),
-        ("video-per-channel", video_per_channel.contiguous(), (3, 5, 4), (3, 5, 4)),
-        ("video-integer", video_integer, (5, 7, 7), (6, 8, 8)),
-    ]
-
-
-@pytest.mark.parametrize("align", [True, False])
-@pytest.mark.parametrize("order", ["score", "spatial"])
-@pytest.mark.parametrize("name,f,grid_align,grid", _tie_rich_maps(),
-                         ids=[m[0] for m in _tie_rich_maps()])
-def test_tie_rich_maps_give_the_reference_indices(name, f, grid_align, grid, order, align):
-    """SPEC: scores in float64 rounded once to float32, so constant regions tie exactly and the
-    tie order is the index order: identical indices to the reference, not just within one ULP."""
-    f = f.to(DEVICE)
-    grid = grid_align if align else grid
-    x = torch.randn(f.shape[0], 1 + int(torch.tensor(grid).prod()), 3, device=DEVICE)
-    kwargs = dict(grid=grid, order=order, align_corners=align)
-    for z in (0.3, 0.7):
-        out, idx = _prune(x, f, z, **kwargs)
-        want_out, want_idx = reference.prune(x, f, z, return_indices=True, **kwargs)
-        assert torch.equal(idx, want_idx), (name, z)
-        assert torch.equal(out, want_out)
-
-
 def test_patch_limit_is_what_one_program_holds():
     # gpu_report compiles (and checks for spills) the sort of up to 4096 keys: no larger N runs
     assert tp.MAX_PATCHES == 4096
