@@ -6,10 +6,13 @@ import sys
 import time
 from typing import List, Optional
 
+import timm
 import torch
 
 import papr_kernels
+import papr_kernels.timm as papr_timm
 from papr_kernels import backends, testing
+from papr_kernels import proposal as papr_proposal
 
 
 def _version(module_name: str) -> str:
@@ -101,11 +104,6 @@ def _tokens_seen(model):
 
 def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
     """A patched timm model end to end (random weights, MobileOne-S0 proposal): images/s."""
-    import timm
-
-    import papr_kernels.timm as papr_timm
-    from papr_kernels import proposal as papr_proposal
-
     torch.manual_seed(0)
     try:
         model = timm.create_model(model_name, pretrained=False).eval()
