@@ -301,3 +301,30 @@ def test_only_f_requiring_grad_gives_an_output_without_grad(backend, recwarn):
     out = papr_kernels.prune(x, f, 0.5, backend=backend)
     assert not out.requires_grad and out.grad_fn is None
     assert not [w for w in recwarn if "autograd kernel was not registered" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The proposal follows the model's inputs: dtype, autocast
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_bf16_model_gets_a_bf16_proposal(family):
+    model = _patched(family).to(torch.bfloat16)
+    images = _images(batch=1).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(images)
+        assert model.papr_proposal.network.conv.weight.dtype == torch.bfloat16
+        model.papr_z = 1.0
+        pt.unpatch(model)
+        dense = model(images)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert out.shape == dense.shape
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_autocast_leaves_the_proposal_to_autocast(family):
+    model, images = _patched(family), _images(batch=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert model.papr_proposal.network.conv.weight.dtype == torch.float32
+    assert torch.isfinite(out.float()).all()

@@ -28,7 +28,9 @@ class PaPrConvNeXtBlock(Patched):
         if self.gamma is not None:
             rows = rows * self.gamma
         rows = self.drop_path(rows) + hierarchical.gather_rows(shortcut, indices)
-        out = hierarchical.scatter_rows(rows, indices, like=shortcut)  # zeros at pruned positions
+        # zeros at pruned positions; in the dtype of shortcut + branch (they differ under autocast)
+        like = rows.new_empty(()).expand(shortcut.shape)             # the shape, no memory
+        out = hierarchical.scatter_rows(rows, indices, like=like)
         return out.permute(0, 3, 1, 2)
 
 

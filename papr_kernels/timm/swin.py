@@ -20,6 +20,9 @@ class PaPrSwinBlock(Patched):
         x = x + self.drop_path1(self._attn(self.norm1(x)))           # dense: (B, H, W, C)
         rows = hierarchical.gather_rows(x, indices)                   # (B, k, C)
         delta = self.drop_path2(self.mlp(self.norm2(rows)))
+        if delta.dtype != x.dtype:        # autocast: promote as the dense `x + delta` would
+            dtype = torch.promote_types(x.dtype, delta.dtype)
+            x, delta = x.to(dtype), delta.to(dtype)
         return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta))
 
 
