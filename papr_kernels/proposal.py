@@ -11,7 +11,7 @@ it under `torch.no_grad`. A user `nn.Module` that returns (B, K, h, w) (or a lis
 last entry is that) is wrapped the same way: note that this puts that module itself in eval mode
 and freezes its parameters (in place). Any other callable is wrapped as is.
 """
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -20,11 +20,18 @@ __all__ = ["Proposal", "create"]
 
 
 class Proposal(nn.Module):
-    """A frozen feature extractor: eval mode forever, no gradients, returns one (B, K, h, w) map."""
+    """A frozen feature extractor: eval mode forever, no gradients, returns one (B, K, h, w) map.
 
-    def __init__(self, network: Union[nn.Module, Callable]):
+    It follows the images it is given: moved to their device, and run in their floating dtype
+    (its parameters cast in place) unless `dtype` fixes one (the images are then cast to it);
+    under autocast its parameters stay as they are and autocast picks the compute dtype. On CUDA
+    an image network runs channels_last (cuDNN's fast NHWC kernels).
+    """
+
+    def __init__(self, network: Union[nn.Module, Callable], dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.network = network if isinstance(network, nn.Module) else _Function(network)
+        self.dtype = dtype
         self.train(False)
         self.network.requires_grad_(False)
 
@@ -33,6 +40,7 @@ class Proposal(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._follow(x)
         with torch.no_grad():
             f = self.network(x)
         if isinstance(f, (list, tuple)):
@@ -42,6 +50,23 @@ class Proposal(nn.Module):
             raise ValueError(f"proposal network must return (B, K, h, w) or (B, K, t, h, w) "
                              f"features, got {got}")
         return f
+
+    def _follow(self, images: torch.Tensor) -> torch.Tensor:
+        """Move/cast the network for `images` (once: later calls find it in place); the images
+        in the dtype and memory format it runs in."""
+        param = next(self.parameters(), None)
+        if param is None:
+            return images
+        dtype = self.dtype or (images.dtype if images.is_floating_point() else param.dtype)
+        if torch.is_autocast_enabled(images.device.type):
+            dtype = param.dtype
+        channels_last = images.is_cuda and images.dim() == 4
+        if param.device != images.device or param.dtype != dtype:
+            self.to(device=images.device, dtype=dtype)
+            if channels_last:
+                self.to(memory_format=torch.channels_last)
+        images = images.to(dtype)
+        return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 class _Function(nn.Module):
@@ -55,8 +80,8 @@ class _Function(nn.Module):
         return self.fn(x)
 
 
-def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: bool = True,
-           **timm_kwargs) -> Proposal:
+def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: bool = True, *,
+           dtype: Optional[torch.dtype] = None, **timm_kwargs) -> Proposal:
     """A frozen proposal network: a timm ConvNet by name, or a user module wrapped as is.
 
     Args:
@@ -64,6 +89,7 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
             (or any callable) returning (B, K, h, w) features of the images.
         pretrained: load timm's pretrained weights (default). False gives random weights, for
             tests and demos: the selected tokens are then noise.
+        dtype: run the proposal in this dtype whatever the images' (None: follow the images).
         **timm_kwargs: further `timm.create_model` arguments, e.g.
             `pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors")` to load a local
             file offline.
@@ -76,7 +102,7 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
                             f"(images -> (B, K, h, w) features), got {type(name).__name__}")
         if timm_kwargs:
             raise ValueError("timm_kwargs apply to a timm model name, not to a module")
-        return Proposal(name)
+        return Proposal(name, dtype)
     import timm
     from timm.utils.model import reparameterize_model
 
@@ -96,4 +122,4 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
         ) from exc
     network.eval()
     network = reparameterize_model(network)  # a no-op for models without reparameterizable blocks
-    return Proposal(network)
+    return Proposal(network, dtype)

@@ -328,3 +328,21 @@ def test_autocast_leaves_the_proposal_to_autocast(family):
         out = model(images)
     assert model.papr_proposal.network.conv.weight.dtype == torch.float32
     assert torch.isfinite(out.float()).all()
+
+
+def test_a_proposal_dtype_can_be_fixed_explicitly():
+    proposal = papr_proposal.create(TinyProposal(), dtype=torch.float32)
+    model = pt.patch(_vit().to(torch.bfloat16), proposal, z=0.5)
+    with torch.no_grad():
+        out = model(_images(batch=1).to(torch.bfloat16))
+    assert proposal.network.conv.weight.dtype == torch.float32 and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_is_patched_on_every_family(family):
+    model = FAMILIES[family]()
+    assert not pt.is_patched(model)
+    pt.patch(model, TinyProposal())
+    assert pt.is_patched(model)
+    pt.unpatch(model)
+    assert not pt.is_patched(model)

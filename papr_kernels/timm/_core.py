@@ -59,15 +59,8 @@ class PaPrState:
         self._local.features = value
 
     def proposal_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The proposal's features of `images`. The proposal follows the images' device and
-        floating dtype (moved and cast in place on first use, like the model it serves); under
-        autocast it stays as it is and autocast picks the compute dtype."""
-        param = next(self.proposal.parameters(), None)
-        if param is not None and (param.device != images.device or (
-                images.is_floating_point() and param.dtype != images.dtype
-                and not torch.is_autocast_enabled(images.device.type))):
-            dtype = images.dtype if images.is_floating_point() else param.dtype
-            self.proposal.to(device=images.device, dtype=dtype)
+        """The proposal's features of `images` (the proposal follows their device and dtype:
+        `Proposal`), checked against them."""
         f = self.proposal(images)
         if f.shape[0] != images.shape[0]:
             raise ValueError(f"proposal must return features with the batch size of the images "
