@@ -287,3 +287,62 @@ def test_double_features_are_not_rounded_to_float_before_the_mean(backend):
     _, ref_idx = reference.prune(x, f, 0.3, return_indices=True)
     assert not torch.equal(ref_idx[0], torch.arange(ref_idx.shape[1]))  # the test has teeth
 
+
+# ---- build_info: what the binary was built for ------------------------------------------------
+
+def _cuobjdump():
+    import os
+    import shutil
+
+    import triton
+
+    candidates = [shutil.which("cuobjdump"),
+                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+                  os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                               "cuobjdump")]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def test_build_info_names_this_torch_and_the_kernels_built():
+    from papr_kernels.ops import cpp_prune
+
+    info = cpp_prune.build_info()
+    assert isinstance(info, dict) and {"torch", "cuda", "archs", "ptx"} <= set(info)
+    assert info["torch"] == torch.__version__  # the extension loaded: built for this torch
+    assert isinstance(info["archs"], list) and all(isinstance(a, str) for a in info["archs"])
+    assert isinstance(info["ptx"], bool)
+    if cpp_prune._HAS_CUDA_KERNEL:
+        assert info["cuda"] and info["archs"], info
+        assert all(a[0].isdigit() and "." in a for a in info["archs"]), info
+    else:
+        assert info == {**info, "cuda": None, "archs": [], "ptx": False}
+
+
+def test_build_info_agrees_with_the_binary_s_cuda_code():
+    import subprocess
+
+    from papr_kernels import _C
+    from papr_kernels.ops import cpp_prune
+
+    if not cpp_prune._HAS_CUDA_KERNEL:
+        pytest.skip("the extension was built without CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    info = cpp_prune.build_info()
+    elf = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", _C.__file__], capture_output=True, text=True).stdout
+    sass = sorted({f"{m[:-1]}.{m[-1]}" for m in __import__("re").findall(r"\.sm_(\d+)a?\.", elf)})
+    assert sass == sorted(a.rstrip("af") for a in info["archs"]), (elf, info)
+    assert bool(ptx.strip()) == info["ptx"], (ptx, info)
+
+
+def test_build_info_is_none_without_the_extension():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['papr_kernels._C'] = None\n"
+            "from papr_kernels.ops import cpp_prune\n"
+            "assert cpp_prune.build_info() is None\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
