@@ -89,7 +89,7 @@ def _arch_info(cpp_extension):
 
 
 def _build_info_define(info):
-    """A -D flag carrying `info` as JSON, spelled as a list of byte values (csrc/ops.cpp turns it
+    """A -D flag carrying `info` as JSON, spelled as a list of byte values (csrc/module.cpp turns it
     back into a string): no quoting survives the trip through ninja and the shell otherwise."""
     data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
     return "-DPAPR_BUILD_INFO_BYTES=" + ",".join(str(b) for b in data)
@@ -125,7 +125,8 @@ def _extension():
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address,undefined"]
-    sources = ["csrc/ops.cpp", "csrc/cpu/prune_cpu.cpp", "csrc/cpu/rows_cpu.cpp"]
+    sources = ["csrc/module.cpp", "csrc/ops/prune.cpp", "csrc/ops/rows.cpp",
+               "csrc/cpu/prune_cpu.cpp", "csrc/cpu/rows_cpu.cpp"]
     info = {"torch": torch.__version__, "cuda": None, "archs": [], "ptx": False,
             "sanitize": sanitize}
     if with_cuda:

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "../papr_core.h"
-#include "../prune_args.h"
+#include "../ops/prune_args.h"
 
 namespace papr {
 namespace {

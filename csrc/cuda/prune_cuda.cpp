@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "../papr_core.h"
-#include "../prune_args.h"
+#include "../ops/prune_args.h"
 #include "prune_kernels.h"
 
 namespace papr {

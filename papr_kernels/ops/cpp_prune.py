@@ -1,7 +1,7 @@
 """The "cpp" (CPU) and "cuda" backends: the C++/CUDA extension `papr_kernels._C` (csrc/).
 
 The extension registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row ops
-of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops.cpp, CPU and CUDA
+of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops/, CPU and CUDA
 kernels); this module adds their fake kernels (torch.compile, meta tensors) and adapts them to
 the backend interface of backends.py (prune and the row ops `gather_rows`,
 `scatter_rows`, `scatter_back`). It imports without the extension; `unavailable_reason` then
