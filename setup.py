@@ -6,17 +6,24 @@ Switches (environment variables):
   CUDA_HOME        the CUDA toolkit; unset, it is found from nvcc on PATH (following a wrapper
                    script to the real toolkit, the folder whose lib64 holds libcudart.so), else
                    /usr/local/cuda*.
-  TORCH_CUDA_ARCH_LIST   default "8.0;9.0" (A100, H100).
+  TORCH_CUDA_ARCH_LIST   default "8.0;9.0+PTX": SASS for A100 (sm_80) and H100/H200 (sm_90), plus
+                   PTX of compute_90, which the driver JIT-compiles on newer GPUs (Blackwell, ...).
   PAPR_SANITIZE=1  host code with -fsanitize=address,undefined (`make sanitize`).
   PAPR_NO_EXTENSION=1   pure-Python install (the "torch" backend only).
   MAX_JOBS         parallel compile jobs (ninja).
   PAPR_BUILD_TEMP  object folder (default build/temp-papr-ext, kept for incremental rebuilds).
 The package imports and runs on its "torch" backend when the extension is missing.
+
+The extension records what it was built for (torch version, CUDA toolkit, GPU architectures,
+whether PTX is embedded): `papr_kernels.ops.cpp_prune.build_info()` reads it back from the
+binary itself, so it is right for an editable install and a wheel alike.
 """
 import glob
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -54,6 +61,40 @@ def _find_cuda_home():
     return None
 
 
+def _nvcc_version(cuda_home):
+    """"13.0" from `nvcc --version` of the toolkit, or None."""
+    try:
+        text = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                              capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", text)
+    return match.group(1) if match else None
+
+
+def _arch_info(cpp_extension):
+    """(archs, ptx) that nvcc is asked for: torch's own -gencode flags for TORCH_CUDA_ARCH_LIST,
+    e.g. (["8.0", "9.0"], True) for "8.0;9.0+PTX"."""
+    flags = cpp_extension._get_cuda_arch_flags()
+    archs, ptx = [], False
+    for flag in flags:
+        for kind, num, suffix in re.findall(r"code=(sm|compute)_(\d+)([a-z]?)", flag):
+            if kind == "compute":
+                ptx = True
+            else:
+                arch = f"{num[:-1]}.{num[-1]}{suffix}"
+                if arch not in archs:
+                    archs.append(arch)
+    return archs, ptx
+
+
+def _build_info_define(info):
+    """A -D flag carrying `info` as JSON, spelled as a list of byte values (csrc/module.cpp turns it
+    back into a string): no quoting survives the trip through ninja and the shell otherwise."""
+    data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+    return "-DPAPR_BUILD_INFO_BYTES=" + ",".join(str(b) for b in data)
+
+
 def _extension():
     if os.environ.get("PAPR_NO_EXTENSION") == "1":
         print("papr_kernels build: PAPR_NO_EXTENSION=1, pure-Python install (torch backend only)")
@@ -62,7 +103,7 @@ def _extension():
     cuda_home = _find_cuda_home()  # also quiets torch's wrong guess when FORCE_CUDA=0
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     import torch
     from torch.utils import cpp_extension
 
@@ -84,7 +125,14 @@ def _extension():
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address,undefined"]
-    sources = ["csrc/ops.cpp", "csrc/cpu/prune_cpu.cpp", "csrc/cpu/rows_cpu.cpp"]
+    sources = ["csrc/module.cpp", "csrc/ops/prune.cpp", "csrc/ops/rows.cpp",
+               "csrc/cpu/prune_cpu.cpp", "csrc/cpu/rows_cpu.cpp"]
+    info = {"torch": torch.__version__, "cuda": None, "archs": [], "ptx": False,
+            "sanitize": sanitize}
+    if with_cuda:
+        info["archs"], info["ptx"] = _arch_info(cpp_extension)
+        info["cuda"] = _nvcc_version(cuda_home) or torch.version.cuda
+    cxx.append(_build_info_define(info))
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if with_cuda:
         sources += ["csrc/cuda/prune_cuda.cpp", "csrc/cuda/prune_kernels.cu",
@@ -100,7 +148,8 @@ def _extension():
     print(f"  CUDA kernels     {'yes' if with_cuda else 'no'} (FORCE_CUDA={force or 'unset'})")
     print(f"  CUDA_HOME        {cuda_home or 'not found'}")
     if with_cuda:
-        print(f"  arch list        {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        print(f"  arch list        {os.environ['TORCH_CUDA_ARCH_LIST']} -> SASS "
+              f"{', '.join(info['archs'])}{', PTX' if info['ptx'] else ''} (nvcc {info['cuda']})")
     print(f"  sanitizers       {'address,undefined' if sanitize else 'off'}")
     print(f"  MAX_JOBS         {os.environ.get('MAX_JOBS', 'default')}")
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)

@@ -1,16 +1,17 @@
 // PaPr per-row algorithm, written once: compiled as host code by g++ (csrc/cpu) and as
 // __host__ __device__ code by nvcc (csrc/cuda). No torch headers here, so nvcc builds fast.
 //
-// SPEC.md, "Semantics":
-//   1. channel mean of f in float32 (we accumulate in double and round once: as close to
-//      torch's cascade sum as any order gets), then divided by K in float like torch.mean;
-//   2. resize to the token grid with PyTorch's CPU upsample formulas: bicubic (A = -0.75,
-//      clamped taps) for 4-D f, trilinear for 5-D f, both align_corners modes, the operation
-//      order of aten/src/ATen/native/cpu/UpSampleKernel.cpp (upsample_generic_Nd). Measured
-//      against torch 2.14.1's AVX2 build, the cubic weights differ by a few to ~30 ULP (their
-//      cubic2 term cancels badly and torch's compiled code rounds it differently; not FMA alone),
-//      so scores agree with the reference to a few ULP, within SPEC's matching tolerance, not
-//      bit for bit. The CPU and CUDA kernels share this arithmetic exactly;
+// SPEC.md, "Semantics" 1 and 3, in four steps:
+//   1. + 2. scores in float64, rounded once to float32: the channel mean of f.double() (summed
+//      channel by channel in double, then divided by K like torch.mean), resized to the token grid
+//      with PyTorch's CPU upsample formulas in double (area_pixel_compute_scale<double>, cubic
+//      coefficients in double): bicubic (A = -0.75, clamped taps) for 4-D f, trilinear for 5-D f,
+//      both align_corners modes, the operation order of aten/src/ATen/native/cpu/UpSampleKernel.cpp
+//      (upsample_generic_Nd); then one rounding to float32. Where torch's compiled code sums or
+//      weighs differently (a few float64 ULP), the rounding erases it, so the scores equal the
+//      reference's bit for bit except for a value within a few float64 ULP of a float32 rounding
+//      boundary; a constant region of f gives exactly equal scores. The CPU and CUDA kernels share
+//      this arithmetic exactly;
 //   3. total order: descending score, ties to the lower index, -0.0 == +0.0, NaN as -inf,
 //      encoded as one unique uint64 key per patch (larger key = ranked first);
 //   4. gather / scatter of whole token rows (dtype-agnostic byte copies).
@@ -70,63 +71,73 @@ PAPR_HD float to_float(f16 v) {
   return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
-// ---- 1. channel mean --------------------------------------------------------------------------
-// Sum of channels [k0, k1) at spatial positions [s0, s0 + len) of one row of f (K, S) contiguous.
+// ---- 1. channel mean (float64) ---------------------------------------------------------------
+// f.double(): every element type widens to double exactly (fp16/bf16 through their float value).
+PAPR_HD double to_double(float v) { return static_cast<double>(v); }
+PAPR_HD double to_double(double v) { return v; }
+PAPR_HD double to_double(bf16 v) { return static_cast<double>(to_float(v)); }
+PAPR_HD double to_double(f16 v) { return static_cast<double>(to_float(v)); }
+
+// Sum of channels [k0, k1) at spatial positions [s0, s0 + len) of one row of f (K, S) contiguous,
+// in float64, channel by channel (the same order at every position: a per-channel-constant map
+// gives one sum everywhere).
 template <typename T>
 PAPR_HD void channel_sum(const T* f_row, int64_t S, int64_t k0, int64_t k1, int64_t s0, int len,
                          double* acc) {
   for (int j = 0; j < len; ++j) acc[j] = 0.0;
   for (int64_t k = k0; k < k1; ++k) {
     const T* p = f_row + k * S + s0;
-    for (int j = 0; j < len; ++j) acc[j] += static_cast<double>(to_float(p[j]));
+    for (int j = 0; j < len; ++j) acc[j] += to_double(p[j]);
   }
 }
 
-// torch CPU mean = sum (float) .div_(K)
-PAPR_HD float mean_from_sum(double sum, int64_t K) {
-  return static_cast<float>(sum) / static_cast<float>(K);
+// torch CPU mean = sum (float64) .div_(K)
+PAPR_HD double mean_from_sum(double sum, int64_t K) { return sum / static_cast<double>(K); }
+
+// ---- 2. resize taps (PyTorch UpSample.h / UpSampleKernel.cpp arithmetic, opmath = double) -----
+// area_pixel_compute_scale<double>
+PAPR_HD double source_scale(int64_t in, int64_t out, bool align_corners) {
+  if (align_corners)
+    return out > 1 ? static_cast<double>(in - 1) / static_cast<double>(out - 1) : 0.0;
+  return static_cast<double>(in) / static_cast<double>(out);
 }
 
-// ---- 2. resize taps (PyTorch UpSample.h / UpSampleKernel.cpp arithmetic, float opmath) --------
-PAPR_HD float source_scale(int64_t in, int64_t out, bool align_corners) {
-  if (align_corners) return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.0f;
-  return static_cast<float>(in) / static_cast<float>(out);
+// area_pixel_compute_source_index<double>
+PAPR_HD double source_index(double scale, int64_t dst, bool align_corners, bool cubic) {
+  if (align_corners) return scale * static_cast<double>(dst);
+  const double src = scale * (static_cast<double>(dst) + 0.5) - 0.5;
+  return (!cubic && src < 0.0) ? 0.0 : src;
 }
 
-PAPR_HD float source_index(float scale, int64_t dst, bool align_corners, bool cubic) {
-  if (align_corners) return scale * static_cast<float>(dst);
-  const float src = scale * (static_cast<float>(dst) + 0.5f) - 0.5f;
-  return (!cubic && src < 0.0f) ? 0.0f : src;
-}
-
-PAPR_HD void guard_index_and_lambda(float real, int64_t in, int64_t& idx, float& lambda) {
-  idx = static_cast<int64_t>(floorf(real));
+// guard_index_and_lambda: torch floors with floorf, i.e. of the index rounded to float.
+PAPR_HD void guard_index_and_lambda(double real, int64_t in, int64_t& idx, double& lambda) {
+  idx = static_cast<int64_t>(floorf(static_cast<float>(real)));
   if (idx > in - 1) idx = in - 1;
-  float l = real - static_cast<float>(idx);
-  l = l < 0.0f ? 0.0f : l;   // std::max(l, 0)
-  lambda = l > 1.0f ? 1.0f : l;  // std::min(., 1)
+  double l = real - static_cast<double>(idx);
+  l = l < 0.0 ? 0.0 : l;        // std::max(l, 0)
+  lambda = l > 1.0 ? 1.0 : l;   // std::min(., 1)
 }
 
-PAPR_HD float cubic1(float x, float A) { return ((A + 2.0f) * x - (A + 3.0f)) * x * x + 1.0f; }
-PAPR_HD float cubic2(float x, float A) {
-  return ((A * x - 5.0f * A) * x + 8.0f * A) * x - 4.0f * A;
+PAPR_HD double cubic1(double x, double A) { return ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0; }
+PAPR_HD double cubic2(double x, double A) {
+  return ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
 }
 
-// Bicubic taps of output coordinate i along one dimension: source indices (clamped) and weights.
+// Bicubic taps of output coordinate i along one dimension: source indices (clamped) and weights
+// (get_cubic_upsample_coefficients<double>).
 PAPR_HD void cubic_taps(int64_t in, int64_t out, bool align_corners, int64_t i, int64_t idx[4],
-                        float w[4]) {
-  const float scale = source_scale(in, out, align_corners);
-  const float real = source_index(scale, i, align_corners, true);
+                        double w[4]) {
+  const double scale = source_scale(in, out, align_corners);
+  const double real = source_index(scale, i, align_corners, true);
   int64_t base;
-  float t;
+  double t;
   guard_index_and_lambda(real, in, base, t);
-  const float A = -0.75f;
-  // torch: x1 + 1.0 and 1.0 - t are computed in double, then passed as float: same as float ops.
-  w[0] = cubic2(static_cast<float>(static_cast<double>(t) + 1.0), A);
+  const double A = -0.75;
+  w[0] = cubic2(t + 1.0, A);
   w[1] = cubic1(t, A);
-  const float t2 = static_cast<float>(1.0 - static_cast<double>(t));
+  const double t2 = 1.0 - t;
   w[2] = cubic1(t2, A);
-  w[3] = cubic2(static_cast<float>(static_cast<double>(t2) + 1.0), A);
+  w[3] = cubic2(t2 + 1.0, A);
   for (int j = 0; j < 4; ++j) {
     int64_t s = base + j - 1;
     s = s > in - 1 ? in - 1 : s;
@@ -134,54 +145,55 @@ PAPR_HD void cubic_taps(int64_t in, int64_t out, bool align_corners, int64_t i, 
   }
 }
 
-// Linear taps (trilinear per dimension): torch's compute_source_index_and_lambda.
+// Linear taps (trilinear per dimension): torch's compute_source_index_and_lambda<double>.
 PAPR_HD void linear_taps(int64_t in, int64_t out, bool align_corners, int64_t i, int64_t idx[2],
-                         float w[2]) {
+                         double w[2]) {
   if (in == out) {
     idx[0] = idx[1] = i;
-    w[0] = 1.0f;
-    w[1] = 0.0f;
+    w[0] = 1.0;
+    w[1] = 0.0;
     return;
   }
-  const float scale = source_scale(in, out, align_corners);
-  const float real = source_index(scale, i, align_corners, false);
+  const double scale = source_scale(in, out, align_corners);
+  const double real = source_index(scale, i, align_corners, false);
   int64_t i0;
-  float l1;
+  double l1;
   guard_index_and_lambda(real, in, i0, l1);
   idx[0] = i0;
   idx[1] = i0 + ((i0 < in - 1) ? 1 : 0);
-  w[0] = 1.0f - l1;
+  w[0] = 1.0 - l1;
   w[1] = l1;
 }
 
-// Score of output (oy, ox) from the channel mean m (h, w): torch's nested Interpolate<2, ..., 4>,
-// outer dimension H: out = t0*wy0; out += t1*wy1; ... with t_j = sum over x taps in the same form.
-PAPR_HD float bicubic_at(const float* m, int64_t w_in, const int64_t iy[4], const float wy[4],
-                         const int64_t ix[4], const float wx[4]) {
-  float out = 0.0f;
+// Score of output (oy, ox) from the float64 channel mean m (h, w), rounded once to float:
+// torch's nested Interpolate<2, ..., 4>, outer dimension H: out = t0*wy0; out += t1*wy1; ...
+// with t_j = sum over x taps in the same form.
+PAPR_HD float bicubic_at(const double* m, int64_t w_in, const int64_t iy[4], const double wy[4],
+                         const int64_t ix[4], const double wx[4]) {
+  double out = 0.0;
   for (int a = 0; a < 4; ++a) {
-    const float* r = m + iy[a] * w_in;
-    float t = r[ix[0]] * wx[0];
+    const double* r = m + iy[a] * w_in;
+    double t = r[ix[0]] * wx[0];
     for (int b = 1; b < 4; ++b) t += r[ix[b]] * wx[b];
     if (a == 0) out = t * wy[0]; else out += t * wy[a];
   }
-  return out;
+  return static_cast<float>(out);
 }
 
 // Trilinear: torch's Interpolate<n, ..., 2> specialisation: t0 * w0 + t1 * w1 at every level.
-PAPR_HD float trilinear_at(const float* m, int64_t h_in, int64_t w_in, const int64_t it[2],
-                           const float wt[2], const int64_t iy[2], const float wy[2],
-                           const int64_t ix[2], const float wx[2]) {
-  float tv[2];
+PAPR_HD float trilinear_at(const double* m, int64_t h_in, int64_t w_in, const int64_t it[2],
+                           const double wt[2], const int64_t iy[2], const double wy[2],
+                           const int64_t ix[2], const double wx[2]) {
+  double tv[2];
   for (int a = 0; a < 2; ++a) {
-    float yv[2];
+    double yv[2];
     for (int b = 0; b < 2; ++b) {
-      const float* r = m + (it[a] * h_in + iy[b]) * w_in;
+      const double* r = m + (it[a] * h_in + iy[b]) * w_in;
       yv[b] = r[ix[0]] * wx[0] + r[ix[1]] * wx[1];
     }
     tv[a] = yv[0] * wy[0] + yv[1] * wy[1];
   }
-  return tv[0] * wt[0] + tv[1] * wt[1];
+  return static_cast<float>(tv[0] * wt[0] + tv[1] * wt[1]);
 }
 
 // ---- 3. total order -----------------------------------------------------------------------------

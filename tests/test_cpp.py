@@ -23,8 +23,28 @@ def _inputs(batch=2, n=197, channels=16, proposal=8, f_size=(7, 7), dtype=torch.
     return x, f
 
 
-def _prune(x, f, z=0.5, **kw):
-    return papr_kernels.prune(x, f, z, return_indices=True, backend="cpp", **kw)
+def _prune(x, f, z=0.5, backend="cpp", **kw):
+    return papr_kernels.prune(x, f, z, return_indices=True, backend=backend, **kw)
+
+
+def _cuda_unavailable():
+    if not torch.cuda.is_available():
+        return "no CUDA device here"
+    return backends.unavailable_reason("cuda", "cuda")
+
+
+# The extension's two kernels: "cpp" on CPU tensors, "cuda" on CUDA tensors (skipped without one).
+KERNELS = ["cpp", pytest.param("cuda", marks=pytest.mark.skipif(
+    _cuda_unavailable() is not None, reason=f"cuda: {_cuda_unavailable()}"))]
+
+
+def _exact_as_reference(backend, x, f, z, **kw):
+    """Indices and output of `backend` equal the reference's exactly (torch.equal)."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    out, idx = _prune(x.to(device), f.to(device), z, backend=backend, **kw)
+    ref_out, ref_idx = reference.prune(x, f, z, return_indices=True, **kw)
+    assert torch.equal(idx.cpu(), ref_idx), (idx, ref_idx)
+    assert torch.equal(out.cpu(), ref_out)
 
 
 def test_compile_fullgraph_has_no_graph_breaks():
@@ -168,5 +188,161 @@ def test_package_works_without_the_extension():
             "papr_kernels.available_backends('cpu')\n"
             "x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7)\n"
             "assert papr_kernels.prune(x, f, 0.5).shape == (2, 99, 8)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---- float64 scores (SPEC, semantics 1): exact ties on tie-rich maps --------------------------
+# A constant region of f gives exactly equal float32 scores in the reference (float64 mean and
+# resize, one rounding), so its tie order is the index order. A float32 resize would give
+# values a few ULP apart there and rank them by rounding noise: these tests compare indices
+# with torch.equal, no tolerance.
+
+def _tie_maps():
+    gen = torch.Generator().manual_seed(7)
+    per_channel = torch.randn(2, 6, 1, 1, generator=gen).expand(2, 6, 5, 5).contiguous()
+    plateau = torch.randn(2, 3, 7, 7, generator=gen)
+    plateau[:, :, 1:6, 2:7] = 0.3712  # a constant block inside a random map
+    integers = torch.randint(-4, 5, (2, 5, 7, 7), generator=gen).float()
+    return {
+        "ones": torch.ones(2, 4, 3, 3),
+        "per_channel_constant": per_channel,
+        "plateau": plateau,
+        "integers": integers,
+        "fp16_constant": torch.full((2, 4, 5, 5), 0.1, dtype=torch.float16),
+        "bf16_constant": torch.full((2, 4, 5, 5), 0.1, dtype=torch.bfloat16),
+        "fp64_constant": torch.full((2, 4, 5, 5), 0.1, dtype=torch.float64),
+        "f32_thirds": torch.full((2, 3, 4, 4), 1.0 / 3.0),
+    }
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+@pytest.mark.parametrize("name", list(_tie_maps()))
+@pytest.mark.parametrize("grid", [(14, 14), (9, 11)])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_tie_rich_maps_give_exactly_the_reference_indices(backend, name, order, align_corners,
+                                                          grid):
+    f = _tie_maps()[name]
+    n = 1 + grid[0] * grid[1]
+    x = torch.randn(f.shape[0], n, 8, generator=torch.Generator().manual_seed(1))
+    for z in (0.3, 0.77):
+        _exact_as_reference(backend, x, f, z, grid=grid, order=order, align_corners=align_corners)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+@pytest.mark.parametrize("f_dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["constant", "per_channel_constant", "plateau"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_video_tie_rich_maps_give_exactly_the_reference_indices(backend, kind, f_dtype, order,
+                                                                align_corners):
+    gen = torch.Generator().manual_seed(3)
+    if kind == "constant":
+        f = torch.full((2, 3, 2, 3, 3), 0.7)
+    elif kind == "per_channel_constant":
+        f = torch.randn(2, 5, 1, 1, 1, generator=gen).expand(2, 5, 2, 3, 3).contiguous()
+    else:
+        f = torch.randn(2, 3, 3, 4, 4, generator=gen)
+        f[:, :, :, 1:, 1:] = -0.41
+    f = f.to(f_dtype)
+    grid = (4, 7, 6)
+    x = torch.randn(2, 1 + 4 * 7 * 6, 8, generator=gen)
+    _exact_as_reference(backend, x, f, 0.4, grid=grid, order=order, align_corners=align_corners)
+
+
+# The CUDA kernel ranks rows of up to 2048 patches in shared memory and sorts longer rows: both
+# sides of that switch, on maps with large tied regions and on random ones.
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("grid", [(45, 45), (46, 46), (64, 64), (96, 100)], ids=str)
+@pytest.mark.parametrize("order", ["score", "spatial"])
+def test_long_rows_with_plateaus_give_exactly_the_reference_indices(backend, grid, order):
+    gen = torch.Generator().manual_seed(11)
+    f = torch.randn(2, 4, 12, 12, generator=gen)
+    f[0, :, 2:9, 3:11] = 0.25          # a plateau: ties across hundreds of patches
+    f[1] = f[1].round()                # integer-valued: ties too
+    x = torch.randn(2, 1 + grid[0] * grid[1], 4, generator=gen)
+    for z in (0.05, 0.5, 1.0 - 1e-3):
+        _exact_as_reference(backend, x, f, z, grid=grid, order=order)
+    f = torch.randn(3, 4, 12, 12, generator=gen)
+    x = torch.randn(3, 1 + grid[0] * grid[1], 4, generator=gen)
+    out, idx = _prune(x.to("cuda" if backend == "cuda" else "cpu"),
+                      f.to("cuda" if backend == "cuda" else "cpu"), 0.3, backend=backend,
+                      grid=grid, order=order)
+    assert_matches_reference(x, f, 0.3, out.cpu(), idx.cpu(), grid=grid, order=order)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_double_features_are_not_rounded_to_float_before_the_mean(backend):
+    # float64 f: channel 0 is 1 + 2^-30 on a random mask (not a float32 value: it rounds to 1),
+    # channel 1 is -1. The reference's float64 mean is 2^-31 on the mask and 0 elsewhere, so the
+    # masked region ranks first; rounding f to float32 first would make every score 0.
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 1, 6, 6, generator=gen) < 0.4
+    f = torch.cat([1.0 + mask.double() * 2.0 ** -30, -torch.ones(2, 1, 6, 6, dtype=torch.float64)],
+                  dim=1)
+    x = torch.randn(2, 1 + 36, 4, generator=gen)
+    for ac in (True, False):
+        _exact_as_reference(backend, x, f, 0.3, align_corners=ac)
+    _, ref_idx = reference.prune(x, f, 0.3, return_indices=True)
+    assert not torch.equal(ref_idx[0], torch.arange(ref_idx.shape[1]))  # the test has teeth
+
+
+# ---- build_info: what the binary was built for ------------------------------------------------
+
+def _cuobjdump():
+    import os
+    import shutil
+
+    import triton
+
+    candidates = [shutil.which("cuobjdump"),
+                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"),
+                  os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                               "cuobjdump")]
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def test_build_info_names_this_torch_and_the_kernels_built():
+    from papr_kernels.ops import cpp_prune
+
+    info = cpp_prune.build_info()
+    assert isinstance(info, dict) and {"torch", "cuda", "archs", "ptx"} <= set(info)
+    assert info["torch"] == torch.__version__  # the extension loaded: built for this torch
+    assert isinstance(info["archs"], list) and all(isinstance(a, str) for a in info["archs"])
+    assert isinstance(info["ptx"], bool)
+    if cpp_prune._HAS_CUDA_KERNEL:
+        assert info["cuda"] and info["archs"], info
+        assert all(a[0].isdigit() and "." in a for a in info["archs"]), info
+    else:
+        assert info == {**info, "cuda": None, "archs": [], "ptx": False}
+
+
+def test_build_info_agrees_with_the_binary_s_cuda_code():
+    import subprocess
+
+    from papr_kernels import _C
+    from papr_kernels.ops import cpp_prune
+
+    if not cpp_prune._HAS_CUDA_KERNEL:
+        pytest.skip("the extension was built without CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump")
+    info = cpp_prune.build_info()
+    elf = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", _C.__file__], capture_output=True, text=True).stdout
+    sass = sorted({f"{m[:-1]}.{m[-1]}" for m in __import__("re").findall(r"\.sm_(\d+)a?\.", elf)})
+    assert sass == sorted(a.rstrip("af") for a in info["archs"]), (elf, info)
+    assert bool(ptx.strip()) == info["ptx"], (ptx, info)
+
+
+def test_build_info_is_none_without_the_extension():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['papr_kernels._C'] = None\n"
+            "from papr_kernels.ops import cpp_prune\n"
+            "assert cpp_prune.build_info() is None\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -153,6 +153,33 @@ def test_out_of_range_index_raises_on_cpu(bad):
     assert torch.equal(x, before)  # checked before anything is written
 
 
+@pytest.mark.skipif(cpp_prune.unavailable_reason("cuda") is not None,
+                    reason=f"cuda: {cpp_prune.unavailable_reason('cuda')}")
+@pytest.mark.parametrize("layout", ["4d", "nchw"])
+def test_out_of_range_index_is_masked_on_cuda_and_the_context_survives(layout):
+    # A device assert would kill the CUDA context: every later CUDA call in the process fails.
+    x = _make(layout, 2, torch.float32, "cuda", seed=0)
+    idx = _indices(2, 35, 4, "cuda", seed=0)
+    values = _values(2, 4, 6, torch.float32, "cuda", seed=0)
+    for bad in (-1, 35, 10**12):
+        bad_idx = idx.clone()
+        bad_idx[1, 2] = bad
+        good = torch.ones_like(bad_idx, dtype=torch.bool)
+        good[1, 2] = False
+        rows = cpp_prune.gather_rows(x, bad_idx)
+        want = reference.gather_rows(x, idx)
+        assert torch.equal(rows[good], want[good])
+        assert torch.equal(rows[1, 2], torch.zeros_like(rows[1, 2]))  # masked row reads as zeros
+        before = x.clone()
+        got = cpp_prune.scatter_back(x.clone(), bad_idx, values, True)
+        ref = reference.scatter_back(x.clone(), idx[:, [0, 1, 3]], values[:, [0, 1, 3]], True)
+        ref[0] = reference.scatter_back(before[:1], idx[:1], values[:1])[0]
+        assert torch.equal(got, ref)
+        torch.cuda.synchronize()
+    # The context is alive: a later op on the same device still runs and is right.
+    assert torch.equal(cpp_prune.gather_rows(x, idx), reference.gather_rows(x, idx))
+
+
 def test_direct_op_misuse_raises():
     ops = torch.ops.papr_kernels
     x = torch.randn(2, 5, 7, 6)

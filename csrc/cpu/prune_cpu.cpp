@@ -1,5 +1,6 @@
 // CPU kernel of papr_kernels::prune_forward / prune_backward on top of csrc/papr_core.h.
-// Phase 1 (at::parallel_for over rows): channel mean, resize, rank -> indices.
+// Phase 1 (at::parallel_for over rows): channel mean and resize in float64, one rounding to
+// float32, rank -> indices.
 // Phase 2 (at::parallel_for over token tiles of all rows): memcpy of whole token rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,7 +13,7 @@
 #include <vector>
 
 #include "../papr_core.h"
-#include "../prune_args.h"
+#include "../ops/prune_args.h"
 
 namespace papr {
 namespace {
@@ -25,7 +26,7 @@ constexpr int64_t kMeanParallelBytes = 1 << 20;   // below this, one row's mean 
 struct Taps {
   int ntap = 0;                   // 4 (bicubic) or 2 (linear)
   std::vector<int64_t> idx[3];    // [d][o * ntap + j]
-  std::vector<float> w[3];
+  std::vector<double> w[3];
 };
 
 Taps make_taps(const ForwardShape& s, bool align_corners) {
@@ -46,7 +47,7 @@ Taps make_taps(const ForwardShape& s, bool align_corners) {
 
 // Channel mean of positions [s0, s1) of one row: the header's fp64 channel_sum, tile by tile.
 template <typename T>
-inline __attribute__((always_inline)) void row_mean(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, float* mean) {
+inline __attribute__((always_inline)) void row_mean(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, double* mean) {
   double acc[kSpatialTile];
   for (int64_t t = s0; t < s1; t += kSpatialTile) {
     const int len = static_cast<int>(std::min<int64_t>(kSpatialTile, s1 - t));
@@ -60,18 +61,18 @@ inline __attribute__((always_inline)) void row_mean(const T* f_row, int64_t K, i
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void row_mean_f32(const float* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, float* mean) {
+void row_mean_f32(const float* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, double* mean) {
   row_mean(f_row, K, S, s0, s1, mean);
 }
 
 template <typename T>
-void mean_of_row(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, float* mean) {
+void mean_of_row(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, double* mean) {
   if constexpr (std::is_same_v<T, float>) row_mean_f32(f_row, K, S, s0, s1, mean);
   else row_mean(f_row, K, S, s0, s1, mean);
 }
 
 // Keys of one row from its channel mean.
-void row_keys(const float* mean, const ForwardShape& s, const Taps& t, uint64_t* keys) {
+void row_keys(const double* mean, const ForwardShape& s, const Taps& t, uint64_t* keys) {
   int64_t i = 0;
   if (s.dims == 2) {
     const int64_t H = s.out[0], W = s.out[1];
@@ -110,7 +111,7 @@ void select_rows(const at::Tensor& f, const ForwardShape& s, bool align_corners,
   const int64_t row_bytes = f_row * static_cast<int64_t>(sizeof(T));
   if (s.B >= at::get_num_threads() || row_bytes < kMeanParallelBytes) {  // one thread per row
     at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> mean(s.S);
+      std::vector<double> mean(s.S);
       std::vector<uint64_t> keys(s.N);
       for (int64_t b = b0; b < b1; ++b) {
         mean_of_row(fp + b * f_row, s.K, s.S, 0, s.S, mean.data());
@@ -122,7 +123,7 @@ void select_rows(const at::Tensor& f, const ForwardShape& s, bool align_corners,
   }
   // Few rows (B = 1 latency): the channel mean, the bulk of the work, split over positions. The
   // result does not depend on the thread count (each position's sum is computed whole).
-  std::vector<float> mean(s.S);
+  std::vector<double> mean(s.S);
   std::vector<uint64_t> keys(s.N);
   const int64_t grain = std::max<int64_t>(8, (s.S + at::get_num_threads() - 1) / at::get_num_threads());
   for (int64_t b = 0; b < s.B; ++b) {

@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <cstring>
 
-#include "../rows_args.h"
+#include "../ops/rows_args.h"
 
 namespace papr {
 namespace {

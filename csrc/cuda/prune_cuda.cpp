@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "../papr_core.h"
-#include "../prune_args.h"
+#include "../ops/prune_args.h"
 #include "prune_kernels.h"
 
 namespace papr {
@@ -32,9 +32,10 @@ std::tuple<at::Tensor, at::Tensor> prune_forward_cuda(const at::Tensor& x_in, co
   at::Tensor out = at::empty({s.B, P + s.k, s.C}, x.options());
   at::Tensor indices = at::empty({s.B, s.k}, x.options().dtype(at::kLong));
   if (s.B == 0) return {out, indices};
-  at::Tensor mean = at::empty({s.B, s.S}, f.options().dtype(at::kFloat));
+  at::Tensor mean = at::empty({s.B, s.S}, f.options().dtype(at::kDouble));
+  const bool by_sort = cuda::select_by_sort(s.N);
   at::Tensor keys;
-  if (s.N > cuda::max_shared_keys()) keys = at::empty({s.B, s.N}, f.options().dtype(at::kLong));
+  if (by_sort) keys = at::empty({s.B, s.N}, f.options().dtype(at::kLong));
   cuda::ForwardParams p{};
   const int64_t es = x.element_size();
   p.x = static_cast<const char*>(x.const_data_ptr());
@@ -47,11 +48,22 @@ std::tuple<at::Tensor, at::Tensor> prune_forward_cuda(const at::Tensor& x_in, co
   for (int d = 0; d < 3; ++d) { p.in[d] = s.in[d]; p.out[d] = s.out[d]; }
   p.align_corners = align_corners;
   p.spatial = spatial;
-  p.mean = mean.data_ptr<float>();
-  p.keys = keys.defined() ? reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()) : nullptr;
+  p.mean = mean.data_ptr<double>();
+  p.keys = by_sort ? keys.data_ptr<int64_t>() : nullptr;
   p.out_tokens = static_cast<char*>(out.data_ptr());
   p.indices = indices.data_ptr<int64_t>();
-  const cudaError_t err = cuda::launch_forward(p, c10::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t err = cuda::launch_select(p, stream);
+  TORCH_CHECK(err == cudaSuccess, "papr_kernels CUDA forward failed: ", cudaGetErrorString(err));
+  if (by_sort) {
+    // Large rows: sort the unique keys (segmented radix sort on the current stream, no host
+    // sync), keep the first k, decode the index from the low word (papr::key_index).
+    const at::Tensor top = std::get<0>(at::sort(keys, /*dim=*/1, /*descending=*/true)).narrow(1, 0, s.k);
+    at::Tensor kept = top.bitwise_and(int64_t{0xffffffff}).neg_().add_(int64_t{0xffffffff});
+    if (spatial) kept = std::get<0>(at::sort(kept, /*dim=*/1, /*descending=*/false));
+    indices.copy_(kept);
+  }
+  err = cuda::launch_gather(p, stream);
   TORCH_CHECK(err == cudaSuccess, "papr_kernels CUDA forward failed: ", cudaGetErrorString(err));
   return {out, indices};
 }

@@ -1,7 +1,10 @@
 // CUDA kernels of papr_kernels::prune_forward / prune_backward on top of csrc/papr_core.h (the
 // same per-row arithmetic as the CPU kernel; built with --fmad=false so scores match it bitwise).
-//   mean_kernel    grid (S tiles, B): channel mean, K split over threadIdx.y, fp64 accumulation
-//   select_kernel  one block per row: keys in shared memory, rank by counting, write indices
+//   mean_kernel    grid (S tiles, B): float64 channel mean, K split over threadIdx.y
+//   select_kernel  N <= kSortMinKeys: one block per row, keys in shared memory, rank by counting
+//   keys_kernel    N >  kSortMinKeys: keys to global memory in an order-preserving int64 form;
+//                  the torch glue (prune_cuda.cpp) sorts them (at::sort, a segmented radix sort)
+//                  and turns the top k into indices
 //   gather_kernel  grid (token tiles, B): coalesced 16/8/4/2/1-byte copies of whole tokens
 //   inverse_kernel + scatter_kernel: backward, every byte of grad_x written once, no atomics
 // All offsets are int64.
@@ -17,18 +20,21 @@ namespace {
 
 constexpr int kMeanTx = 32, kMeanTy = 16;
 constexpr int kSelectThreads = 512;
+constexpr int kKeyThreads = 256;
 constexpr int kCopyThreads = 128, kTokensPerBlock = 4;
-constexpr int64_t kSharedKeyBytes = 40 * 1024;  // below the 48 KiB default: no opt-in needed
+// Counting ranks costs N^2 / kSelectThreads comparisons per thread: past this many keys a sort
+// is faster. 2048 keys = 16 KiB of shared memory, below the 48 KiB default (no opt-in needed).
+constexpr int64_t kSortMinKeys = 2048;
 
 template <typename T>
-__global__ void mean_kernel(const T* __restrict__ f, int64_t B, int64_t K, int64_t S, float* __restrict__ mean) {
+__global__ void mean_kernel(const T* __restrict__ f, int64_t B, int64_t K, int64_t S, double* __restrict__ mean) {
   __shared__ double part[kMeanTy][kMeanTx];
   const int64_t s = static_cast<int64_t>(blockIdx.x) * kMeanTx + threadIdx.x;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     double acc = 0.0;
     if (s < S) {
       const T* row = f + b * K * S;
-      for (int64_t c = threadIdx.y; c < K; c += kMeanTy) acc += static_cast<double>(to_float(row[c * S + s]));
+      for (int64_t c = threadIdx.y; c < K; c += kMeanTy) acc += to_double(row[c * S + s]);
     }
     part[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
@@ -41,11 +47,12 @@ __global__ void mean_kernel(const T* __restrict__ f, int64_t B, int64_t K, int64
   }
 }
 
-__device__ float score_at(const ForwardParams& p, const float* m, int64_t i) {
+// Float32 score of patch i: float64 resize of the float64 channel mean m, rounded once.
+__device__ float score_at(const ForwardParams& p, const double* m, int64_t i) {
   if (p.dims == 2) {
     const int64_t oy = i / p.out[1], ox = i - oy * p.out[1];
     int64_t iy[4], ix[4];
-    float wy[4], wx[4];
+    double wy[4], wx[4];
     cubic_taps(p.in[0], p.out[0], p.align_corners, oy, iy, wy);
     cubic_taps(p.in[1], p.out[1], p.align_corners, ox, ix, wx);
     return bicubic_at(m, p.in[1], iy, wy, ix, wx);
@@ -53,21 +60,20 @@ __device__ float score_at(const ForwardParams& p, const float* m, int64_t i) {
   const int64_t hw = p.out[1] * p.out[2];
   const int64_t ot = i / hw, rem = i - ot * hw, oy = rem / p.out[2], ox = rem - oy * p.out[2];
   int64_t it[2], iy[2], ix[2];
-  float wt[2], wy[2], wx[2];
+  double wt[2], wy[2], wx[2];
   linear_taps(p.in[0], p.out[0], p.align_corners, ot, it, wt);
   linear_taps(p.in[1], p.out[1], p.align_corners, oy, iy, wy);
   linear_taps(p.in[2], p.out[2], p.align_corners, ox, ix, wx);
   return trilinear_at(m, p.in[1], p.in[2], it, wt, iy, wy, ix, wx);
 }
 
-// One block per row. Keys are unique, so rank(i) = #{j : key_j > key_i} is a permutation.
+// One block per row, N <= kSortMinKeys. Keys are unique, so rank(i) = #{j : key_j > key_i} is a
+// permutation.
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(ForwardParams p) {
-  extern __shared__ uint64_t smem_keys[];
+  __shared__ uint64_t keys[kSortMinKeys];
   __shared__ uint64_t threshold;
   const int64_t b = blockIdx.x;
-  const bool in_smem = p.N * static_cast<int64_t>(sizeof(uint64_t)) <= kSharedKeyBytes;
-  uint64_t* keys = in_smem ? smem_keys : p.keys + b * p.N;
-  const float* m = p.mean + b * p.S;
+  const double* m = p.mean + b * p.S;
   for (int64_t i = threadIdx.x; i < p.N; i += blockDim.x) keys[i] = rank_key(score_at(p, m, i), i);
   __syncthreads();
   int64_t* out = p.indices + b * p.k;
@@ -86,6 +92,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(ForwardParams p)
     int64_t pos = 0;
     for (int64_t j = 0; j < i; ++j) pos += keys[j] >= th;
     out[pos] = i;
+  }
+}
+
+// N > kSortMinKeys: every key of every row to global memory, as int64 with the top bit flipped
+// (signed order == unsigned key order; the low word, the inverted index, is unchanged).
+__global__ void __launch_bounds__(kKeyThreads) keys_kernel(ForwardParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.N) return;
+  for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
+    const uint64_t key = rank_key(score_at(p, p.mean + b * p.S, i), i);
+    p.keys[b * p.N + i] = static_cast<int64_t>(key ^ 0x8000000000000000ull);
   }
 }
 
@@ -166,9 +183,9 @@ unsigned grid_rows(int64_t B) { return static_cast<unsigned>(B < 65535 ? B : 655
 
 }  // namespace
 
-int64_t max_shared_keys() { return kSharedKeyBytes / static_cast<int64_t>(sizeof(uint64_t)); }
+bool select_by_sort(int64_t N) { return N > kSortMinKeys; }
 
-cudaError_t launch_forward(const ForwardParams& p, cudaStream_t stream) {
+cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
   const dim3 mgrid(static_cast<unsigned>((p.S + kMeanTx - 1) / kMeanTx), grid_rows(p.B));
   const dim3 mblock(kMeanTx, kMeanTy);
@@ -178,9 +195,18 @@ cudaError_t launch_forward(const ForwardParams& p, cudaStream_t stream) {
     case kF32: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const float*>(p.f), p.B, p.K, p.S, p.mean); break;
     default: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const double*>(p.f), p.B, p.K, p.S, p.mean); break;
   }
-  const int64_t key_bytes = p.N * static_cast<int64_t>(sizeof(uint64_t));
-  const size_t smem = key_bytes <= kSharedKeyBytes ? static_cast<size_t>(key_bytes) : 0;
-  select_kernel<<<static_cast<unsigned>(p.B), kSelectThreads, smem, stream>>>(p);
+  if (!select_by_sort(p.N)) {
+    select_kernel<<<static_cast<unsigned>(p.B), kSelectThreads, 0, stream>>>(p);
+  } else {
+    if (p.keys == nullptr) return cudaErrorInvalidValue;
+    const dim3 kgrid(static_cast<unsigned>((p.N + kKeyThreads - 1) / kKeyThreads), grid_rows(p.B));
+    keys_kernel<<<kgrid, kKeyThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gather(const ForwardParams& p, cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
   const int64_t rows = p.P + p.k;
   const dim3 ggrid(static_cast<unsigned>((rows + kTokensPerBlock - 1) / kTokensPerBlock), grid_rows(p.B));
   const int v = vector_bytes(reinterpret_cast<uint64_t>(p.x), reinterpret_cast<uint64_t>(p.out_tokens),

@@ -16,8 +16,8 @@ struct ForwardParams {
   int dims;                 // 2: bicubic, 3: trilinear
   int64_t in[3], out[3];
   bool align_corners, spatial;
-  float* mean;              // workspace (B, S)
-  uint64_t* keys;           // workspace (B, N), used when the keys do not fit in shared memory
+  double* mean;             // workspace (B, S): the float64 channel mean
+  int64_t* keys;            // workspace (B, N) when select_by_sort(N): order-preserving int64 keys
   char* out_tokens;         // (B, P + k, C) contiguous
   int64_t* indices;         // (B, k)
 };
@@ -31,9 +31,13 @@ struct BackwardParams {
   char* grad_x;             // (B, n, C) contiguous
 };
 
-// Largest N whose keys the select kernel keeps in shared memory (else `keys` is used).
-int64_t max_shared_keys();
-cudaError_t launch_forward(const ForwardParams& p, cudaStream_t stream);
+// Whether rows of N patches are ranked by a sort (the caller sorts `keys`) rather than by the
+// select kernel (which writes `indices` itself).
+bool select_by_sort(int64_t N);
+// Channel mean, then either the indices (small N) or the keys (select_by_sort(N)).
+cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream);
+// out_tokens from x and indices.
+cudaError_t launch_gather(const ForwardParams& p, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardParams& p, cudaStream_t stream);
 
 }  // namespace cuda

@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../papr_core.h"
-#include "../rows_args.h"
+#include "../ops/rows_args.h"
 #include "rows_kernels.h"
 
 namespace papr {

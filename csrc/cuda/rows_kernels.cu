@@ -3,8 +3,8 @@
 // 16/8/4/2-byte units when both sides have a unit channel stride and the alignment allows, else
 // one element at its stride. The accumulating put adds like torch's a + b (fp16/bf16 in float,
 // one rounding). Indices are unique per row: plain read-modify-write, no atomics. All offsets
-// are int64; an index outside [0, H*W) trips a device assert and its row is never touched.
-#include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT only (no ATen)
+// are int64. An index outside [0, H*W) is masked: its row is skipped, never read or written (no
+// device assert, which would kill the CUDA context of the whole process; the CPU kernel raises).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,12 +46,15 @@ __global__ void __launch_bounds__(kRowThreads) rows_kernel(RowsParams p, int64_t
        t += step) {
     const int64_t b = t / p.k, j = t - b * p.k;
     const int64_t pos = p.indices[t];
-    const bool in_range = pos >= 0 && pos < positions;
-    CUDA_KERNEL_ASSERT(in_range);
-    if (!in_range) continue;  // never out of bounds, even where asserts are compiled out
+    V* r = reinterpret_cast<V*>(p.rows + b * p.r_sb + j * p.r_sk);
+    if (pos < 0 || pos >= positions) {  // masked: the grid is never read or written there
+      if constexpr (kMode == kGather) {   // the gathered row (in bounds) reads as zeros
+        for (int64_t u = threadIdx.x; u < units; u += blockDim.x) r[u * r_su] = V{};
+      }
+      continue;
+    }
     const int64_t h = pos / p.W, w = pos - h * p.W;
     V* g = reinterpret_cast<V*>(p.grid + b * p.g_sb + h * p.g_sh + w * p.g_sw);
-    V* r = reinterpret_cast<V*>(p.rows + b * p.r_sb + j * p.r_sk);
     for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
       if constexpr (kMode == kGather) r[u * r_su] = g[u * g_su];
       else if constexpr (kMode == kPut) g[u * g_su] = r[u * r_su];

@@ -12,7 +12,7 @@ struct RowsParams {
   int64_t g_sb, g_sh, g_sw, g_sc;
   char* rows;                // (B, k, C): byte strides of b, j; channel stride in elements
   int64_t r_sb, r_sk, r_sc;
-  const int64_t* indices;    // (B, k) contiguous, positions in [0, H*W) (others: device assert)
+  const int64_t* indices;    // (B, k) contiguous, positions in [0, H*W) (others: masked)
   int64_t B, H, W, C, k;
   int elem_bytes;            // 2, 4 or 8
   int f_type;                // papr::FType (used by the accumulating put)

@@ -1,18 +1,19 @@
 """The "cpp" (CPU) and "cuda" backends: the C++/CUDA extension `papr_kernels._C` (csrc/).
 
 The extension registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row ops
-of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops.cpp, CPU and CUDA
+of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops/, CPU and CUDA
 kernels); this module adds their fake kernels (torch.compile, meta tensors) and adapts them to
 the backend interface of backends.py (prune and the row ops `gather_rows`,
 `scatter_rows`, `scatter_back`). It imports without the extension; `unavailable_reason` then
 says why.
 """
+import json
 from typing import Optional
 
 import torch
 
 try:
-    from papr_kernels import _C  # noqa: F401  (loading the library registers the ops)
+    from papr_kernels import _C  # loading the library registers the ops
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # not built (pure-Python install), or built against another torch
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -47,6 +48,18 @@ if _IMPORT_ERROR is None:
 
     # No autograd kernel on the op itself: the package's PruneFunction (function.py) owns autograd
     # and calls prune_backward; a Python autograd kernel here would cost ~25 us per call at B = 1.
+
+
+def build_info() -> Optional[dict]:
+    """What the loaded extension was built for, read from the binary itself (setup.py records it):
+    `torch` (version string), `cuda` (CUDA toolkit version, None without CUDA kernels), `archs`
+    (GPU architectures with SASS, e.g. ["8.0", "9.0"]), `ptx` (PTX embedded for the highest one,
+    JIT-compiled by the driver on newer GPUs), `sanitize`. None when the extension does not load
+    (or is a build older than this function).
+    """
+    if _IMPORT_ERROR is not None or not hasattr(_C, "build_info"):
+        return None
+    return json.loads(_C.build_info())
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:

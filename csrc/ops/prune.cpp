@@ -1,0 +1,14 @@
+// Schemas of the pruning ops. Argument checks shared by the kernels: prune_args.h (beside this
+// file). Kernels: csrc/cpu/prune_cpu.cpp (CPU), csrc/cuda/prune_cuda.cpp (CUDA, when built with
+// CUDA). Fake (meta) kernels are registered from Python (papr_kernels/ops/cpp_prune.py); autograd
+// lives in papr_kernels/function.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(papr_kernels, m) {
+  // Select (SPEC's total order) + gather. Returns (out (B, P + keep, C), indices (B, keep) int64).
+  m.def("prune_forward(Tensor x, Tensor f, int num_prefix_tokens, int[] grid, int keep, "
+        "bool align_corners, bool spatial) -> (Tensor, Tensor)");
+  // Gradient of the gather: grad_out rows put back at the kept positions, zeros elsewhere.
+  m.def("prune_backward(Tensor grad_out, Tensor indices, int num_tokens, int num_prefix_tokens) "
+        "-> Tensor");
+}
