@@ -83,6 +83,8 @@ _INT64_MIN = -(1 << 63)
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
 
+    _INT64_MIN_C = tl.constexpr(_INT64_MIN)
+
     @triton.jit
     def _cubic1(x):
         # cubic_convolution1(x, A = -0.75) = ((A + 2) * x - (A + 3)) * x * x + 1
@@ -137,6 +139,60 @@ if triton is not None:
         return i0, i1, l0, l1
 
     @triton.jit
+    def _score_keys(m, p, N, in_t, in_h, in_w, out_t, out_h, out_w, scale_t, scale_h, scale_w,
+                    ALIGN: tl.constexpr, VIDEO: tl.constexpr):
+        """Packed int64 sort keys of patches p: the float64 resize of the mean map m at p (ATen's
+        double upsample arithmetic), rounded once to float32, as order-preserving score bits << 32
+        | (2^31 - 1 - p); patches p >= N get the smallest key."""
+        valid = p < N
+        pc = tl.where(valid, p, 0)
+        ox = pc % out_w
+        oy = (pc // out_w) % out_h
+        if VIDEO:
+            ot = pc // (out_w * out_h)
+            t0, t1, lt0, lt1 = _linear_taps(ot, in_t, out_t, scale_t, ALIGN)
+            y0, y1, ly0, ly1 = _linear_taps(oy, in_h, out_h, scale_h, ALIGN)
+            x0, x1, lx0, lx1 = _linear_taps(ox, in_w, out_w, scale_w, ALIGN)
+            hw = in_h * in_w
+            a00 = tl.gather(m, t0 * hw + y0 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t0 * hw + y0 * in_w + x1, 0) * lx1
+            a01 = tl.gather(m, t0 * hw + y1 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t0 * hw + y1 * in_w + x1, 0) * lx1
+            a10 = tl.gather(m, t1 * hw + y0 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t1 * hw + y0 * in_w + x1, 0) * lx1
+            a11 = tl.gather(m, t1 * hw + y1 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t1 * hw + y1 * in_w + x1, 0) * lx1
+            b0 = a00 * ly0 + a01 * ly1
+            b1 = a10 * ly0 + a11 * ly1
+            score = b0 * lt0 + b1 * lt1
+        else:
+            ix, tx = _src_index(ox, in_w, scale_w, ALIGN, True)
+            iy, ty = _src_index(oy, in_h, scale_h, ALIGN, True)
+            wx0 = _cubic2(tx + 1.0)
+            wx1 = _cubic1(tx)
+            wx2 = _cubic1(1.0 - tx)
+            wx3 = _cubic2((1.0 - tx) + 1.0)
+            wy0 = _cubic2(ty + 1.0)
+            wy1 = _cubic1(ty)
+            wy2 = _cubic1(1.0 - ty)
+            wy3 = _cubic2((1.0 - ty) + 1.0)
+            r0 = _cubic_row(m, tl.minimum(tl.maximum(iy - 1, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r1 = _cubic_row(m, tl.minimum(tl.maximum(iy, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r2 = _cubic_row(m, tl.minimum(tl.maximum(iy + 1, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r3 = _cubic_row(m, tl.minimum(tl.maximum(iy + 2, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            score = r0 * wy0 + r1 * wy1 + r2 * wy2 + r3 * wy3
+        score = score.to(tl.float32)
+        score = tl.where(score != score, float("-inf"), score) + 0.0
+        bits = score.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        keys = (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - p).to(tl.int64)
+        return tl.where(valid, keys, _INT64_MIN_C)
+
+    @triton.jit
     def _half_cleaner(keys, i: tl.constexpr, LOG_N: tl.constexpr):
         """One bitonic stage, every pair descending: partners 2**i apart, the larger key first.
         Masked sums over a [A, 2, D] view pick the two halves (no direction tensor)."""
@@ -180,7 +236,7 @@ if triton is not None:
         rows_per_prog, chans_per_prog,
         SPATIAL: tl.constexpr, ALIGN: tl.constexpr, VIDEO: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, LOG_N: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
     ):
         NP2: tl.constexpr = 1 << LOG_N
         b = tl.program_id(0).to(tl.int64)
@@ -202,57 +258,20 @@ if triton is not None:
         scale_h = _as_double(scale_h_bits)
         scale_w = _as_double(scale_w_bits)
 
-        # 2. resize to the patch grid in float64: scores (NP2,), patch p = (ot, oy, ox) row-major
+        # 2. + 3. resize to the patch grid in float64, CHUNK patches at a time (a runtime loop:
+        # only one chunk's float64 temporaries are live), each score rounded ONCE to float32
+        # (SPEC), then SPEC's total order as packed keys, assembled into a [NCHUNK, CHUNK] tile
+        # (padding keys sort last); patch p = (ot, oy, ox) row-major
+        NCHUNK: tl.constexpr = NP2 // CHUNK
+        crow = tl.arange(0, NCHUNK)[:, None]
+        keys2 = tl.full((NCHUNK, CHUNK), _INT64_MIN_C, tl.int64)
+        for ci in range(NCHUNK):
+            pk = ci * CHUNK + tl.arange(0, CHUNK)
+            key = _score_keys(m, pk, N, in_t, in_h, in_w, out_t, out_h, out_w,
+                              scale_t, scale_h, scale_w, ALIGN, VIDEO)
+            keys2 = tl.where(crow == ci, key[None, :], keys2)
         p = tl.arange(0, NP2)
-        valid = p < N
-        pc = tl.where(valid, p, 0)
-        ox = pc % out_w
-        oy = (pc // out_w) % out_h
-        if VIDEO:
-            ot = pc // (out_w * out_h)
-            t0, t1, lt0, lt1 = _linear_taps(ot, in_t, out_t, scale_t, ALIGN)
-            y0, y1, ly0, ly1 = _linear_taps(oy, in_h, out_h, scale_h, ALIGN)
-            x0, x1, lx0, lx1 = _linear_taps(ox, in_w, out_w, scale_w, ALIGN)
-            hw = in_h * in_w
-            a00 = tl.gather(m, t0 * hw + y0 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t0 * hw + y0 * in_w + x1, 0) * lx1
-            a01 = tl.gather(m, t0 * hw + y1 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t0 * hw + y1 * in_w + x1, 0) * lx1
-            a10 = tl.gather(m, t1 * hw + y0 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t1 * hw + y0 * in_w + x1, 0) * lx1
-            a11 = tl.gather(m, t1 * hw + y1 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t1 * hw + y1 * in_w + x1, 0) * lx1
-            b0 = a00 * ly0 + a01 * ly1
-            b1 = a10 * ly0 + a11 * ly1
-            score = b0 * lt0 + b1 * lt1
-        else:
-            ix, tx = _src_index(ox, in_w, scale_w, ALIGN, True)
-            iy, ty = _src_index(oy, in_h, scale_h, ALIGN, True)
-            wx0 = _cubic2(tx + 1.0)
-            wx1 = _cubic1(tx)
-            wx2 = _cubic1(1.0 - tx)
-            wx3 = _cubic2((1.0 - tx) + 1.0)
-            wy0 = _cubic2(ty + 1.0)
-            wy1 = _cubic1(ty)
-            wy2 = _cubic1(1.0 - ty)
-            wy3 = _cubic2((1.0 - ty) + 1.0)
-            r0 = _cubic_row(m, tl.minimum(tl.maximum(iy - 1, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            r1 = _cubic_row(m, tl.minimum(tl.maximum(iy, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            r2 = _cubic_row(m, tl.minimum(tl.maximum(iy + 1, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            r3 = _cubic_row(m, tl.minimum(tl.maximum(iy + 2, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            score = r0 * wy0 + r1 * wy1 + r2 * wy2 + r3 * wy3
-
-        # 3. one rounding to float32 (SPEC), then SPEC's total order as packed keys; padding last
-        score = score.to(tl.float32)
-        score = tl.where(score != score, float("-inf"), score) + 0.0
-        bits = score.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        keys = (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - p).to(tl.int64)
-        keys = tl.where(valid, keys, -9223372036854775807 - 1)
+        keys = tl.reshape(keys2, (NP2,))
         # One copy of the network, run once (score order) or twice (order="spatial": the second
         # pass sorts the k kept indices ascending as a descending sort of their complements ~i,
         # padded with ~(2^31 - 1) so padding sorts last).
@@ -372,7 +391,8 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
     return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
                 BLOCK_K=max(1, min(64, 1024 // block_s)),   # float64 tile: 1024 elements
                 LOG_N=max(1, (num_patches - 1).bit_length()),
-                BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
+                BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C,
+                CHUNK=min(next_pow2(num_patches), 32 * fwd_num_warps(num_patches)))
 
 
 def fwd_num_warps(num_patches: int) -> int:
