@@ -274,11 +274,13 @@ if triton is not None:
         keys = tl.reshape(keys2, (NP2,))
         # One copy of the network, run once (score order) or twice (order="spatial": the second
         # pass sorts the k kept indices ascending as a descending sort of their complements ~i,
-        # padded with ~(2^31 - 1) so padding sorts last).
+        # padded with ~(2^31 - 1) so padding sorts last). The complementing step runs after both
+        # passes, with no iteration flag (a predicate held across the network gets spilled): on
+        # the second pass's output (~i for rank < k, then padding) it is the identity.
         NPASS: tl.constexpr = 2 if SPATIAL else 1
         for it in range(NPASS):
             keys = _bitonic_sort(keys, p, LOG_N)
-            if it + 1 < NPASS:
+            if SPATIAL:
                 ranked = (0x7FFFFFFF - (keys & 0x7FFFFFFF)).to(tl.int32)  # patch index by rank
                 keys = ~tl.where(p < KEEP, ranked, 0x7FFFFFFF).to(tl.int64)
         if SPATIAL:
