@@ -370,6 +370,9 @@ BLOCK_R = 16
 BLOCK_C = 128
 BLOCK_T = 16
 BLOCK_J = 128
+# Patches scored per iteration of the forward's float64 loop (default: one per thread, 32 *
+# num_warps, capped at the padded N). Tests set it small to run many chunks on tiny shapes.
+CHUNK_OVERRIDE: Optional[int] = None
 
 
 def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
@@ -390,11 +393,12 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
                    interpreted: bool = False):
     """The compile-time parameters of the forward kernel for a problem (also used by gpu-report)."""
     block_s = next_pow2(source)
+    log_n = max(1, (num_patches - 1).bit_length())
+    chunk = CHUNK_OVERRIDE or 32 * fwd_num_warps(num_patches)   # one float64 score per thread
     return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
                 BLOCK_K=max(1, min(64, 1024 // block_s)),   # float64 tile: 1024 elements
-                LOG_N=max(1, (num_patches - 1).bit_length()),
-                BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C,
-                CHUNK=min(next_pow2(num_patches), 32 * fwd_num_warps(num_patches)))
+                LOG_N=log_n, CHUNK=min(1 << log_n, chunk),
+                BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
 
 
 def fwd_num_warps(num_patches: int) -> int:
