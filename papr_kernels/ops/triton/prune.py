@@ -11,7 +11,11 @@ Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks)
        int64 bits (a float argument would reach the kernel as fp32); the tap index is floorf of
        the source coordinate, as ATen's guard_index_and_lambda does. Then each score is rounded
        ONCE to float32 (SPEC semantics 1): summation-order differences of a few float64 ULP
-       vanish in that rounding, and constant regions of f tie exactly,
+       vanish in that rounding, and constant regions of f tie exactly. The scores are computed
+       CHUNK patches per iteration of a runtime loop (CHUNK = 32 * num_warps: one score per thread
+       at a time), each chunk's keys (step 3) merged into a [N / CHUNK, CHUNK] tile: only one
+       chunk's float64 temporaries are live, where the whole-N version spilled (sm_90, N = 3136:
+       616 B; now 0 B spills and no stack frame in every gpu_report specialization),
     3. ranks the N scores with SPEC's total order by a bitonic sort of packed int64 keys
        (order-preserving score bits << 32 | (2^31 - 1 - index)): descending score, ties to the lower
        index, -0.0 == +0.0 (score + 0.0), NaN as -inf. The compare-exchange of each stage picks the
@@ -22,7 +26,8 @@ Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks)
        half-cleaner: each of the LOG_N distinct stages is emitted once, not all LOG_N*(LOG_N+1)/2
        (N = 4096: 12 instead of 78; sm_90 compile 31 s -> 3 s, cubin 1.0 MB -> 0.2 MB, no spills).
        order="spatial" sorts the k kept indices again, ascending (the same loop, a second pass
-       over the complemented indices),
+       over the complemented indices; the complementing runs after both passes, the identity
+       after the second, so no per-pass flag lives across the network: ptxas spilled it),
     4. copies its chunk of output rows (prefix rows, then kept rows in output order) and channels
        from x to out, and (channel chunk 0 only) writes the int64 indices of its rows.
     Programs of one batch row recompute steps 1-3 (cheap next to a second launch and a round trip
