@@ -100,6 +100,29 @@ def test_video_trilinear_and_non_contiguous_x():
         assert_matches_reference(x, f, 0.5, out, idx, **kwargs)
 
 
+@pytest.mark.parametrize("chunk", [1, 8])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+def test_scores_chunk_by_chunk_match_reference(monkeypatch, chunk, order):
+    # the float64 scores are computed CHUNK patches per loop iteration: with tiny chunks there are
+    # many iterations, the last ones partly or wholly padding (N = 35 and 60 of 64 keys)
+    monkeypatch.setattr(tp, "CHUNK_OVERRIDE", chunk)
+    torch.manual_seed(4)
+    x = torch.randn(2, 1 + 35, 4, device=DEVICE)
+    f = torch.randint(-2, 3, (2, 3, 4, 3), device=DEVICE).float()   # tie-rich
+    for align in (True, False):
+        kwargs = dict(grid=(5, 7), align_corners=align, order=order)
+        out, idx = _prune(x, f, 0.5, **kwargs)
+        assert_matches_reference(x, f, 0.5, out, idx, exact_indices=True, **kwargs)
+    x = torch.randn(2, 1 + 60, 4, device=DEVICE)
+    f = torch.randint(-2, 3, (2, 2, 2, 3, 4), device=DEVICE).to(torch.bfloat16)
+    # align_corners=True only: with False, ATen's AVX2 build contracts its source index
+    # scale * (o + 0.5) - 0.5 into an FMA and this map then scores patch 29 of row 1 at
+    # -1.1e-16 where the unfused interpreter gets 0.0 (a tie flip, independent of the chunking)
+    kwargs = dict(grid=(3, 4, 5), align_corners=True, order=order)
+    out, idx = _prune(x, f, 0.5, **kwargs)
+    assert_matches_reference(x, f, 0.5, out, idx, exact_indices=True, **kwargs)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_x_dtypes_copy_bits(x_dtype):
     torch.manual_seed(3)

@@ -11,7 +11,11 @@ Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks)
        int64 bits (a float argument would reach the kernel as fp32); the tap index is floorf of
        the source coordinate, as ATen's guard_index_and_lambda does. Then each score is rounded
        ONCE to float32 (SPEC semantics 1): summation-order differences of a few float64 ULP
-       vanish in that rounding, and constant regions of f tie exactly,
+       vanish in that rounding, and constant regions of f tie exactly. The scores are computed
+       CHUNK patches per iteration of a runtime loop (CHUNK = 32 * num_warps: one score per thread
+       at a time), each chunk's keys (step 3) merged into a [N / CHUNK, CHUNK] tile: only one
+       chunk's float64 temporaries are live, where the whole-N version spilled (sm_90, N = 3136:
+       616 B; now 0 B spills and no stack frame in every gpu_report specialization),
     3. ranks the N scores with SPEC's total order by a bitonic sort of packed int64 keys
        (order-preserving score bits << 32 | (2^31 - 1 - index)): descending score, ties to the lower
        index, -0.0 == +0.0 (score + 0.0), NaN as -inf. The compare-exchange of each stage picks the
@@ -22,7 +26,8 @@ Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks)
        half-cleaner: each of the LOG_N distinct stages is emitted once, not all LOG_N*(LOG_N+1)/2
        (N = 4096: 12 instead of 78; sm_90 compile 31 s -> 3 s, cubin 1.0 MB -> 0.2 MB, no spills).
        order="spatial" sorts the k kept indices again, ascending (the same loop, a second pass
-       over the complemented indices),
+       over the complemented indices; the complementing runs after both passes, the identity
+       after the second, so no per-pass flag lives across the network: ptxas spilled it),
     4. copies its chunk of output rows (prefix rows, then kept rows in output order) and channels
        from x to out, and (channel chunk 0 only) writes the int64 indices of its rows.
     Programs of one batch row recompute steps 1-3 (cheap next to a second launch and a round trip
@@ -83,6 +88,8 @@ _INT64_MIN = -(1 << 63)
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
 
+    _INT64_MIN_C = tl.constexpr(_INT64_MIN)
+
     @triton.jit
     def _cubic1(x):
         # cubic_convolution1(x, A = -0.75) = ((A + 2) * x - (A + 3)) * x * x + 1
@@ -137,6 +144,60 @@ if triton is not None:
         return i0, i1, l0, l1
 
     @triton.jit
+    def _score_keys(m, p, N, in_t, in_h, in_w, out_t, out_h, out_w, scale_t, scale_h, scale_w,
+                    ALIGN: tl.constexpr, VIDEO: tl.constexpr):
+        """Packed int64 sort keys of patches p: the float64 resize of the mean map m at p (ATen's
+        double upsample arithmetic), rounded once to float32, as order-preserving score bits << 32
+        | (2^31 - 1 - p); patches p >= N get the smallest key."""
+        valid = p < N
+        pc = tl.where(valid, p, 0)
+        ox = pc % out_w
+        oy = (pc // out_w) % out_h
+        if VIDEO:
+            ot = pc // (out_w * out_h)
+            t0, t1, lt0, lt1 = _linear_taps(ot, in_t, out_t, scale_t, ALIGN)
+            y0, y1, ly0, ly1 = _linear_taps(oy, in_h, out_h, scale_h, ALIGN)
+            x0, x1, lx0, lx1 = _linear_taps(ox, in_w, out_w, scale_w, ALIGN)
+            hw = in_h * in_w
+            a00 = tl.gather(m, t0 * hw + y0 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t0 * hw + y0 * in_w + x1, 0) * lx1
+            a01 = tl.gather(m, t0 * hw + y1 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t0 * hw + y1 * in_w + x1, 0) * lx1
+            a10 = tl.gather(m, t1 * hw + y0 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t1 * hw + y0 * in_w + x1, 0) * lx1
+            a11 = tl.gather(m, t1 * hw + y1 * in_w + x0, 0) * lx0 \
+                + tl.gather(m, t1 * hw + y1 * in_w + x1, 0) * lx1
+            b0 = a00 * ly0 + a01 * ly1
+            b1 = a10 * ly0 + a11 * ly1
+            score = b0 * lt0 + b1 * lt1
+        else:
+            ix, tx = _src_index(ox, in_w, scale_w, ALIGN, True)
+            iy, ty = _src_index(oy, in_h, scale_h, ALIGN, True)
+            wx0 = _cubic2(tx + 1.0)
+            wx1 = _cubic1(tx)
+            wx2 = _cubic1(1.0 - tx)
+            wx3 = _cubic2((1.0 - tx) + 1.0)
+            wy0 = _cubic2(ty + 1.0)
+            wy1 = _cubic1(ty)
+            wy2 = _cubic1(1.0 - ty)
+            wy3 = _cubic2((1.0 - ty) + 1.0)
+            r0 = _cubic_row(m, tl.minimum(tl.maximum(iy - 1, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r1 = _cubic_row(m, tl.minimum(tl.maximum(iy, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r2 = _cubic_row(m, tl.minimum(tl.maximum(iy + 1, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            r3 = _cubic_row(m, tl.minimum(tl.maximum(iy + 2, 0), in_h - 1) * in_w, ix, in_w,
+                            wx0, wx1, wx2, wx3)
+            score = r0 * wy0 + r1 * wy1 + r2 * wy2 + r3 * wy3
+        score = score.to(tl.float32)
+        score = tl.where(score != score, float("-inf"), score) + 0.0
+        bits = score.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        keys = (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - p).to(tl.int64)
+        return tl.where(valid, keys, _INT64_MIN_C)
+
+    @triton.jit
     def _half_cleaner(keys, i: tl.constexpr, LOG_N: tl.constexpr):
         """One bitonic stage, every pair descending: partners 2**i apart, the larger key first.
         Masked sums over a [A, 2, D] view pick the two halves (no direction tensor)."""
@@ -180,7 +241,7 @@ if triton is not None:
         rows_per_prog, chans_per_prog,
         SPATIAL: tl.constexpr, ALIGN: tl.constexpr, VIDEO: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, LOG_N: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
     ):
         NP2: tl.constexpr = 1 << LOG_N
         b = tl.program_id(0).to(tl.int64)
@@ -202,64 +263,29 @@ if triton is not None:
         scale_h = _as_double(scale_h_bits)
         scale_w = _as_double(scale_w_bits)
 
-        # 2. resize to the patch grid in float64: scores (NP2,), patch p = (ot, oy, ox) row-major
+        # 2. + 3. resize to the patch grid in float64, CHUNK patches at a time (a runtime loop:
+        # only one chunk's float64 temporaries are live), each score rounded ONCE to float32
+        # (SPEC), then SPEC's total order as packed keys, assembled into a [NCHUNK, CHUNK] tile
+        # (padding keys sort last); patch p = (ot, oy, ox) row-major
+        NCHUNK: tl.constexpr = NP2 // CHUNK
+        crow = tl.arange(0, NCHUNK)[:, None]
+        keys2 = tl.full((NCHUNK, CHUNK), _INT64_MIN_C, tl.int64)
+        for ci in range(NCHUNK):
+            pk = ci * CHUNK + tl.arange(0, CHUNK)
+            key = _score_keys(m, pk, N, in_t, in_h, in_w, out_t, out_h, out_w,
+                              scale_t, scale_h, scale_w, ALIGN, VIDEO)
+            keys2 = tl.where(crow == ci, key[None, :], keys2)
         p = tl.arange(0, NP2)
-        valid = p < N
-        pc = tl.where(valid, p, 0)
-        ox = pc % out_w
-        oy = (pc // out_w) % out_h
-        if VIDEO:
-            ot = pc // (out_w * out_h)
-            t0, t1, lt0, lt1 = _linear_taps(ot, in_t, out_t, scale_t, ALIGN)
-            y0, y1, ly0, ly1 = _linear_taps(oy, in_h, out_h, scale_h, ALIGN)
-            x0, x1, lx0, lx1 = _linear_taps(ox, in_w, out_w, scale_w, ALIGN)
-            hw = in_h * in_w
-            a00 = tl.gather(m, t0 * hw + y0 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t0 * hw + y0 * in_w + x1, 0) * lx1
-            a01 = tl.gather(m, t0 * hw + y1 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t0 * hw + y1 * in_w + x1, 0) * lx1
-            a10 = tl.gather(m, t1 * hw + y0 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t1 * hw + y0 * in_w + x1, 0) * lx1
-            a11 = tl.gather(m, t1 * hw + y1 * in_w + x0, 0) * lx0 \
-                + tl.gather(m, t1 * hw + y1 * in_w + x1, 0) * lx1
-            b0 = a00 * ly0 + a01 * ly1
-            b1 = a10 * ly0 + a11 * ly1
-            score = b0 * lt0 + b1 * lt1
-        else:
-            ix, tx = _src_index(ox, in_w, scale_w, ALIGN, True)
-            iy, ty = _src_index(oy, in_h, scale_h, ALIGN, True)
-            wx0 = _cubic2(tx + 1.0)
-            wx1 = _cubic1(tx)
-            wx2 = _cubic1(1.0 - tx)
-            wx3 = _cubic2((1.0 - tx) + 1.0)
-            wy0 = _cubic2(ty + 1.0)
-            wy1 = _cubic1(ty)
-            wy2 = _cubic1(1.0 - ty)
-            wy3 = _cubic2((1.0 - ty) + 1.0)
-            r0 = _cubic_row(m, tl.minimum(tl.maximum(iy - 1, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            r1 = _cubic_row(m, tl.minimum(tl.maximum(iy, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            r2 = _cubic_row(m, tl.minimum(tl.maximum(iy + 1, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            r3 = _cubic_row(m, tl.minimum(tl.maximum(iy + 2, 0), in_h - 1) * in_w, ix, in_w,
-                            wx0, wx1, wx2, wx3)
-            score = r0 * wy0 + r1 * wy1 + r2 * wy2 + r3 * wy3
-
-        # 3. one rounding to float32 (SPEC), then SPEC's total order as packed keys; padding last
-        score = score.to(tl.float32)
-        score = tl.where(score != score, float("-inf"), score) + 0.0
-        bits = score.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        keys = (ordered.to(tl.int64) << 32) + (0x7FFFFFFF - p).to(tl.int64)
-        keys = tl.where(valid, keys, -9223372036854775807 - 1)
+        keys = tl.reshape(keys2, (NP2,))
         # One copy of the network, run once (score order) or twice (order="spatial": the second
         # pass sorts the k kept indices ascending as a descending sort of their complements ~i,
-        # padded with ~(2^31 - 1) so padding sorts last).
+        # padded with ~(2^31 - 1) so padding sorts last). The complementing step runs after both
+        # passes, with no iteration flag (a predicate held across the network gets spilled): on
+        # the second pass's output (~i for rank < k, then padding) it is the identity.
         NPASS: tl.constexpr = 2 if SPATIAL else 1
         for it in range(NPASS):
             keys = _bitonic_sort(keys, p, LOG_N)
-            if it + 1 < NPASS:
+            if SPATIAL:
                 ranked = (0x7FFFFFFF - (keys & 0x7FFFFFFF)).to(tl.int32)  # patch index by rank
                 keys = ~tl.where(p < KEEP, ranked, 0x7FFFFFFF).to(tl.int64)
         if SPATIAL:
@@ -349,6 +375,9 @@ BLOCK_R = 16
 BLOCK_C = 128
 BLOCK_T = 16
 BLOCK_J = 128
+# Patches scored per iteration of the forward's float64 loop (default: one per thread, 32 *
+# num_warps, capped at the padded N). Tests set it small to run many chunks on tiny shapes.
+CHUNK_OVERRIDE: Optional[int] = None
 
 
 def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
@@ -369,9 +398,11 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
                    interpreted: bool = False):
     """The compile-time parameters of the forward kernel for a problem (also used by gpu-report)."""
     block_s = next_pow2(source)
+    log_n = max(1, (num_patches - 1).bit_length())
+    chunk = CHUNK_OVERRIDE or 32 * fwd_num_warps(num_patches)   # one float64 score per thread
     return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
                 BLOCK_K=max(1, min(64, 1024 // block_s)),   # float64 tile: 1024 elements
-                LOG_N=max(1, (num_patches - 1).bit_length()),
+                LOG_N=log_n, CHUNK=min(1 << log_n, chunk),
                 BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
 
 
