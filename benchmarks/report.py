@@ -398,7 +398,8 @@ E2E_GPU_TARGETS = (("vit_base_patch16_224", "eager", 1.45), ("vit_base_patch16_2
 
 def e2e_gpu_targets(ratios):
     """[(target, measured, met)] of issue 12 where this run measured CUDA bf16 rows."""
-    gpu = [r for r in ratios if r["device"] == "cuda" and r["dtype"] == "bf16"]
+    gpu = [r for r in ratios if r["device"] == "cuda" and r["dtype"] == "bf16"
+           and r["model"].startswith("vit_")]
     if not gpu:
         return []
     out = []

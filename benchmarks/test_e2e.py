@@ -12,6 +12,9 @@ hand-written pipeline). The hierarchical models' GFLOPs are counted by FlopCount
 patched model, which runs the proposal too. On a CPU their speed-up stays well under the FLOP
 ratio: the dense parts (norms, window shuffles, depthwise convs) are memory bound and the pruned
 part is the MLP alone.
+
+`test_e2e_gpu` (issue 12, at the end of this file) is the bf16 GPU benchmark, side by side with
+the bound of any pruner and the proposal alone; `tools/gpu_check.sh e2e` / `e2e-compile` run it.
 """
 import copy
 import functools

@@ -9,7 +9,7 @@
 #   4. (issue 12) `e2e`: the bf16 end-to-end benchmark of ViT-S/B/L, Swin-T, ConvNeXt-T at
 #      B = 64/256, eager (unpruned, bound, PaPr z = 0.7/0.5/0.3, proposal alone; under 4 minutes),
 #      and `e2e-compile`: its torch.compile cases for ViT-B at B = 256, z = 0.5 (a separate step:
-#      compiling is slow). Each writes $OUT/bench-e2e-gpu[-compile].{json,csv,md}.
+#      compiling is slow). They write $OUT/bench-e2e-gpu{,-hierarchical,-compile}.{json,csv,md}.
 #   Usage: [PY=python3] bash tools/gpu_check.sh [build] [tests] [bench] [compile] [e2e] [e2e-compile]
 # Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
 # provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most. The issue-12
@@ -75,9 +75,14 @@ fi
 # Issue 12: side by side in one process each; 10 rounds per case (CUDA-event medians).
 if step e2e; then
 start=$SECONDS
-timeout 230 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager" \
+# Two runs (a run writes its JSON only when it completes): the ViTs, then Swin-T and ConvNeXt-T.
+timeout 170 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and vit_" \
     --benchmark-json="$OUT/bench-e2e-gpu.json" >"$OUT/bench-e2e-gpu.log" 2>&1
-echo "e2e-gpu eager bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu.log"
+echo "e2e-gpu eager ViT bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu.log"
+timeout 90 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and not vit_" \
+    --benchmark-json="$OUT/bench-e2e-gpu-hierarchical.json" >>"$OUT/bench-e2e-gpu.log" 2>&1
+echo "e2e-gpu eager Swin/ConvNeXt bench rc=$? in $((SECONDS - start)) s"
+tail -3 "$OUT/bench-e2e-gpu.log"
 fi
 if step e2e-compile; then
 start=$SECONDS
