@@ -392,8 +392,10 @@ def e2e_gpu_table(ratios):
 
 
 # Issue 12's targets: (model, mode, minimum PaPr speed-up at z = 0.5, B = 256, bf16, CUDA).
-E2E_GPU_TARGETS = (("vit_base_patch16_224", "eager", 1.45), ("vit_base_patch16_224", "compile", 1.6),
-                   ("vit_large_patch16_224", "eager", 1.75), ("vit_small_patch16_224", "eager", 1.1))
+E2E_GPU_TARGETS = (("vit_base_patch16_224", "eager", 1.45),
+                   ("vit_base_patch16_224", "compile", 1.6),
+                   ("vit_large_patch16_224", "eager", 1.75),
+                   ("vit_small_patch16_224", "eager", 1.1))
 
 
 def e2e_gpu_targets(ratios):

@@ -196,7 +196,8 @@ def _is_vit(name):
 
 
 def gpu_cases(device, quick):
-    """[(model, mode, batch, provider)] in run order (model outermost: one model built at a time)."""
+    """[(model, mode, batch, provider)] in run order (model outermost: one model set up at a
+    time)."""
     if quick:
         models, modes, batches, zs = tuple(QUICK_MODELS), ("eager",), (1,), (0.5,)
     elif device == "cuda":
