@@ -336,6 +336,104 @@ def e2e_table(e2e):
     return "\n".join(lines)
 
 
+E2E_GPU = "e2e-gpu"
+
+
+def e2e_gpu_groups(rows):
+    """{(model, dtype, mode, B, device): {provider: median_s}} of the e2e-gpu suite (`pass` is
+    the mode: eager or compile)."""
+    groups = defaultdict(dict)
+    for r in rows:
+        if r["suite"] == E2E_GPU:
+            groups[(r["shape"], r["dtype"], r["pass"], r["B"], r.get("device"))][r["provider"]] = \
+                r["median_s"]
+    return groups
+
+
+def e2e_gpu_ratios(groups):
+    """One dict per (model, dtype, mode, B, z): images/s and the ratios (None where missing)."""
+    models = {"vit": 0, "swin": 1, "convnext": 2}
+    out = []
+    for key in sorted(groups, key=lambda k: (models.get(k[0].split("_")[0], 9), k[0], k[1],
+                                             k[2] != "eager", k[2], k[3])):
+        g = groups[key]
+        zs = sorted({p.split("z", 1)[1] for p in g if p.startswith(("papr-z", "bound-z"))},
+                    key=float, reverse=True)
+        base, prop = g.get("unpruned"), g.get("proposal")
+        for z in zs:
+            papr, bound = g.get(f"papr-z{z}"), g.get(f"bound-z{z}")
+            batch = key[3]
+            out.append(dict(
+                model=key[0], dtype=key[1], mode=key[2], B=batch, device=key[4], z=float(z),
+                unpruned=batch / base if base else None, bound=batch / bound if bound else None,
+                papr=batch / papr if papr else None,
+                speedup=base / papr if base and papr else None,
+                bound_speedup=base / bound if base and bound else None,
+                papr_vs_bound=bound / papr if bound and papr else None,
+                proposal_share=prop / papr if prop and papr else None))
+    return out
+
+
+def e2e_gpu_table(ratios):
+    def ips(v):
+        return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+    lines = ["| model | dtype | mode | B | z | unpruned img/s | bound img/s | PaPr img/s | "
+             "PaPr speed-up | bound speed-up | PaPr / bound | proposal share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ratios:
+        share = "-" if r["proposal_share"] is None else f"{100 * r['proposal_share']:.0f}%"
+        pvb = "-" if r["papr_vs_bound"] is None else f"{r['papr_vs_bound']:.2f}"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['B']} | {r['z']:g} | "
+                     f"{ips(r['unpruned'])} | {ips(r['bound'])} | {ips(r['papr'])} | "
+                     f"{fmt_ratio(r['speedup'])} | {fmt_ratio(r['bound_speedup'])} | {pvb} | "
+                     f"{share} |")
+    return "\n".join(lines)
+
+
+# Issue 12's targets: (model, mode, minimum PaPr speed-up at z = 0.5, B = 256, bf16, CUDA).
+E2E_GPU_TARGETS = (("vit_base_patch16_224", "eager", 1.45),
+                   ("vit_base_patch16_224", "compile", 1.6),
+                   ("vit_large_patch16_224", "eager", 1.75),
+                   ("vit_small_patch16_224", "eager", 1.1))
+
+
+def e2e_gpu_targets(ratios):
+    """[(target, measured, met)] of issue 12 where this run measured CUDA bf16 rows."""
+    gpu = [r for r in ratios if r["device"] == "cuda" and r["dtype"] == "bf16"
+           and r["model"].startswith("vit_")]
+    if not gpu:
+        return []
+    out = []
+
+    def pick(model, mode, batch=256, z=0.5):
+        return next((r for r in gpu if (r["model"], r["mode"], r["B"], r["z"]) ==
+                     (model, mode, batch, z)), None)
+
+    for model, mode, want in E2E_GPU_TARGETS:
+        t = f"{model} {mode}, B=256, z=0.5: PaPr >= {want:g}x unpruned"
+        r = pick(model, mode)
+        if r is None or r["speedup"] is None:
+            out.append((t, "not in this run", None))
+        else:
+            out.append((t, f"{r['speedup']:.2f}x", r["speedup"] >= want))
+    for model in ("vit_base_patch16_224", "vit_large_patch16_224"):
+        t = f"{model} eager, B=256, z=0.5: PaPr / bound >= 0.8"
+        r = pick(model, "eager")
+        if r is None or r["papr_vs_bound"] is None:
+            out.append((t, "not in this run", None))
+        else:
+            out.append((t, f"{r['papr_vs_bound']:.2f}", r["papr_vs_bound"] >= 0.8))
+    slow = [r for r in gpu if r["model"] in ("vit_base_patch16_224", "vit_large_patch16_224")
+            and r["B"] >= 64 and r["speedup"] is not None]
+    if slow:
+        worst = min(slow, key=lambda r: r["speedup"])
+        out.append(("no ViT-B/L PaPr slower than unpruned at B >= 64 (every z, mode)",
+                    f"slowest: {worst['model']} {worst['mode']} B={worst['B']} z={worst['z']:g}: "
+                    f"{worst['speedup']:.2f}x", worst["speedup"] >= 1.0))
+    return out
+
+
 def plot(groups, providers, png):
     import matplotlib
     matplotlib.use("Agg")
@@ -400,6 +498,16 @@ def sections(meta, rows, name, link_prefix=""):
     if e2e:
         out += ["**End to end** (images/s with the proposal's cost included; GFLOPs = 2 x "
                 "multiply-adds per image):", "", e2e_table(e2e), ""]
+    gpu = e2e_gpu_ratios(e2e_gpu_groups(rows))
+    if gpu:
+        out += ["**End to end, side by side** (suite e2e-gpu: images/s with the proposal's cost "
+                "included; speed-ups over unpruned; bound: the same model keeping the first k "
+                "patch tokens at zero cost, ViTs only; PaPr / bound: PaPr's images/s over the "
+                "bound's; proposal share: the proposal network alone over PaPr's time):", "",
+                e2e_gpu_table(gpu), ""]
+        gt = e2e_gpu_targets(gpu)
+        if gt:
+            out += ["**Targets of issue 12** (CUDA, bf16):", "", targets_table(gt), ""]
     rest = kernel_table(groups, other_keys, providers) if other_keys else ""
     return "\n".join(out), rest
 

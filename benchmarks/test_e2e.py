@@ -12,6 +12,9 @@ hand-written pipeline). The hierarchical models' GFLOPs are counted by FlopCount
 patched model, which runs the proposal too. On a CPU their speed-up stays well under the FLOP
 ratio: the dense parts (norms, window shuffles, depthwise convs) are memory bound and the pruned
 part is the MLP alone.
+
+`test_e2e_gpu` (issue 12, at the end of this file) is the bf16 GPU benchmark, side by side with
+the bound of any pruner and the proposal alone; `tools/gpu_check.sh e2e` / `e2e-compile` run it.
 """
 import copy
 import functools
@@ -41,6 +44,8 @@ HIERARCHICAL_CONFIGS = ("unpruned", "papr-z0.65", "papr-z0.5")
 
 def pytest_generate_tests(metafunc):
     name = metafunc.function.__name__
+    if name == "test_e2e_gpu":
+        return _gpu_generate(metafunc)
     if name not in ("test_e2e", "test_e2e_hierarchical"):
         return
     quick = metafunc.config.getoption("--bench-quick")
@@ -157,3 +162,165 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
                  proposal_gflops_per_image=0.0 if z == 1.0 else counted_gflops(proposal, img),
                  backend=None if z == 1.0 else papr_kernels.backends.resolve(
                      None, device, papr_kernels.backends.ROW_OPS).__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 12, part 3: the GPU end-to-end benchmark. bf16 models (`model.to("cuda", torch.bfloat16)`)
+# under torch.inference_mode, eager and torch.compile (the `compile` cases are a separate, slower
+# selection: `-k "test_e2e_gpu and compile"`), one provider per case, every ratio of two medians
+# of one process:
+#   unpruned      the timm model as is
+#   bound-z<z>    ViTs only: the same model keeping the first k patch tokens at zero cost (a
+#                 view, no proposal, no selection): the best any pruner can do at that z
+#   papr-z<z>     `papr_kernels.timm.patch(copy, proposal, z)`, the proposal's cost included
+#   proposal      the proposal network alone, as the patched model runs it (its share of PaPr)
+# report.py tables images/s, the speed-ups over unpruned, PaPr / bound and the proposal's share.
+# On CPU only quick mode runs it: tiny models (a ViT of depth 2, a ConvNeXt of one block per
+# stage) at B = 1, fp32, eager; `make bench` on CPU keeps the ViT-B B = 8 fp32 rows above.
+
+GPU_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+              "swin_tiny_patch4_window7_224", "convnext_tiny")
+# Quick mode: timm names with reduced depths (name -> create_model overrides).
+QUICK_MODELS = {"vit_tiny_patch16_224": dict(depth=2), "convnext_atto": dict(depths=(1, 1, 1, 1))}
+GPU_Z = (0.7, 0.5, 0.3)
+GPU_MODES = ("eager", "compile")
+
+
+def _quick_id(name):
+    return name + "".join(f"-{k}{''.join(map(str, v)) if isinstance(v, tuple) else v}"
+                          for k, v in QUICK_MODELS[name].items())
+
+
+def _is_vit(name):
+    return name.startswith(("vit_", "deit_"))
+
+
+def gpu_cases(device, quick):
+    """[(model, mode, batch, provider)] in run order (model outermost: one model set up at a
+    time)."""
+    if quick:
+        models, modes, batches, zs = tuple(QUICK_MODELS), ("eager",), (1,), (0.5,)
+    elif device == "cuda":
+        models, modes, batches, zs = GPU_MODELS, GPU_MODES, (64, 256), GPU_Z
+    else:
+        return []
+    cases = []
+    for model in models:
+        provs = ["unpruned"] + ([f"bound-z{z}" for z in zs] if _is_vit(model) else []) + \
+            [f"papr-z{z}" for z in zs] + ["proposal"]
+        cases += [(model, mode, b, p) for mode in modes for b in batches for p in provs]
+    return cases
+
+
+def _gpu_generate(metafunc):
+    quick = metafunc.config.getoption("--bench-quick")
+    device = metafunc.config.getoption("--bench-device") or pb.default_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
+    cases = [pytest.param(m, mode, b, p, id=f"{_quick_id(m) if quick else m}-{mode}-B{b}-{p}")
+             for m, mode, b, p in gpu_cases(device, quick)]
+    if not cases:
+        cases = [pytest.param(None, None, None, None, id="cpu", marks=pytest.mark.skip(
+            reason="the bf16 end-to-end benchmark runs on CUDA (on CPU only its tiny "
+                   "--bench-quick version; `make bench` keeps the ViT-B B=8 fp32 rows)"))]
+    metafunc.parametrize("model_name,mode,batch,provider", cases)
+
+
+class BoundViT(torch.nn.Module):
+    """The bound of a pruner for a timm ViT: its forward with the first `keep` patch tokens kept
+    by a view (no proposal, no selection, no copy) in place of the proposal and `prune`."""
+
+    def __init__(self, vit, z):
+        super().__init__()
+        self.vit = vit
+        n = vit.patch_embed.num_patches
+        self.keep = vit.num_prefix_tokens + papr_kernels.keep_count(
+            n + vit.num_prefix_tokens, z, vit.num_prefix_tokens)
+
+    def forward(self, images):
+        v = self.vit
+        x = v._pos_embed(v.patch_embed(images))
+        x = x[:, :self.keep]
+        x = v.norm(v.blocks(v.norm_pre(v.patch_drop(x))))
+        return v.forward_head(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_models(device, model_name, quick):
+    """(unpruned, patched copy) of one model in the benchmark's dtype, random weights."""
+    from papr_kernels import timm as papr_timm
+    dtype = _gpu_dtype(device)
+    torch.manual_seed(0)
+    kwargs = QUICK_MODELS[model_name] if quick else {}
+    model = timm.create_model(model_name, pretrained=False, **kwargs).eval().to(device, dtype)
+    torch.manual_seed(1)
+    proposal = papr_kernels.proposal.create("mobileone_s0", pretrained=False)
+    patched = papr_timm.patch(copy.deepcopy(model), proposal, 0.5)
+    with torch.inference_mode():   # the proposal follows the images' device and dtype: once here
+        patched(torch.zeros(1, 3, 224, 224, device=device, dtype=dtype))
+    return model, patched
+
+
+def _gpu_dtype(device):
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def _allow_recompiles():
+    import torch._dynamo
+    # Every (model, provider, batch, z) is its own static graph: let them all compile, so that
+    # no case silently falls back to eager after dynamo's default limit of 8.
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 4096)
+
+
+def _proposal_runner(patched):
+    """The proposal as the patched model runs it (device/dtype handling included)."""
+    state = patched._papr
+    run = getattr(state, "proposal_features", None)
+    return run if run is not None else patched.papr_proposal
+
+
+def test_e2e_gpu(benchmark, device, quick, model_name, mode, batch, provider):
+    unpruned, patched = _gpu_models(device, model_name, quick)
+    dtype = _gpu_dtype(device)
+    img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(
+        device, dtype)
+    z = None if provider == "proposal" else 1.0 if provider == "unpruned" else \
+        float(provider.split("z")[1])
+    backend = None
+    if provider == "unpruned":
+        fn, pipeline = unpruned, "timm forward"
+    elif provider.startswith("bound"):
+        fn, pipeline = BoundViT(unpruned, z), "first k patch tokens (a view)"
+    elif provider == "proposal":
+        fn, pipeline = _proposal_runner(patched), "proposal network alone"
+    else:
+        patched.papr_z = z
+        fn, pipeline = patched, "papr_kernels.timm.patch"
+        backend = papr_kernels.backends.resolve(
+            None, device, () if _is_vit(model_name) else papr_kernels.backends.ROW_OPS).__name__
+    warmup = 1
+    if mode == "compile":
+        _allow_recompiles()
+        fn, warmup = torch.compile(fn, dynamic=False), 3
+
+    def run():
+        with torch.inference_mode():
+            return fn(img)
+
+    timed = pb.Timed(run, device)
+    for _ in range(warmup):   # compiles (compile mode), loads kernels, picks cuDNN algorithms
+        timed()
+    pb.sync(device)
+    timed.event_times_s.clear()
+    benchmark.group = f"e2e-gpu {model_name} {mode} B={batch}"
+    benchmark.extra_info.update(
+        suite="e2e-gpu", model=model_name if not quick else _quick_id(model_name),
+        shape=model_name if not quick else _quick_id(model_name), batch=batch,
+        provider=provider, z=z, mode=mode, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+        device=device, proposal="mobileone_s0", pipeline=pipeline, backend=backend)
+    benchmark.pedantic(timed, rounds=2 if quick else 10, warmup_rounds=0)
+    if timed.event_median_s() is not None:
+        benchmark.extra_info["event_median_s"] = timed.event_median_s()

@@ -6,9 +6,15 @@
 #   3. the forward/backward benchmark of the headline shape, Swin-T/ConvNeXt-T end to end, and
 #      torch.compile last (slow to compile), each with its report.
 # Logs and results go to $OUT (default gpu-check/).
-#   Usage: [PY=python3] bash tools/gpu_check.sh [build] [tests] [bench] [compile]
+#   4. (issue 12) `e2e`: the bf16 end-to-end benchmark of ViT-S/B/L, Swin-T, ConvNeXt-T at
+#      B = 64/256, eager (unpruned, bound, PaPr z = 0.7/0.5/0.3, proposal alone; under 4 minutes),
+#      and `e2e-compile`: its torch.compile cases for ViT-B at B = 256, z = 0.5 (a separate step:
+#      compiling is slow). They write $OUT/bench-e2e-gpu{,-hierarchical,-compile}.{json,csv,md}.
+#   Usage: [PY=python3] bash tools/gpu_check.sh [build] [tests] [bench] [compile] [e2e] [e2e-compile]
 # Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
-# provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most.
+# provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most. The issue-12
+# run: `bash tools/gpu_check.sh build e2e` (about 5 minutes), then `bash tools/gpu_check.sh
+# e2e-compile` (about 4 minutes).
 set -u
 STEPS=" ${*:-build tests bench} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -66,6 +72,30 @@ timeout 300 $BENCH benchmarks/test_prune.py --benchmark-json="$OUT/bench-compile
     >>"$OUT/bench.log" 2>&1
 echo "compile bench rc=$? in $((SECONDS - start)) s"
 fi
+# Issue 12: side by side in one process each; 10 rounds per case (CUDA-event medians).
+if step e2e; then
+start=$SECONDS
+# Two runs (a run writes its JSON only when it completes): the ViTs, then Swin-T and ConvNeXt-T.
+timeout 170 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and vit_" \
+    --benchmark-json="$OUT/bench-e2e-gpu.json" >"$OUT/bench-e2e-gpu.log" 2>&1
+echo "e2e-gpu eager ViT bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu.log"
+timeout 90 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and not vit_" \
+    --benchmark-json="$OUT/bench-e2e-gpu-hierarchical.json" >>"$OUT/bench-e2e-gpu.log" 2>&1
+echo "e2e-gpu eager Swin/ConvNeXt bench rc=$? in $((SECONDS - start)) s"
+tail -3 "$OUT/bench-e2e-gpu.log"
+fi
+if step e2e-compile; then
+start=$SECONDS
+timeout 280 $BENCH benchmarks/test_e2e.py --benchmark-json="$OUT/bench-e2e-gpu-compile.json" \
+    -k "test_e2e_gpu and compile and vit_base_patch16_224 and B256 and (unpruned or z0.5 or proposal)" \
+    >"$OUT/bench-e2e-gpu-compile.log" 2>&1
+echo "e2e-gpu compile bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu-compile.log"
+fi
+for j in "$OUT"/bench-e2e-gpu*.json; do
+    [ -f "$j" ] || continue
+    $PY benchmarks/report.py "$j" --no-plot >/dev/null 2>&1 && sed -n '/^\*\*End to end, side by side/,$p' "${j%.json}.md"
+done
 for j in "$OUT"/bench-*.json; do
+    case "$j" in *bench-e2e-gpu*) continue ;; esac
     $PY benchmarks/report.py "$j" --no-plot >/dev/null 2>&1 && grep -A14 "^| shape\|^| model" "${j%.json}.md" | head -30
 done
