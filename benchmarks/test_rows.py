@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import papr_bench as pb
+import papr_kernels
 from papr_kernels import hierarchical
 
 H, W, C, Z = 56, 56, 96, 0.65
@@ -48,7 +49,7 @@ def _inputs(layout, batch, device):
     if key not in _CACHE:
         _CACHE.clear()
         gen = torch.Generator().manual_seed(0)
-        k = hierarchical.keep_count((H, W), Z)
+        k = papr_kernels.keep_count(H * W, Z, 0)
         idx = torch.stack([torch.randperm(H * W, generator=gen)[:k] for _ in range(batch)])
         values = torch.randn(batch, k, C, generator=gen)
         if layout == "nhwc":
