@@ -15,7 +15,7 @@ Switches (environment variables):
 The package imports and runs on its "torch" backend when the extension is missing.
 
 The extension records what it was built for (torch version, CUDA toolkit, GPU architectures,
-whether PTX is embedded): `papr_kernels.ops.cpp_prune.build_info()` reads it back from the
+whether PTX is embedded): `papr_kernels.ops.extension.build_info()` reads it back from the
 binary itself, so it is right for an editable install and a wheel alike.
 """
 import glob

@@ -13,6 +13,7 @@ import papr_kernels
 import papr_kernels.timm as papr_timm
 from papr_kernels import backends, testing
 from papr_kernels import proposal as papr_proposal
+from papr_kernels.ops import extension
 
 
 def _version(module_name: str) -> str:
@@ -21,6 +22,16 @@ def _version(module_name: str) -> str:
     except Exception as exc:
         return f"not available ({type(exc).__name__}: {exc})"
     return getattr(module, "__version__", "unknown")
+
+
+def _extension_build() -> str:
+    build = extension.build_info()
+    if build is None:
+        return "not loaded (pure-Python install or another build; see the cpp backend below)"
+    archs = ", ".join(f"sm_{a.replace('.', '')}" for a in build["archs"]) or "none"
+    ptx = f" + PTX of compute_{build['archs'][-1].replace('.', '')}" if build["ptx"] and \
+        build["archs"] else ""
+    return f"built against torch {build['torch']}, CUDA {build['cuda'] or 'none'}: {archs}{ptx}"
 
 
 def info() -> None:
@@ -33,6 +44,7 @@ def info() -> None:
         ("torch CUDA build", torch.version.cuda or "none (CPU build)"),
         ("CUDA device", torch.cuda.get_device_name(0) if cuda else "none"),
         ("triton", _version("triton")),
+        ("extension _C", _extension_build()),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

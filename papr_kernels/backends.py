@@ -155,9 +155,9 @@ def resolve(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()):
 register(Backend("triton", "papr_kernels.ops.triton", ("cuda", "cpu"),
                  "fused Triton kernels (CPU tensors only under TRITON_INTERPRET=1)"),
          auto_for=("cuda",))
-register(Backend("cuda", "papr_kernels.ops.cpp_prune", ("cuda",),
+register(Backend("cuda", "papr_kernels.ops.extension", ("cuda",),
                  "CUDA kernel of the C++ extension"), auto_for=("cuda",))
-register(Backend("cpp", "papr_kernels.ops.cpp_prune", ("cpu",),
+register(Backend("cpp", "papr_kernels.ops.extension", ("cpu",),
                  "C++ CPU kernel of the extension"), auto_for=("cpu",))
 register(Backend("torch", "papr_kernels.ops.torch", ("cpu", "cuda", "meta"),
                  "pure-PyTorch reference (SPEC's executable form)"))

@@ -6,6 +6,7 @@ import torch
 
 import papr_kernels
 from papr_kernels import backends, reference
+from papr_kernels.ops import extension
 from papr_kernels.testing import assert_matches_reference
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
@@ -304,14 +305,14 @@ def _cuobjdump():
 
 
 def test_build_info_names_this_torch_and_the_kernels_built():
-    from papr_kernels.ops import cpp_prune
 
-    info = cpp_prune.build_info()
+
+    info = extension.build_info()
     assert isinstance(info, dict) and {"torch", "cuda", "archs", "ptx"} <= set(info)
     assert info["torch"] == torch.__version__  # the extension loaded: built for this torch
     assert isinstance(info["archs"], list) and all(isinstance(a, str) for a in info["archs"])
     assert isinstance(info["ptx"], bool)
-    if cpp_prune._HAS_CUDA_KERNEL:
+    if extension._HAS_CUDA_KERNEL:
         assert info["cuda"] and info["archs"], info
         assert all(a[0].isdigit() and "." in a for a in info["archs"]), info
     else:
@@ -322,14 +323,14 @@ def test_build_info_agrees_with_the_binary_s_cuda_code():
     import subprocess
 
     from papr_kernels import _C
-    from papr_kernels.ops import cpp_prune
 
-    if not cpp_prune._HAS_CUDA_KERNEL:
+
+    if not extension._HAS_CUDA_KERNEL:
         pytest.skip("the extension was built without CUDA kernels")
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump")
-    info = cpp_prune.build_info()
+    info = extension.build_info()
     elf = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True).stdout
     ptx = subprocess.run([tool, "--list-ptx", _C.__file__], capture_output=True, text=True).stdout
     sass = sorted({f"{m[:-1]}.{m[-1]}" for m in __import__("re").findall(r"\.sm_(\d+)a?\.", elf)})
@@ -342,7 +343,19 @@ def test_build_info_is_none_without_the_extension():
     import sys
 
     code = ("import sys; sys.modules['papr_kernels._C'] = None\n"
-            "from papr_kernels.ops import cpp_prune\n"
-            "assert cpp_prune.build_info() is None\n")
+            "from papr_kernels.ops import extension\n"
+            "assert extension.build_info() is None\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_info_says_what_the_extension_was_built_for(capsys):
+    from papr_kernels.__main__ import main
+
+    build = extension.build_info()
+    assert main(["info"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("extension _C"))
+    assert f"built against torch {build['torch']}" in line
+    for arch in build["archs"]:
+        assert f"sm_{arch.replace('.', '')}" in line
+    assert ("+ PTX" in line) == build["ptx"]

@@ -1,22 +1,22 @@
 """The row ops of the C++/CUDA extension (papr_kernels::gather_rows / put_rows_ through the
-adapter papr_kernels.ops.cpp_prune) against the row ops of papr_kernels.reference, bit for bit:
+adapter papr_kernels.ops.extension) against the row ops of papr_kernels.reference, bit for bit:
 3-D / 4-D, contiguous / permuted NCHW / sliced / expanded layouts, fp16/bf16/fp32/fp64, in place
 or not, empty batches and rows, out-of-range indices, and torch.compile through the fake kernels."""
 import pytest
 import torch
 
 from papr_kernels import reference
-from papr_kernels.ops import cpp_prune
+from papr_kernels.ops import extension
 
-pytestmark = pytest.mark.skipif(cpp_prune.unavailable_reason("cpu") is not None,
-                                reason=f"cpp: {cpp_prune.unavailable_reason('cpu')}")
+pytestmark = pytest.mark.skipif(extension.unavailable_reason("cpu") is not None,
+                                reason=f"cpp: {extension.unavailable_reason('cpu')}")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 LAYOUTS = ["3d", "4d", "nchw", "sliced"]
 
 
 def _devices():
-    cuda_reason = cpp_prune.unavailable_reason("cuda")
+    cuda_reason = extension.unavailable_reason("cuda")
     if not torch.cuda.is_available():
         cuda_reason = "no CUDA device here (torch.cuda.is_available() is False)"
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -69,7 +69,7 @@ def _positions(x):
 def test_gather_rows_matches_torch(device, dtype, layout, batch, k):
     x = _make(layout, batch, dtype, device, seed=batch * 100 + k)
     idx = _indices(batch, _positions(x), k, device, seed=k)
-    got = cpp_prune.gather_rows(x, idx)
+    got = extension.gather_rows(x, idx)
     want = reference.gather_rows(x, idx)
     assert got.shape == (batch, k, x.shape[-1]) and got.is_contiguous()
     assert got.dtype == dtype and got.device == x.device
@@ -82,9 +82,9 @@ def test_gather_rows_expanded_zero_strides(device, dtype):
     base = torch.randn(1, 1, 7, 6).to(device=device, dtype=dtype)
     x = base.expand(3, 5, 7, 6)  # batch and row strides 0
     idx = _indices(3, 35, 12, device, seed=3)
-    assert torch.equal(cpp_prune.gather_rows(x, idx), reference.gather_rows(x, idx))
+    assert torch.equal(extension.gather_rows(x, idx), reference.gather_rows(x, idx))
     ch = torch.randn(3, 1, 1, 1).to(device=device, dtype=dtype).expand(3, 5, 7, 6)  # channel stride 0
-    assert torch.equal(cpp_prune.gather_rows(ch, idx), reference.gather_rows(ch, idx))
+    assert torch.equal(extension.gather_rows(ch, idx), reference.gather_rows(ch, idx))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -96,7 +96,7 @@ def test_scatter_rows_matches_torch(device, dtype, layout, batch, k, transposed)
     x = _make(layout, batch, dtype, device, seed=7)
     idx = _indices(batch, _positions(x), k, device, seed=k + 5)
     values = _values(batch, k, x.shape[-1], dtype, device, seed=k, transposed=transposed)
-    got = cpp_prune.scatter_rows(values, idx, tuple(x.shape))
+    got = extension.scatter_rows(values, idx, tuple(x.shape))
     want = reference.scatter_rows(values, idx, tuple(x.shape))
     assert got.shape == x.shape and got.is_contiguous() and got.dtype == dtype
     assert torch.equal(got, want)
@@ -114,7 +114,7 @@ def test_scatter_back_matches_torch(device, dtype, layout, batch, k, inplace):
     x_ours = _make(layout, batch, dtype, device, seed=batch + 3 * k)  # same values and strides
     x_ref = _make(layout, batch, dtype, device, seed=batch + 3 * k)
     before = x.clone()
-    got = cpp_prune.scatter_back(x_ours, idx, values, inplace)
+    got = extension.scatter_back(x_ours, idx, values, inplace)
     want = reference.scatter_back(x_ref, idx, values, inplace)
     assert torch.equal(got, want)
     if inplace:
@@ -133,7 +133,7 @@ def test_scatter_back_rounds_like_torch_add(device, dtype):
     x = (torch.randn(2, 4, 4, 8) * 1000).to(device=device, dtype=dtype)
     values = (torch.randn(2, 16, 8) * 0.37).to(device=device, dtype=dtype)
     idx = _indices(2, 16, 16, device, seed=1)
-    assert torch.equal(cpp_prune.scatter_back(x, idx, values, False),
+    assert torch.equal(extension.scatter_back(x, idx, values, False),
                        reference.scatter_back(x, idx, values, False))
 
 
@@ -145,16 +145,16 @@ def test_out_of_range_index_raises_on_cpu(bad):
     values = torch.randn(2, 4, 6)
     before = x.clone()
     with pytest.raises(RuntimeError, match="outside"):
-        cpp_prune.gather_rows(x, idx)
+        extension.gather_rows(x, idx)
     with pytest.raises(RuntimeError, match="outside"):
-        cpp_prune.scatter_rows(values, idx, (2, 5, 7, 6))
+        extension.scatter_rows(values, idx, (2, 5, 7, 6))
     with pytest.raises(RuntimeError, match="outside"):
-        cpp_prune.scatter_back(x, idx, values, True)
+        extension.scatter_back(x, idx, values, True)
     assert torch.equal(x, before)  # checked before anything is written
 
 
-@pytest.mark.skipif(cpp_prune.unavailable_reason("cuda") is not None,
-                    reason=f"cuda: {cpp_prune.unavailable_reason('cuda')}")
+@pytest.mark.skipif(extension.unavailable_reason("cuda") is not None,
+                    reason=f"cuda: {extension.unavailable_reason('cuda')}")
 @pytest.mark.parametrize("layout", ["4d", "nchw"])
 def test_out_of_range_index_is_masked_on_cuda_and_the_context_survives(layout):
     # A device assert would kill the CUDA context: every later CUDA call in the process fails.
@@ -166,18 +166,18 @@ def test_out_of_range_index_is_masked_on_cuda_and_the_context_survives(layout):
         bad_idx[1, 2] = bad
         good = torch.ones_like(bad_idx, dtype=torch.bool)
         good[1, 2] = False
-        rows = cpp_prune.gather_rows(x, bad_idx)
+        rows = extension.gather_rows(x, bad_idx)
         want = reference.gather_rows(x, idx)
         assert torch.equal(rows[good], want[good])
         assert torch.equal(rows[1, 2], torch.zeros_like(rows[1, 2]))  # masked row reads as zeros
         before = x.clone()
-        got = cpp_prune.scatter_back(x.clone(), bad_idx, values, True)
+        got = extension.scatter_back(x.clone(), bad_idx, values, True)
         ref = reference.scatter_back(x.clone(), idx[:, [0, 1, 3]], values[:, [0, 1, 3]], True)
         ref[0] = reference.scatter_back(before[:1], idx[:1], values[:1])[0]
         assert torch.equal(got, ref)
         torch.cuda.synchronize()
     # The context is alive: a later op on the same device still runs and is right.
-    assert torch.equal(cpp_prune.gather_rows(x, idx), reference.gather_rows(x, idx))
+    assert torch.equal(extension.gather_rows(x, idx), reference.gather_rows(x, idx))
 
 
 def test_direct_op_misuse_raises():
@@ -203,8 +203,8 @@ def test_direct_op_misuse_raises():
 
 def test_compile_fullgraph_matches_eager():
     def block(x, idx):
-        rows = cpp_prune.gather_rows(x, idx)
-        return cpp_prune.scatter_back(x, idx, rows * 2.0 + 1.0, False)
+        rows = extension.gather_rows(x, idx)
+        return extension.scatter_back(x, idx, rows * 2.0 + 1.0, False)
 
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True)
