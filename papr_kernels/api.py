@@ -54,6 +54,10 @@ def run(x: torch.Tensor, f: torch.Tensor, plan: spec.Plan, impl: backends.PruneB
     """(out, indices) of checked arguments on backend `impl`, recorded by autograd when x needs
     a gradient. f never gets one (it is detached: no autograd kernel is ever asked for)."""
     f = f.detach()
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export() and not plan.identity:
+        # torch.onnx.export: the reference's aten ops, which translate to standard ONNX ops
+        # (the extension's custom op has none). is_exporting first: it is the cheaper check.
+        return backends.resolve("torch", x.device.type).forward(x, f, plan)
     if plan.identity:
         return x, reference.all_indices(x.shape[0], plan.num_patches, x.device)
     if x.shape[0] == 0:
