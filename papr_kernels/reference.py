@@ -29,10 +29,12 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     (A = -0.75, clamped border taps) for images (B, K, h, w), trilinear for video (B, K, t, h, w).
     Both steps run in float64 and the result is rounded once to float32 (SPEC, semantics 1), so
     every backend gets the same scores and a constant region of f ties exactly.
+    Under torch.onnx.export the resize is written as float64 taps (`_resize_by_taps`), so the
+    ONNX graph keeps SPEC's float64 scores (ONNX Runtime's Resize has no float64 kernel).
     """
     mode = "bicubic" if f.dim() == 4 else "trilinear"
     channel_mean = f.double().mean(dim=1, keepdim=True)
-    if _onnx_exporting():
+    if onnx_exporting():
         resized = _resize_by_taps(channel_mean, tuple(grid), align_corners, mode == "bicubic")
     elif channel_mean.device.type != "cpu" and tuple(grid) == tuple(channel_mean.shape[2:]):
         # At an unchanged size CUDA's interpolate copies, while SPEC's formula (the CPU kernel's)
@@ -46,8 +48,9 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     return resized.flatten(1).float()
 
 
-def _onnx_exporting() -> bool:
-    # is_exporting first: it is the cheaper check (a module flag).
+def onnx_exporting() -> bool:
+    """True inside torch.onnx.export (is_exporting first: a module flag, the cheaper check;
+    torch.compile folds both to False)."""
     return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 
@@ -123,7 +126,7 @@ def top_k(scores: torch.Tensor, k: int, order: str = "score") -> torch.Tensor:
     sorted), whose specification puts equal values in ascending index order: SPEC's tie rule
     (the stable sort of `rank` has no ONNX translation). Eager results never take this branch.
     """
-    if _onnx_exporting():
+    if onnx_exporting():
         indices = torch.topk(_total_order(scores), k, dim=1, largest=True, sorted=True).indices
     else:
         indices = rank(scores)[:, :k]
