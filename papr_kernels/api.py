@@ -54,6 +54,10 @@ def run(x: torch.Tensor, f: torch.Tensor, plan: spec.Plan, impl: backends.PruneB
     """(out, indices) of checked arguments on backend `impl`, recorded by autograd when x needs
     a gradient. f never gets one (it is detached: no autograd kernel is ever asked for)."""
     f = f.detach()
+    if reference.onnx_exporting() and not plan.identity:
+        # torch.onnx.export: the reference's aten ops, which translate to standard ONNX ops
+        # (the extension's custom op has none; reference.significance / top_k say how).
+        return backends.resolve("torch", x.device.type).forward(x, f, plan)
     if plan.identity:
         return x, reference.all_indices(x.shape[0], plan.num_patches, x.device)
     if x.shape[0] == 0:
@@ -94,6 +98,11 @@ def prune(
 
     Returns:
         (B, num_prefix_tokens + k, C) tokens, and the indices when `return_indices`.
+
+    Under `torch.onnx.export(..., dynamo=True)` it is traced from the reference's standard ops
+    whatever the backend: ONNX ReduceMean and the resize as Gather / Mul / Add in float64, one
+    Cast to float32, TopK (ties to the lower index, SPEC's order), GatherND; no custom domain.
+    TopK ranks the float32 scores; the gather keeps x's dtype.
     """
     plan = spec.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
     out, indices = run(x, f, plan, backends.resolve(backend, x.device.type))

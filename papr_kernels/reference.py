@@ -12,6 +12,7 @@ and `scatter` is the gradient of `gather`. The row ops of the hierarchical model
 (`gather_rows`, `scatter_rows`, `scatter_back`) follow.
 """
 import math
+import struct
 from typing import Sequence
 
 import torch
@@ -28,10 +29,14 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     (A = -0.75, clamped border taps) for images (B, K, h, w), trilinear for video (B, K, t, h, w).
     Both steps run in float64 and the result is rounded once to float32 (SPEC, semantics 1), so
     every backend gets the same scores and a constant region of f ties exactly.
+    Under torch.onnx.export the resize is written as float64 taps (`_resize_by_taps`), so the
+    ONNX graph keeps SPEC's float64 scores (ONNX Runtime's Resize has no float64 kernel).
     """
     mode = "bicubic" if f.dim() == 4 else "trilinear"
     channel_mean = f.double().mean(dim=1, keepdim=True)
-    if channel_mean.device.type != "cpu" and tuple(grid) == tuple(channel_mean.shape[2:]):
+    if onnx_exporting():
+        resized = _resize_by_taps(channel_mean, tuple(grid), align_corners, mode == "bicubic")
+    elif channel_mean.device.type != "cpu" and tuple(grid) == tuple(channel_mean.shape[2:]):
         # At an unchanged size CUDA's interpolate copies, while SPEC's formula (the CPU kernel's)
         # still weighs the zero-weight taps, so an inf spreads NaN to its neighbours (0 * inf).
         # This small (B, 1, h, w) map is resized on the CPU to stay identical on every device.
@@ -43,18 +48,88 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     return resized.flatten(1).float()
 
 
+def onnx_exporting() -> bool:
+    """True inside torch.onnx.export (is_exporting first: a module flag, the cheaper check;
+    torch.compile folds both to False)."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+
+
+def _taps(in_size: int, out_size: int, align_corners: bool, cubic: bool):
+    """[(indices, weights)] per tap, each (out_size,): where and how much of the input each
+    output position reads along one dimension, as PyTorch's CPU kernel computes them
+    (ATen/native/UpSample.h: source index, floorf, clamped lambda, clamped taps; float64)."""
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    else:
+        scale = in_size / out_size
+    taps = [([], []) for _ in range(4 if cubic else 2)]
+    for i in range(out_size):
+        real = scale * i if align_corners else scale * (i + 0.5) - 0.5
+        if not cubic and real < 0:
+            real = 0.0
+        floor32 = math.floor(struct.unpack("f", struct.pack("f", real))[0])   # C floorf
+        index = min(int(floor32), in_size - 1)
+        t = min(max(real - index, 0.0), 1.0)
+        if cubic:
+            a, t2 = -0.75, 1.0 - t
+            weights = (((a * (t + 1.0) - 5 * a) * (t + 1.0) + 8 * a) * (t + 1.0) - 4 * a,
+                       ((a + 2) * t - (a + 3)) * t * t + 1,
+                       ((a + 2) * t2 - (a + 3)) * t2 * t2 + 1,
+                       ((a * (t2 + 1.0) - 5 * a) * (t2 + 1.0) + 8 * a) * (t2 + 1.0) - 4 * a)
+            indices = [max(min(index - 1 + j, in_size - 1), 0) for j in range(4)]
+        else:
+            weights = (1.0 - t, t)
+            indices = (index, index + (1 if index < in_size - 1 else 0))
+        for (tap_indices, tap_weights), j, w in zip(taps, indices, weights):
+            tap_indices.append(j)
+            tap_weights.append(w)
+    return taps
+
+
+def _resize_by_taps(m: torch.Tensor, size: Sequence[int], align_corners: bool,
+                    cubic: bool) -> torch.Tensor:
+    """F.interpolate(m, size, mode="bicubic" / "trilinear") of float64 m (B, 1, *spatial) as
+    index_select / mul / add, used under torch.onnx.export (exported as Gather / Mul / Add):
+    ONNX Runtime's Resize has no float64 kernel, and this keeps SPEC's float64 scores. Same
+    taps, weights and summation order as PyTorch's CPU kernel (every tap weighed, zero weights
+    included), separable, last dimension first; equal up to float64 rounding (FMA), which the
+    rounding to float32 erases."""
+    for dim in reversed(range(2, m.dim())):
+        shape = [1] * m.dim()
+        shape[dim] = size[dim - 2]
+        out = None
+        for indices, weights in _taps(m.shape[dim], size[dim - 2], align_corners, cubic):
+            term = m.index_select(dim, torch.tensor(indices, device=m.device)) * torch.tensor(
+                weights, dtype=m.dtype, device=m.device).view(shape)
+            out = term if out is None else out + term
+        m = out
+    return m
+
+
+def _total_order(scores: torch.Tensor) -> torch.Tensor:
+    """scores with NaN as -inf and -0.0 as +0.0: SPEC's ranking key."""
+    return torch.where(scores.isnan(), float("-inf"), scores) + 0.0  # -0.0 + 0.0 == +0.0
+
+
 def rank(scores: torch.Tensor) -> torch.Tensor:
     """All patch indices (B, N) by descending score: SPEC's total order.
 
     Ties go to the lower index (stable sort), -0.0 equals +0.0 and NaN ranks as -inf.
     """
-    total_order = torch.where(scores.isnan(), float("-inf"), scores) + 0.0  # -0.0 + 0.0 == +0.0
-    return torch.argsort(total_order, dim=1, descending=True, stable=True)
+    return torch.argsort(_total_order(scores), dim=1, descending=True, stable=True)
 
 
 def top_k(scores: torch.Tensor, k: int, order: str = "score") -> torch.Tensor:
-    """The k kept patch indices (B, k), int64, in rank order or ascending ("spatial")."""
-    indices = rank(scores)[:, :k]
+    """The k kept patch indices (B, k), int64, in rank order or ascending ("spatial").
+
+    Under `torch.onnx.export` the ranking is `torch.topk`, exported as ONNX TopK (largest,
+    sorted), whose specification puts equal values in ascending index order: SPEC's tie rule
+    (the stable sort of `rank` has no ONNX translation). Eager results never take this branch.
+    """
+    if onnx_exporting():
+        indices = torch.topk(_total_order(scores), k, dim=1, largest=True, sorted=True).indices
+    else:
+        indices = rank(scores)[:, :k]
     if order == "spatial":
         indices = indices.sort(dim=1).values
     return indices

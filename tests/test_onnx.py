@@ -1,0 +1,178 @@
+"""Deployment: `torch.onnx.export(..., dynamo=True)` of `prune` and of a patched timm ViT gives a
+graph of standard ONNX ops only, which ONNX Runtime (CPU) runs with PyTorch's results on inputs
+other than the export example (the selection is computed in the graph, not baked in); and
+`torch.export` of a patched ViT keeps working."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import papr_kernels
+from papr_kernels import reference
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")  # torch.onnx's dynamo exporter needs it
+
+timm = pytest.importorskip("timm")
+from papr_kernels.timm import patch  # noqa: E402
+
+
+def export_onnx(module, args, path):
+    """torch.onnx.export (dynamo) of `module` to `path`; the checked ONNX model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=True, verbose=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}, model.opset_import
+    assert not model.functions, [f.name for f in model.functions]
+    nodes = list(model.graph.node)
+    for node in nodes:
+        assert node.domain in ("", "ai.onnx"), (node.domain, node.op_type)
+        assert onnx.defs.has(node.op_type), node.op_type
+    return model
+
+
+def op_types(model):
+    return {node.op_type for node in model.graph.node}
+
+
+def assert_float64_scores(model):
+    """The selection: float64 channel mean and resize (Cast to double, ReduceMean, Gather/Mul/
+    Add taps), one Cast to float32, TopK; no Resize (ONNX Runtime has no float64 Resize)."""
+    ops = op_types(model)
+    assert {"ReduceMean", "TopK", "Gather"} <= ops, ops
+    assert "Resize" not in ops
+    casts = [next(a.i for a in n.attribute if a.name == "to")
+             for n in model.graph.node if n.op_type == "Cast"]
+    assert onnx.TensorProto.DOUBLE in casts and onnx.TensorProto.FLOAT in casts, casts
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_session(sess, *inputs):
+    feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+
+class Prune(nn.Module):
+    def __init__(self, z, **kwargs):
+        super().__init__()
+        self.z, self.kwargs = z, kwargs
+
+    def forward(self, x, f):
+        return papr_kernels.prune(x, f, self.z, return_indices=True, **self.kwargs)
+
+
+def feature_maps(generator, shape):
+    """Random, integer-valued (exact ties), constant, and special values (NaN, inf, -0.0)."""
+    plain = torch.randn(shape, generator=generator)
+    special = plain.clone()
+    special[:, :, 0, 0] = float("nan")
+    special[:, :, -1, 1] = float("inf")
+    special[:, :, 2:4, 2:4] = -0.0
+    special[:, :, 4:6, 4:6] = 0.0
+    return {"random": plain, "integer": plain.mul(2).round(), "constant": torch.ones(shape),
+            "special": special}
+
+
+@pytest.mark.parametrize("order", ["score", "spatial"])
+@pytest.mark.parametrize("prefix", [0, 1, 4])
+def test_prune_exports_and_matches(tmp_path, prefix, order):
+    gen = torch.Generator().manual_seed(prefix)
+    grid, channels = (6, 8), 5
+    x = torch.randn(2, prefix + 48, channels, generator=gen)
+    f = torch.randn(2, 3, 4, 5, generator=gen)
+    module = Prune(0.4, num_prefix_tokens=prefix, grid=grid, order=order)
+    model = export_onnx(module, (x, f), tmp_path / "prune.onnx")
+    assert_float64_scores(model)
+    sess = session(tmp_path / "prune.onnx")
+    for name, f2 in feature_maps(gen, (2, 3, 4, 5)).items():
+        x2 = torch.randn(2, prefix + 48, channels, generator=gen)
+        out, indices = run_session(sess, x2, f2)
+        want_out, want_indices = reference.prune(x2, f2, 0.4, num_prefix_tokens=prefix,
+                                                 grid=grid, order=order, return_indices=True)
+        assert torch.equal(indices, want_indices), name
+        assert torch.equal(out, want_out), name
+    # Exporting leaves eager dispatch alone: the auto backend (the extension's op) runs again.
+    assert not torch.onnx.is_in_onnx_export()
+    got = papr_kernels.prune(x, f, 0.4, num_prefix_tokens=prefix, grid=grid, order=order,
+                             return_indices=True)
+    want = reference.prune(x, f, 0.4, num_prefix_tokens=prefix, grid=grid, order=order,
+                           return_indices=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_prune_exports_video(tmp_path):
+    """5-D f: the trilinear resize as float64 taps too."""
+    gen = torch.Generator().manual_seed(5)
+    x, f = torch.randn(1, 1 + 2 * 4 * 4, 3, generator=gen), torch.randn(1, 2, 3, 3, 3, generator=gen)
+    module = Prune(0.5, grid=(2, 4, 4))
+    export_onnx(module, (x, f), tmp_path / "video.onnx")
+    sess = session(tmp_path / "video.onnx")
+    for f2 in (torch.randn(1, 2, 3, 3, 3, generator=gen), torch.ones(1, 2, 3, 3, 3)):
+        x2 = torch.randn(1, 33, 3, generator=gen)
+        out, indices = run_session(sess, x2, f2)
+        want_out, want_indices = reference.prune(x2, f2, 0.5, grid=(2, 4, 4),
+                                                 return_indices=True)
+        assert torch.equal(indices, want_indices)
+        assert torch.equal(out, want_out)
+
+
+VIT_PREFIX = {  # prefix count -> timm VisionTransformer options
+    0: dict(class_token=False, global_pool="avg"),
+    1: dict(),
+    4: dict(class_token=True, reg_tokens=3),
+}
+
+
+def patched_vit(prefix, order):
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+        **VIT_PREFIX[prefix]).eval()
+    assert vit.num_prefix_tokens == prefix
+    return patch(vit, nn.Conv2d(3, 8, 32, stride=32), z=0.5, order=order)
+
+
+def kept(model, images):
+    """The patch indices the patched ViT keeps for `images` (14 x 14 grid)."""
+    with torch.no_grad():
+        f = model.papr_proposal(images)
+    return reference.top_k(reference.significance(f, (14, 14)), 98, model.papr_order)
+
+
+@pytest.mark.parametrize("prefix,order", [(0, "score"), (1, "score"), (1, "spatial"),
+                                          (4, "spatial")])
+def test_patched_vit_onnx_runtime(tmp_path, prefix, order):
+    model = patched_vit(prefix, order)
+    gen = torch.Generator().manual_seed(1)
+    example = torch.randn(2, 3, 224, 224, generator=gen)
+    onnx_model = export_onnx(model, (example,), tmp_path / "vit.onnx")
+    assert_float64_scores(onnx_model)
+    sess = session(tmp_path / "vit.onnx")
+    for images in (torch.randn(2, 3, 224, 224, generator=gen),
+                   torch.rand(2, 3, 224, 224, generator=gen) * 4 - 2):
+        assert not torch.equal(kept(model, images), kept(model, example))  # not baked in
+        with torch.no_grad():
+            want = model(images)
+        (got,) = run_session(sess, images)
+        assert got.shape == want.shape == (2, 10)
+        assert (got - want).abs().max().item() <= 1e-3
+
+
+def test_patched_vit_torch_export():
+    """torch.export keeps the package's op (auto backend): its module gives the eager output,
+    for inputs other than the example too."""
+    model = patched_vit(1, "score")
+    gen = torch.Generator().manual_seed(2)
+    example = torch.randn(2, 3, 224, 224, generator=gen)
+    program = torch.export.export(model, (example,))
+    exported = program.module()
+    for images in (example, torch.randn(2, 3, 224, 224, generator=gen)):
+        with torch.no_grad():
+            assert torch.allclose(exported(images), model(images), rtol=0, atol=1e-5)
