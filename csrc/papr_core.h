@@ -102,10 +102,13 @@ PAPR_HD double source_scale(int64_t in, int64_t out, bool align_corners) {
   return static_cast<double>(in) / static_cast<double>(out);
 }
 
-// area_pixel_compute_source_index<double>
+// area_pixel_compute_source_index<double>. PyTorch's CPU kernels are compiled with FMA
+// contraction (AVX2/AVX-512 builds), so `scale * (dst + 0.5) - 0.5` is one fused multiply-add
+// there: rounded once. It matters where the result should be an integer (e.g. 3 -> 9 taps):
+// unfused it rounds to 0 and reads a tap the fused one does not (0 * inf = NaN).
 PAPR_HD double source_index(double scale, int64_t dst, bool align_corners, bool cubic) {
   if (align_corners) return scale * static_cast<double>(dst);
-  const double src = scale * (static_cast<double>(dst) + 0.5) - 0.5;
+  const double src = fma(scale, static_cast<double>(dst) + 0.5, -0.5);
   return (!cubic && src < 0.0) ? 0.0 : src;
 }
 

@@ -13,6 +13,7 @@ and `scatter` is the gradient of `gather`. The row ops of the hierarchical model
 """
 import math
 import struct
+from fractions import Fraction
 from typing import Sequence
 
 import torch
@@ -64,7 +65,8 @@ def _taps(in_size: int, out_size: int, align_corners: bool, cubic: bool):
         scale = in_size / out_size
     taps = [([], []) for _ in range(4 if cubic else 2)]
     for i in range(out_size):
-        real = scale * i if align_corners else scale * (i + 0.5) - 0.5
+        # ATen's CPU build fuses scale * (i + 0.5) - 0.5 into one FMA: the exact value, rounded once
+        real = scale * i if align_corners else float(Fraction(scale) * (i + 0.5) - Fraction(1, 2))
         if not cubic and real < 0:
             real = 0.0
         floor32 = math.floor(struct.unpack("f", struct.pack("f", real))[0])   # C floorf

@@ -206,3 +206,20 @@ def test_tie_rich_maps_give_the_reference_positions_in_hierarchical_select(
         scores = reference.significance(f, grid_align)
         want = reference.top_k(scores, got.shape[1], order)
         assert torch.equal(got.cpu(), want), (name, z)
+
+
+def test_source_index_is_rounded_once_as_in_pytorch(backend):
+    """3 -> 9 bicubic, align_corners=False: output 1's source index is 1/3 * 1.5 - 0.5, which
+    PyTorch's CPU kernel computes as one FMA (-2.8e-17: taps 0, 0, 0, 1) where two roundings give
+    0 (taps 0, 0, 1, 2: the inf in column 2 times weight 0 makes the score NaN). Every backend
+    must read the taps PyTorch reads."""
+    backend_name, device = backend
+    f = torch.tensor([[1.3789, 2.5293, float("inf")], [-0.9878, -0.9082, 0.5425]]).view(1, 1, 2, 3)
+    x = torch.randn(1, 9, 4)
+    kwargs = dict(num_prefix_tokens=0, grid=(1, 9), align_corners=False)
+    assert reference.significance(f, (1, 9), False)[0, :2].isfinite().all()
+    out, idx = papr_kernels.prune(x.to(device), f.to(device), 0.5, return_indices=True,
+                                  backend=backend_name, **kwargs)
+    want_out, want_idx = reference.prune(x, f, 0.5, return_indices=True, **kwargs)
+    assert idx.cpu().tolist() == want_idx.tolist() == [[1, 0, 2, 3]]
+    assert torch.equal(out.cpu(), want_out)

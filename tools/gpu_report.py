@@ -102,14 +102,16 @@ def build_jobs(dtypes):
                 for c in CHANNELS:
                     for k in PROPOSAL_CHANNELS:
                         rows_per, chans_per = _split(PREFIX + keep, c, tp.BLOCK_R)
-                        scales = [tp._double_bits(tp._scale(i, o, True))
-                                  for i, o in zip(src, dst)]
+                        scales = [bits for i, o in zip(src, dst)
+                                  for bits in tp._split_bits(tp._scale(i, o, True))]
                         values = dict(x_ptr=dtype, f_ptr=dtype, out_ptr=dtype, idx_ptr="i64",
                                       stride_xb=(n + PREFIX) * c, stride_xn=c, stride_xc=1,
                                       C=c, K=k, S=math.prod(src), N=n, P=PREFIX, KEEP=keep,
                                       in_t=src[0], in_h=src[1], in_w=src[2], out_t=dst[0],
-                                      out_h=dst[1], out_w=dst[2], scale_t_bits=scales[0],
-                                      scale_h_bits=scales[1], scale_w_bits=scales[2],
+                                      out_h=dst[1], out_w=dst[2], st_hi_bits=scales[0],
+                                      st_lo_bits=scales[1], sh_hi_bits=scales[2],
+                                      sh_lo_bits=scales[3], sw_hi_bits=scales[4],
+                                      sw_lo_bits=scales[5],
                                       rows_per_prog=rows_per, chans_per_prog=chans_per)
                         meta = tp.fwd_constexprs(n, math.prod(src), video, True, spatial)
                         sig, attrs, consts = _specialize(tp._prune_fwd_kernel, values, meta)

@@ -106,15 +106,20 @@ if triton is not None:
         return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
     @triton.jit
-    def _src_index(o, size_in, scale, ALIGN: tl.constexpr, CUBIC: tl.constexpr):
+    def _src_index(o, size_in, scale_hi, scale_lo, ALIGN: tl.constexpr, CUBIC: tl.constexpr):
         """ATen's area_pixel_compute_source_index<double> + guard_index_and_lambda: (index,
         lambda), float64. The index is floorf(real): ATen floors the float32 rounding of the
-        double (so e.g. 5.99999999999 gives index 6, lambda 0), and so does this."""
+        double (so e.g. 5.99999999999 gives index 6, lambda 0), and so does this.
+        ATen's CPU build fuses `scale * (o + 0.5) - 0.5` into one FMA (one rounding); the scale
+        comes split (scale_hi + scale_lo, 26 + 27 bits) so that both products with o + 0.5 are
+        exact and so is `hi * h - 0.5`: the one rounding is the final add, on every device and
+        in the interpreter (whose tl.fma is not fused), whether or not the compiler contracts."""
         of = o.to(tl.float64)
         if ALIGN:
-            real = scale * of
+            real = (scale_hi + scale_lo) * of
         else:
-            real = scale * (of + 0.5) - 0.5
+            h = of + 0.5
+            real = (scale_hi * h - 0.5) + scale_lo * h
             if not CUBIC:
                 real = tl.where(real < 0.0, 0.0, real)
         i0 = tl.minimum(tl.floor(real.to(tl.float32)).to(tl.int32), size_in - 1)
@@ -131,9 +136,9 @@ if triton is not None:
         return v0 * w0 + v1 * w1 + v2 * w2 + v3 * w3
 
     @triton.jit
-    def _linear_taps(o, size_in, size_out, scale, ALIGN: tl.constexpr):
+    def _linear_taps(o, size_in, size_out, scale_hi, scale_lo, ALIGN: tl.constexpr):
         """ATen's compute_source_index_and_lambda for linear modes: (i0, i1, l0, l1)."""
-        i0, l1 = _src_index(o, size_in, scale, ALIGN, False)
+        i0, l1 = _src_index(o, size_in, scale_hi, scale_lo, ALIGN, False)
         i1 = i0 + (i0 < size_in - 1).to(tl.int32)
         l0 = 1.0 - l1
         same = size_in == size_out
@@ -144,8 +149,8 @@ if triton is not None:
         return i0, i1, l0, l1
 
     @triton.jit
-    def _score_keys(m, p, N, in_t, in_h, in_w, out_t, out_h, out_w, scale_t, scale_h, scale_w,
-                    ALIGN: tl.constexpr, VIDEO: tl.constexpr):
+    def _score_keys(m, p, N, in_t, in_h, in_w, out_t, out_h, out_w, st_hi, st_lo, sh_hi, sh_lo,
+                    sw_hi, sw_lo, ALIGN: tl.constexpr, VIDEO: tl.constexpr):
         """Packed int64 sort keys of patches p: the float64 resize of the mean map m at p (ATen's
         double upsample arithmetic), rounded once to float32, as order-preserving score bits << 32
         | (2^31 - 1 - p); patches p >= N get the smallest key."""
@@ -155,9 +160,9 @@ if triton is not None:
         oy = (pc // out_w) % out_h
         if VIDEO:
             ot = pc // (out_w * out_h)
-            t0, t1, lt0, lt1 = _linear_taps(ot, in_t, out_t, scale_t, ALIGN)
-            y0, y1, ly0, ly1 = _linear_taps(oy, in_h, out_h, scale_h, ALIGN)
-            x0, x1, lx0, lx1 = _linear_taps(ox, in_w, out_w, scale_w, ALIGN)
+            t0, t1, lt0, lt1 = _linear_taps(ot, in_t, out_t, st_hi, st_lo, ALIGN)
+            y0, y1, ly0, ly1 = _linear_taps(oy, in_h, out_h, sh_hi, sh_lo, ALIGN)
+            x0, x1, lx0, lx1 = _linear_taps(ox, in_w, out_w, sw_hi, sw_lo, ALIGN)
             hw = in_h * in_w
             a00 = tl.gather(m, t0 * hw + y0 * in_w + x0, 0) * lx0 \
                 + tl.gather(m, t0 * hw + y0 * in_w + x1, 0) * lx1
@@ -171,8 +176,8 @@ if triton is not None:
             b1 = a10 * ly0 + a11 * ly1
             score = b0 * lt0 + b1 * lt1
         else:
-            ix, tx = _src_index(ox, in_w, scale_w, ALIGN, True)
-            iy, ty = _src_index(oy, in_h, scale_h, ALIGN, True)
+            ix, tx = _src_index(ox, in_w, sw_hi, sw_lo, ALIGN, True)
+            iy, ty = _src_index(oy, in_h, sh_hi, sh_lo, ALIGN, True)
             wx0 = _cubic2(tx + 1.0)
             wx1 = _cubic1(tx)
             wx2 = _cubic1(1.0 - tx)
@@ -237,7 +242,7 @@ if triton is not None:
         stride_xb, stride_xn, stride_xc,
         C, K, S, N, P, KEEP,
         in_t, in_h, in_w, out_t, out_h, out_w,
-        scale_t_bits, scale_h_bits, scale_w_bits,
+        st_hi_bits, st_lo_bits, sh_hi_bits, sh_lo_bits, sw_hi_bits, sw_lo_bits,
         rows_per_prog, chans_per_prog,
         SPATIAL: tl.constexpr, ALIGN: tl.constexpr, VIDEO: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, LOG_N: tl.constexpr,
@@ -259,9 +264,6 @@ if triton is not None:
             ptrs = f_row + kk[:, None].to(tl.int64) * S + offs_s[None, :]
             acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
         m = tl.sum(acc, axis=0) / K
-        scale_t = _as_double(scale_t_bits)
-        scale_h = _as_double(scale_h_bits)
-        scale_w = _as_double(scale_w_bits)
 
         # 2. + 3. resize to the patch grid in float64, CHUNK patches at a time (a runtime loop:
         # only one chunk's float64 temporaries are live), each score rounded ONCE to float32
@@ -273,7 +275,9 @@ if triton is not None:
         for ci in range(NCHUNK):
             pk = ci * CHUNK + tl.arange(0, CHUNK)
             key = _score_keys(m, pk, N, in_t, in_h, in_w, out_t, out_h, out_w,
-                              scale_t, scale_h, scale_w, ALIGN, VIDEO)
+                              _as_double(st_hi_bits), _as_double(st_lo_bits),
+                              _as_double(sh_hi_bits), _as_double(sh_lo_bits),
+                              _as_double(sw_hi_bits), _as_double(sw_lo_bits), ALIGN, VIDEO)
             keys2 = tl.where(crow == ci, key[None, :], keys2)
         p = tl.arange(0, NP2)
         keys = tl.reshape(keys2, (NP2,))
@@ -388,6 +392,14 @@ def _scale(size_in: int, size_out: int, align_corners: bool) -> float:
     return size_in / size_out
 
 
+def _split_bits(value: float) -> Tuple[int, int]:
+    """`value` as hi + lo (Veltkamp: 26 and 27 significant bits, exact), each as its int64 bits:
+    the kernel's products of either part with o + 0.5 are exact (see _src_index)."""
+    c = 134217729.0 * value          # 2**27 + 1
+    hi = c - (c - value)
+    return _double_bits(hi), _double_bits(value - hi)
+
+
 def _double_bits(value: float) -> int:
     """The int64 bit pattern of a float64: the kernel reads it back with a bitcast (a Python
     float argument would reach the kernel as fp32)."""
@@ -445,7 +457,7 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     video = f.dim() == 5
     src = tuple(f.shape[2:]) if video else (1,) + tuple(f.shape[2:])
     dst = tuple(grid) if video else (1,) + tuple(grid)
-    scales = [_double_bits(_scale(i, o, align_corners)) for i, o in zip(src, dst)]
+    scales = [bits for i, o in zip(src, dst) for bits in _split_bits(_scale(i, o, align_corners))]
     rows = P + keep
     row_chunks, chan_chunks = common.split(batch, rows, channels, BLOCK_R, BLOCK_C,
                                            common.multiprocessors(x.device))
