@@ -80,7 +80,7 @@ bench-quick: install
 # preloaded into python. Any ASan or UBSan report fails the run.
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS ?= tests/test_parity.py tests/test_properties.py tests/test_errors.py tests/test_autograd.py tests/test_cpp.py \
-	tests/test_cpp_rows.py
+	tests/test_rows.py
 .PHONY: sanitize
 sanitize: $(DEPS_STAMP)
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)

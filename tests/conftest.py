@@ -37,24 +37,47 @@ BACKENDS = [
 REQUIRED = set(filter(None, os.environ.get("PAPR_KERNELS_REQUIRE", "").split(",")))
 
 
-def _unavailable_reason(name, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device here"
-    return backends.unavailable_reason(name, device)
+# ---------------------------------------------------------------------------------------------
+# The one answer to "can this backend run here" for every test file: `requires(name, device)`
+# marks a test (or a module, `pytestmark = requires(...)`, or one parameter) as needing backend
+# `name` on `device` tensors. papr_kernels.backends.unavailable_reason decides (it already says
+# "no CUDA device here"); a test whose backend cannot run is skipped with that reason, or fails
+# when PAPR_KERNELS_REQUIRE names the backend. Import it: `from conftest import requires`.
 
 
-def _backend_param(name, device):
-    reason = _unavailable_reason(name, device)
-    skip = reason is not None and f"{name}-{device}" not in REQUIRED
-    marks = [pytest.mark.skip(reason=f"{name} on {device}: {reason}")] if skip else []
-    return pytest.param((name, device), marks=marks, id=f"{name}-{device}")
+def requires(name, device):
+    """A mark: the test needs backend `name` (a name of papr_kernels.backends) on `device`."""
+    return pytest.mark.requires_backend(name, device)
 
 
-@pytest.fixture(params=[_backend_param(*b) for b in BACKENDS])
+def backend_params(*which):
+    """pytest.params of BACKENDS, each (name, device) with its `requires` mark and the id
+    "name-device"; only those whose name or "name-device" is in `which`, when given."""
+    return [pytest.param((name, device), marks=requires(name, device), id=f"{name}-{device}")
+            for name, device in BACKENDS
+            if not which or name in which or f"{name}-{device}" in which]
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_backend(name, device): needs that backend here (conftest.requires); "
+        "skipped when it cannot run, failed when PAPR_KERNELS_REQUIRE names it")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("requires_backend"):
+        name, device = mark.args
+        reason = backends.unavailable_reason(name, device)
+        if reason is None:
+            continue
+        if f"{name}-{device}" in REQUIRED:
+            pytest.fail(f"required backend {name} on {device} cannot run: {reason}",
+                        pytrace=False)
+        pytest.skip(f"{name} on {device}: {reason}")
+
+
+@pytest.fixture(params=backend_params())
 def backend(request):
-    """(backend name, device) of each backend under test."""
-    name, device = request.param
-    reason = _unavailable_reason(name, device)
-    if reason is not None:
-        pytest.fail(f"required backend {name} on {device} cannot run: {reason}")
+    """(backend name, device) of each backend under test (BACKENDS); parametrize it indirectly
+    with backend_params(...) for a subset."""
     return request.param

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import papr_kernels
-from papr_kernels import backends, reference
+from papr_kernels import reference
 from papr_kernels.ops import extension
 from papr_kernels.testing import assert_matches_reference
 
-pytestmark = pytest.mark.skipif(backends.unavailable_reason("cpp", "cpu") is not None,
-                                reason=f"cpp: {backends.unavailable_reason('cpp', 'cpu')}")
+from conftest import requires
+
+pytestmark = requires("cpp", "cpu")
 
 
 def _inputs(batch=2, n=197, channels=16, proposal=8, f_size=(7, 7), dtype=torch.float32,
@@ -28,15 +29,8 @@ def _prune(x, f, z=0.5, backend="cpp", **kw):
     return papr_kernels.prune(x, f, z, return_indices=True, backend=backend, **kw)
 
 
-def _cuda_unavailable():
-    if not torch.cuda.is_available():
-        return "no CUDA device here"
-    return backends.unavailable_reason("cuda", "cuda")
-
-
 # The extension's two kernels: "cpp" on CPU tensors, "cuda" on CUDA tensors (skipped without one).
-KERNELS = ["cpp", pytest.param("cuda", marks=pytest.mark.skipif(
-    _cuda_unavailable() is not None, reason=f"cuda: {_cuda_unavailable()}"))]
+KERNELS = ["cpp", pytest.param("cuda", marks=requires("cuda", "cuda"))]
 
 
 def _exact_as_reference(backend, x, f, z, **kw):
@@ -174,6 +168,30 @@ def test_direct_op_misuse_raises_instead_of_reading_out_of_bounds():
     idx = torch.full((2, 98), 500, dtype=torch.int64)
     with pytest.raises(RuntimeError):
         torch.ops.papr_kernels.prune_backward(torch.randn(2, 99, 16), idx, 197, 1)
+
+
+def test_direct_row_op_misuse_raises():
+    """The row ops' custom ops called directly (the adapter in ops/extension.py, and the public
+    ops before it, check their arguments; tests/test_rows.py covers the results)."""
+    ops = torch.ops.papr_kernels
+    x = torch.randn(2, 5, 7, 6)
+    idx = torch.stack([torch.randperm(35, generator=torch.Generator().manual_seed(b))[:4]
+                       for b in range(2)])
+    values = torch.randn(2, 4, 6)
+    with pytest.raises(RuntimeError, match="4-D"):
+        ops.gather_rows(x[0], idx)
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.gather_rows(x, idx.int())
+    with pytest.raises(RuntimeError, match="batch"):
+        ops.gather_rows(x, idx[:1])
+    with pytest.raises(RuntimeError, match="float16, bfloat16"):
+        ops.gather_rows(x.int(), idx)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.put_rows_(x, idx, values.double(), False)
+    with pytest.raises(RuntimeError, match=r"\(B, k, C\)"):
+        ops.put_rows_(x, idx, values[:, :3], False)
+    with pytest.raises(RuntimeError):  # an expanded out would be written by several rows at once
+        ops.put_rows_(torch.zeros(2, 1, 1, 6).expand(2, 5, 7, 6), idx, values, False)
 
 
 def test_package_works_without_the_extension():

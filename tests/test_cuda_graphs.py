@@ -23,9 +23,12 @@ timm = pytest.importorskip("timm")
 
 from papr_kernels import timm as papr_timm  # noqa: E402
 
+from conftest import requires  # noqa: E402
+
 IMG = 64
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="CUDA graphs need a CUDA device (none here)")
+# CUDA graphs need a CUDA device: "torch on cuda" is the backend that needs nothing more (the
+# patched models pick the fastest backend there themselves).
+needs_cuda = requires("torch", "cuda")
 
 
 def tiny_proposal(seed=3):

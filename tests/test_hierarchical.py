@@ -1,5 +1,6 @@
-"""PaPr for hierarchical models: the ops of `papr_kernels.hierarchical` and the timm Swin/ConvNeXt
-patch of `papr_kernels.timm` (swin.py, convnext.py).
+"""PaPr for hierarchical models: `select`, the argument checks of the ops of
+`papr_kernels.hierarchical` (their results on every backend: tests/test_rows.py) and the timm
+Swin/ConvNeXt patch of `papr_kernels.timm` (swin.py, convnext.py).
 
 The model tests compare the patched model with a hand-written reference of the method: an explicit
 loop over the stages and blocks that computes every block DENSELY (all positions) and then keeps the
@@ -71,89 +72,7 @@ def test_select_has_no_gradient_and_handles_empty_batch():
     assert hier.select(torch.randn(0, 3, 4, 4), (8, 8), 0.5).shape == (0, 32)
 
 
-# ---------------------------------------------------------------------------------------------
-# gather_rows, scatter_back, scatter_rows against explicit loops
-
-
-def _unique_indices(batch, n, k, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(batch)])
-
-
-def _position(x, i):
-    """Row i of x (B, N, C) or (B, H, W, C) of one batch element x[b]: x[b] is passed in."""
-    return x[i] if x.dim() == 2 else x[i // x.shape[1], i % x.shape[1]]
-
-
-LAYOUTS = {
-    "BNC": lambda t: t.reshape(2, 12, 5),
-    "BHWC": lambda t: t.reshape(2, 3, 4, 5),
-    "NCHW-permuted": lambda t: t.reshape(2, 5, 3, 4).permute(0, 2, 3, 1),  # non-contiguous
-}
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_gather_scatter_ops_match_loops(layout):
-    x = LAYOUTS[layout](torch.randn(120))
-    idx = _unique_indices(2, 12, 7)
-    values = torch.randn(2, 7, 5)
-
-    rows = hier.gather_rows(x, idx)
-    back = hier.scatter_back(x, idx, values)
-    placed = hier.scatter_rows(values, idx, like=x)
-    assert rows.shape == (2, 7, 5) and back.shape == x.shape == placed.shape
-    for b in range(2):
-        kept = set(idx[b].tolist())
-        for j, i in enumerate(idx[b].tolist()):
-            assert torch.equal(rows[b, j], _position(x[b], i))
-            assert torch.equal(_position(back[b], i), _position(x[b], i) + values[b, j])
-            assert torch.equal(_position(placed[b], i), values[b, j])
-        for i in set(range(12)) - kept:
-            assert torch.equal(_position(back[b], i), _position(x[b], i))
-            assert torch.equal(_position(placed[b], i), torch.zeros(5))
-
-
-def test_scatter_back_inplace_writes_into_x():
-    x = torch.randn(2, 3, 4, 5)
-    idx, values = _unique_indices(2, 12, 4), torch.randn(2, 4, 5)
-    expected = hier.scatter_back(x, idx, values)
-    out = hier.scatter_back(x, idx, values, inplace=True)
-    assert out.data_ptr() == x.data_ptr() and torch.equal(out, expected)
-    with pytest.raises(ValueError, match="inplace"):
-        hier.scatter_back(x.requires_grad_(), idx, values, inplace=True)
-
-
-@pytest.mark.parametrize("layout", ["BNC", "BHWC"])
-def test_gradcheck_of_the_ops(layout):
-    shape = (2, 12, 3) if layout == "BNC" else (2, 3, 4, 3)
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    values = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
-    idx = _unique_indices(2, 12, 5, seed=3)
-    like = torch.empty(shape, dtype=torch.float64)
-    for fn, inputs in [(lambda t: hier.gather_rows(t, idx), (x,)),
-                       (lambda t, v: hier.scatter_back(t, idx, v), (x, values)),
-                       (lambda v: hier.scatter_rows(v, idx, like=like), (values,))]:
-        assert torch.autograd.gradcheck(fn, inputs)
-        assert torch.autograd.gradgradcheck(fn, inputs)
-
-
-def test_gradients_are_scatters_and_gathers():
-    x = torch.randn(2, 12, 3, requires_grad=True)
-    values = torch.randn(2, 5, 3, requires_grad=True)
-    idx = _unique_indices(2, 12, 5, seed=4)
-    g = torch.randn(2, 12, 3)
-    gx, gv = torch.autograd.grad(hier.scatter_back(x, idx, values), (x, values), g)
-    assert torch.equal(gx, g)                                   # identity for x
-    assert torch.equal(gv, torch.stack([g[b, idx[b]] for b in range(2)]))
-    (gx,) = torch.autograd.grad(hier.gather_rows(x, idx), x, torch.ones(2, 5, 3))
-    mask = torch.zeros(2, 12, 3)
-    for b in range(2):
-        mask[b, idx[b]] = 1
-    assert torch.equal(gx, mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Every backend (conftest's `backend` fixture) against the plain-PyTorch ops of `reference`
+# select on every backend (conftest's `backend` fixture) against `reference`
 
 
 @pytest.mark.parametrize("grid,z", [((56, 56), 0.65), ((28, 28), 0.5), ((14, 14), 0.65),
@@ -174,87 +93,14 @@ def test_select_on_every_backend_matches_reference(backend, grid, z, order, alig
                              order=order, exact_indices=name == "torch")
 
 
-def _sliced(t):
-    """A (2, 3, 4, 5) view whose rows are not contiguous (every other channel of a wider x)."""
-    return t.reshape(2, 3, 4, 5).repeat_interleave(2, dim=3)[..., ::2]
-
-
-ROW_LAYOUTS = dict(LAYOUTS, sliced=_sliced)
-
-
-@pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_row_ops_on_every_backend_match_reference(backend, layout, dtype):
-    name, device = backend
-    gen = torch.Generator().manual_seed(11)
-    x = ROW_LAYOUTS[layout](torch.randn(120, generator=gen)).to(device=device, dtype=dtype)
-    values = torch.randn(2, 7, 5, generator=gen).to(device=device, dtype=dtype)
-    idx = _unique_indices(2, 12, 7, seed=2).to(device)
-    ref_x = x.cpu()
-    ref_args = (idx.cpu(), values.cpu())
-
-    def same(got, expected):
-        assert got.dtype == dtype and got.device.type == device and got.shape == expected.shape
-        assert torch.equal(got.cpu(), expected), (got.cpu() - expected).abs().max()
-
-    same(hier.gather_rows(x, idx, backend=name), reference.gather_rows(ref_x, idx.cpu()))
-    same(hier.scatter_rows(values, idx, like=x, backend=name),
-         reference.scatter_rows(values.cpu(), idx.cpu(), ref_x.shape))
-    expected_back = reference.scatter_back(ref_x, *ref_args)
-    same(hier.scatter_back(x, idx, values, backend=name), expected_back)
-    assert torch.equal(x.cpu(), ref_x)                                  # not written
-    target = x.clone() if layout != "NCHW-permuted" else (
-        x.permute(0, 3, 1, 2).clone().permute(0, 2, 3, 1))              # keep the strides
-    out = hier.scatter_back(target, idx, values, inplace=True, backend=name)
-    assert out.data_ptr() == target.data_ptr()
-    same(target, expected_back)
-
-
-@pytest.mark.parametrize("k", [0, 12])
-def test_row_ops_on_every_backend_handle_no_and_all_positions(backend, k):
-    name, device = backend
-    x = torch.randn(2, 3, 4, 5, device=device)
-    idx = _unique_indices(2, 12, k).to(device)
-    values = torch.randn(2, k, 5, device=device)
-    assert torch.equal(hier.gather_rows(x, idx, backend=name).cpu(),
-                       reference.gather_rows(x.cpu(), idx.cpu()))
-    assert torch.equal(hier.scatter_back(x, idx, values, backend=name).cpu(),
-                       reference.scatter_back(x.cpu(), idx.cpu(), values.cpu()))
-    empty = torch.empty(0, 3, 4, 5, device=device)
-    assert hier.gather_rows(empty, idx[:0], backend=name).shape == (0, k, 5)
-    assert hier.scatter_rows(values[:0], idx[:0], like=empty, backend=name).shape == empty.shape
-
-
-def test_row_op_gradients_on_every_backend_match_reference(backend):
-    name, device = backend
-    gen = torch.Generator().manual_seed(7)
-    x0, v0 = torch.randn(2, 3, 4, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
-    g = torch.randn(2, 3, 4, 6, generator=gen)
-    idx = _unique_indices(2, 12, 5, seed=5)
-    grads = {}
-    for which, (dev, kw) in {"backend": (device, {"backend": name}),
-                             "reference": ("cpu", {"backend": "torch"})}.items():
-        x = x0.to(dev).requires_grad_()
-        v = v0.to(dev).requires_grad_()
-        i = idx.to(dev)
-        y = hier.scatter_back(x, i, hier.gather_rows(x, i, **kw) * v, **kw)
-        y = y + hier.scatter_rows(v, i, like=x, **kw)
-        grads[which] = [t.cpu() for t in torch.autograd.grad(y, (x, v), g.to(dev))]
-    for got, expected in zip(grads["backend"], grads["reference"]):
-        assert torch.equal(got, expected)
-
-
-def test_naming_a_backend_without_row_ops_says_so(monkeypatch):
-    from papr_kernels import backends
-    module = backends.resolve("torch", "cpu")
-    monkeypatch.delattr(module, "scatter_back")
-    x, idx, v = torch.randn(1, 4, 2), torch.tensor([[1, 2]]), torch.randn(1, 2, 2)
-    with pytest.raises(RuntimeError, match="has no scatter_back kernel"):
-        hier.scatter_back(x, idx, v, backend="torch")
-
-
 # ---------------------------------------------------------------------------------------------
-# Errors name the argument
+# Errors name the argument (what gather_rows, scatter_back, scatter_rows compute, on every
+# backend: tests/test_rows.py)
+
+
+def _unique_indices(batch, n, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(batch)])
 
 
 def _err_cases():

@@ -6,26 +6,20 @@ import papr_kernels
 import papr_kernels.spec
 from papr_kernels import backends, reference
 
+from conftest import backend_params
+
 N_TOKENS, CHANNELS = 197, 768
 BATCH = 2**31 // (N_TOKENS * CHANNELS) + 8     # B * n * C just past 2^31 (about 4.3 GB in fp16)
 
 # The kernels whose offsets could overflow 32 bits (the torch backend is ATen's own indexing).
-LARGE_BACKENDS = [("cpp", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
-
-
-def _unavailable(name, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device here"
-    return backends.unavailable_reason(name, device)
+LARGE_BACKENDS = backend_params("cpp-cpu", "cuda-cuda", "triton-cuda")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name,device", [
-    pytest.param(n, d, id=f"{n}-{d}", marks=pytest.mark.skipif(
-        _unavailable(n, d) is not None, reason=f"{n} on {d}: {_unavailable(n, d)}"))
-    for n, d in LARGE_BACKENDS])
-def test_past_two_to_the_31_elements(name, device, dtype):
+@pytest.mark.parametrize("backend", LARGE_BACKENDS, indirect=True)
+def test_past_two_to_the_31_elements(backend, dtype):
+    name, device = backend
     assert BATCH * N_TOKENS * CHANNELS > 2**31
     x = torch.zeros(BATCH, N_TOKENS, CHANNELS, dtype=dtype, device=device)
     x[:, :, 0] = torch.arange(N_TOKENS, dtype=dtype, device=device)      # token id (exact < 256)

@@ -22,6 +22,8 @@ from papr_kernels import proposal as papr_proposal  # noqa: E402
 from papr_kernels import reference  # noqa: E402
 from papr_kernels.__main__ import main  # noqa: E402
 
+from conftest import requires  # noqa: E402
+
 
 class TinyProposal(nn.Module):
     """(B, 3, H, W) -> (B, 8, H/32, W/32), cheap."""
@@ -282,10 +284,9 @@ def test_cli_rejects_unknown_models_and_nonpositive_repeats(capsys):
 # 8. Gradients at the edges
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=requires(b, "cpu"), id=b)
+                                     for b in ("torch", "cpp")])
 def test_empty_batch_keeps_the_graph(backend):
-    if backend not in papr_kernels.available_backends("cpu"):
-        pytest.skip(f"{backend} cannot run here")
     x = torch.randn(0, 197, 8, requires_grad=True)
     out = papr_kernels.prune(x, torch.randn(0, 4, 7, 7), 0.5, backend=backend)
     assert out.shape == (0, 99, 8) and out.grad_fn is not None
@@ -293,10 +294,9 @@ def test_empty_batch_keeps_the_graph(backend):
     assert x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=requires(b, "cpu"), id=b)
+                                     for b in ("torch", "cpp")])
 def test_only_f_requiring_grad_gives_an_output_without_grad(backend, recwarn):
-    if backend not in papr_kernels.available_backends("cpu"):
-        pytest.skip(f"{backend} cannot run here")
     x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7, requires_grad=True)
     out = papr_kernels.prune(x, f, 0.5, backend=backend)
     assert not out.requires_grad and out.grad_fn is None

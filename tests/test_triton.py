@@ -10,11 +10,12 @@ import papr_kernels
 from papr_kernels import backends, reference
 from papr_kernels.testing import assert_matches_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_reason = backends.unavailable_reason("triton", DEVICE)
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"triton on {DEVICE}: {_reason}")
+from conftest import requires
 
-if _reason is None:
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = requires("triton", DEVICE)
+
+if backends.unavailable_reason("triton", DEVICE) is None:   # else every test is skipped (or fails)
     from papr_kernels.ops.triton import common
     from papr_kernels.ops.triton import prune as tp
 
@@ -260,10 +261,7 @@ def test_backward_rejects_mismatched_shapes():
                                                                     device=DEVICE), 10, 1)
 
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@cuda_only
+@requires("triton", "cuda")
 def test_launches_run_on_the_current_stream():
     """Work queued on a side stream before the launch (a long sleep, then writing x) must be
     complete when the kernels read x: they run on the current stream, after it."""
@@ -287,6 +285,7 @@ def test_launches_run_on_the_current_stream():
     assert torch.equal(gx, reference.scatter(want_out, want_idx, x.shape[1], 1))
 
 
+@requires("triton", "cuda")
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_launches_run_on_the_tensors_device():
     from papr_kernels.ops.triton import rows as tr

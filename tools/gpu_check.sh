@@ -40,8 +40,8 @@ if step tests; then
 start=$SECONDS
 PATH=$PATH:/usr/local/cuda/bin PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-    $PY -m pytest tests/test_parity.py tests/test_errors.py tests/test_cpp_rows.py \
-    tests/test_triton_rows.py -q -p no:cacheprovider -x \
+    $PY -m pytest tests/test_parity.py tests/test_errors.py tests/test_rows.py \
+    -q -p no:cacheprovider -x \
     -k "cuda and not compile and not opcheck" >"$OUT/sanitizer.log" 2>&1 &
 sanitizer=$!
 timeout 260 $PY -m pytest tests -q -p no:cacheprovider -rfE --maxfail=40 -k cuda \
