@@ -84,6 +84,18 @@ def check_stages(stages, num_stages: int) -> Tuple[int, ...]:
     return tuple(int(s) for s in stages)
 
 
+def pruned_blocks(state, stage_list, block_class: type):
+    """Normalize `state.stages` and yield the blocks of the pruned stages, each checked to be a
+    `block_class` (the block the family's mixin is written for)."""
+    state.stages = check_stages(state.stages, len(stage_list))
+    for s in state.stages:
+        for block in stage_list[s].blocks:
+            if not isinstance(block, block_class):
+                raise TypeError(f"model has a {type(block).__name__} block; only timm's "
+                                f"{block_class.__name__} is supported")
+            yield block
+
+
 def apply(model, state, stage_list, stage_mixin, block_mixin) -> None:
     """Swap the classes of the model, of the pruned stages and of their blocks."""
     swap_class(model, HierarchicalModel, state)

@@ -35,15 +35,10 @@ class PaPrConvNeXtBlock(Patched):
 
 
 def _check(model: ConvNeXt, state) -> None:
-    state.stages = _stages.check_stages(state.stages, len(model.stages))
-    for s in state.stages:
-        for block in model.stages[s].blocks:
-            if not isinstance(block, ConvNeXtBlock):
-                raise TypeError(f"model has a {type(block).__name__} block; only timm's "
-                                f"ConvNeXtBlock is supported")
-            if isinstance(block.mlp, GlobalResponseNormMlp):
-                raise ValueError("ConvNeXt-V2 blocks (GlobalResponseNorm, a statistic over all "
-                                 "positions) are not supported by PaPr's per-position pruning")
+    for block in _stages.pruned_blocks(state, model.stages, ConvNeXtBlock):
+        if isinstance(block.mlp, GlobalResponseNormMlp):
+            raise ValueError("ConvNeXt-V2 blocks (GlobalResponseNorm, a statistic over all "
+                             "positions) are not supported by PaPr's per-position pruning")
 
 
 register_family(Family(

@@ -31,12 +31,7 @@ def _can_write_inplace(*tensors) -> bool:
 
 
 def _check(model: SwinTransformer, state) -> None:
-    state.stages = _stages.check_stages(state.stages, len(model.layers))
-    for s in state.stages:
-        for block in model.layers[s].blocks:
-            if not isinstance(block, SwinTransformerBlock):
-                raise TypeError(f"model has a {type(block).__name__} block; only timm's "
-                                f"SwinTransformerBlock is supported")
+    list(_stages.pruned_blocks(state, model.layers, SwinTransformerBlock))  # checks each block
 
 
 register_family(Family(
