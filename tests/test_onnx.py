@@ -176,3 +176,34 @@ def test_patched_vit_torch_export():
     for images in (example, torch.randn(2, 3, 224, 224, generator=gen)):
         with torch.no_grad():
             assert torch.allclose(exported(images), model(images), rtol=0, atol=1e-5)
+
+
+def patched_hierarchical(name):
+    torch.manual_seed(0)
+    if name == "swin":
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                                  depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8))
+    else:
+        model = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1))
+    return patch(model.eval(), nn.Conv2d(3, 8, 32, stride=32), z=0.5)
+
+
+@pytest.mark.parametrize("name", ["swin", "convnext"])
+def test_patched_hierarchical_onnx_runtime(tmp_path, name):
+    """Swin / ConvNeXt: each stage's select and the row ops export as standard ops too."""
+    model = patched_hierarchical(name)
+    gen = torch.Generator().manual_seed(3)
+    example = torch.randn(1, 3, 224, 224, generator=gen)
+    onnx_model = export_onnx(model, (example,), tmp_path / f"{name}.onnx")
+    assert_float64_scores(onnx_model)
+    sess = session(tmp_path / f"{name}.onnx")
+    images = torch.randn(1, 3, 224, 224, generator=gen)
+    with torch.no_grad():
+        f = model.papr_proposal(images)
+        f_example = model.papr_proposal(example)
+        want = model(images)
+    assert not torch.equal(reference.top_k(reference.significance(f, (56, 56)), 1568),
+                           reference.top_k(reference.significance(f_example, (56, 56)), 1568))
+    (got,) = run_session(sess, images)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-3
