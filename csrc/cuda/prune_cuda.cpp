@@ -44,6 +44,9 @@ std::tuple<at::Tensor, at::Tensor> prune_forward_cuda(const at::Tensor& x_in, co
   p.token_bytes = s.C * es;
   p.f = f.const_data_ptr();
   p.f_type = ftype_of(f.scalar_type());
+  // score_at splits a patch index with 32-bit divisions.
+  TORCH_CHECK(s.N <= INT32_MAX, "papr_kernels: the cuda kernel ranks at most 2^31 - 1 patches, "
+              "got ", s.N);
   p.B = s.B; p.P = P; p.N = s.N; p.k = s.k; p.K = s.K; p.S = s.S; p.dims = s.dims;
   for (int d = 0; d < 3; ++d) { p.in[d] = s.in[d]; p.out[d] = s.out[d]; }
   p.align_corners = align_corners;

@@ -48,9 +48,12 @@ __global__ void mean_kernel(const T* __restrict__ f, int64_t B, int64_t K, int64
 }
 
 // Float32 score of patch i: float64 resize of the float64 channel mean m, rounded once.
-__device__ float score_at(const ForwardParams& p, const double* m, int64_t i) {
+__device__ __forceinline__ float score_at(const ForwardParams& p, const double* m, int64_t i) {
+  // Patch coordinates by 32-bit division (N < 2^31 patches): a 64-bit division is a slow-path
+  // call whose ABI made ptxas spill in keys_kernel (8 B stack at sm_90).
+  const int32_t i32 = static_cast<int32_t>(i);
   if (p.dims == 2) {
-    const int64_t oy = i / p.out[1], ox = i - oy * p.out[1];
+    const int64_t oy = i32 / static_cast<int32_t>(p.out[1]), ox = i - oy * p.out[1];
     int64_t iy[4], ix[4];
     double wy[4], wx[4];
     cubic_taps(p.in[0], p.out[0], p.align_corners, oy, iy, wy);
@@ -58,7 +61,9 @@ __device__ float score_at(const ForwardParams& p, const double* m, int64_t i) {
     return bicubic_at(m, p.in[1], iy, wy, ix, wx);
   }
   const int64_t hw = p.out[1] * p.out[2];
-  const int64_t ot = i / hw, rem = i - ot * hw, oy = rem / p.out[2], ox = rem - oy * p.out[2];
+  const int64_t ot = i32 / static_cast<int32_t>(hw), rem = i - ot * hw;
+  const int64_t oy = static_cast<int32_t>(rem) / static_cast<int32_t>(p.out[2]),
+                ox = rem - oy * p.out[2];
   int64_t it[2], iy[2], ix[2];
   double wt[2], wy[2], wx[2];
   linear_taps(p.in[0], p.out[0], p.align_corners, ot, it, wt);
