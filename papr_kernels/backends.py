@@ -122,9 +122,10 @@ def pick(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()) -> st
     """The name of the backend that runs `prune` (and the functions `ops`, e.g. ROW_OPS) for
     tensors on `device_type`: `name`, else PAPR_KERNELS_BACKEND, else auto selection (which
     skips backends without `ops`). Raises saying why when the one asked for cannot run."""
-    from_env = name is None and bool(os.environ.get(ENV_VAR))
+    from_env = False
     if name is None:
         name = os.environ.get(ENV_VAR) or None
+        from_env = name is not None
     if name is None:
         for candidate in _AUTO_ORDER.get(device_type, []) + ["torch"]:
             if unavailable_reason(candidate, device_type) is None and not (
