@@ -54,10 +54,6 @@ def run(x: torch.Tensor, f: torch.Tensor, plan: spec.Plan, impl: backends.PruneB
     """(out, indices) of checked arguments on backend `impl`, recorded by autograd when x needs
     a gradient. f never gets one (it is detached: no autograd kernel is ever asked for)."""
     f = f.detach()
-    if reference.onnx_exporting() and not plan.identity:
-        # torch.onnx.export: the reference's aten ops, which translate to standard ONNX ops
-        # (the extension's custom op has none; reference.significance / top_k say how).
-        return backends.resolve("torch", x.device.type).forward(x, f, plan)
     if plan.identity:
         return x, reference.all_indices(x.shape[0], plan.num_patches, x.device)
     if x.shape[0] == 0:

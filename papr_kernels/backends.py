@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
+from .reference import onnx_exporting
 from .spec import Plan
 
 ENV_VAR = "PAPR_KERNELS_BACKEND"
@@ -121,7 +122,12 @@ def _missing(module, ops: Tuple[str, ...]) -> List[str]:
 def pick(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()) -> str:
     """The name of the backend that runs `prune` (and the functions `ops`, e.g. ROW_OPS) for
     tensors on `device_type`: `name`, else PAPR_KERNELS_BACKEND, else auto selection (which
-    skips backends without `ops`). Raises saying why when the one asked for cannot run."""
+    skips backends without `ops`). Raises saying why when the one asked for cannot run.
+
+    Under torch.onnx.export it is always "torch": the reference's aten ops translate to standard
+    ONNX ops (reference.significance / top_k say how), the extension's custom ops have none."""
+    if onnx_exporting():
+        name = "torch"
     from_env = False
     if name is None:
         name = os.environ.get(ENV_VAR) or None

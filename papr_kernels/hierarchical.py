@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import api, backends, reference, spec
+from . import api, backends, spec
 
 __all__ = ["select", "gather_rows", "scatter_back", "scatter_rows"]
 
@@ -112,8 +112,6 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: Optional[str
     spec.check_rows("x", x)
     spec.check_indices(indices, x, "x")
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
-    if reference.onnx_exporting():     # standard ops (Gather) instead of the backend's custom op
-        return reference.gather_rows(x, indices)
     return _GatherRows.apply(x, indices, impl)
 
 
@@ -125,8 +123,6 @@ def scatter_rows(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor
     spec.check_values(values, indices, like, "like")
     spec.check_indices(indices, like, "like")
     impl = backends.resolve(backend, like.device.type, backends.ROW_OPS)
-    if reference.onnx_exporting():
-        return reference.scatter_rows(values, indices, tuple(like.shape))
     return _ScatterRows.apply(values, indices, like, impl)
 
 
@@ -142,8 +138,6 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *
     spec.check_values(values, indices, x, "x")
     spec.check_indices(indices, x, "x")
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
-    if reference.onnx_exporting():
-        return reference.scatter_back(x, indices, values, inplace)
     if inplace:
         if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
             raise ValueError("inplace must be False when x or values requires grad")
