@@ -24,7 +24,7 @@ import timm  # noqa: F401  (absolute import: the real timm, not this package)
 from torch import nn
 
 from .. import spec
-from ..proposal import Proposal, create as create_proposal
+from ..proposal import create as create_proposal
 from . import convnext, swin, vit  # noqa: F401  (each registers its family)
 from ._core import MARKER, Family, PaPrState, family_of, register_family, restore_classes
 
@@ -67,9 +67,7 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
                       order=spec.check_order(order), merge_r=merge_r,
                       stages=stages, align_corners=spec.check_flag("align_corners", align_corners))
     family.check(model, state)
-    state.proposal = proposal if isinstance(proposal, Proposal) else \
-        create_proposal(proposal, pretrained=pretrained) if isinstance(proposal, str) else \
-        create_proposal(proposal)
+    state.proposal = create_proposal(proposal, pretrained=pretrained)  # as is if a Proposal
     unpatch(model)
     family.apply(model, state)
     return model
