@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 PKG_STAMP := $(VENV)/.papr-kernels-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv install demo info test clean wheel wheel-smoke gpu-report
+.PHONY: venv install demo info test clean wheel wheel-smoke abi-audit torch-compat gpu-report
 
 venv: $(DEPS_STAMP)
 
@@ -40,6 +40,16 @@ wheel: $(DEPS_STAMP)
 
 wheel-smoke: wheel
 	tools/wheel_smoke.sh
+
+# The extension uses only torch's stable ABI and CPython's limited API (issue 16): the audit
+# fails on any other libtorch or CPython symbol and prints the oldest torch the binary loads into.
+abi-audit: install
+	$(VENV)/bin/torch-abi-audit -v --check both papr_kernels
+
+# The wheel built against the pinned torch, installed into a fresh venv with torch 2.13.0 (CPU
+# build, on this machine's disk): the extension's tests pass there without a rebuild.
+torch-compat: wheel
+	tools/torch_compat.sh
 
 clean:
 	rm -rf build dist *.egg-info papr_kernels/*.so $(PKG_STAMP)

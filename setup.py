@@ -1,4 +1,10 @@
-"""Build of papr_kernels and its C++/CUDA extension `papr_kernels._C` (csrc/).
+"""Build of papr_kernels and its C++/CUDA extension (csrc/): `papr_kernels._C` (the op schemas and
+CPU kernels) and, with CUDA, `papr_kernels._C_cuda` (the CUDA kernels; a separate library because
+it links libtorch_cuda and the CUDA runtime, which a CPU-only torch lacks).
+
+Both use only PyTorch's stable ABI (torch/csrc/stable, torch/headeronly, built with
+TORCH_TARGET_VERSION = 2.10) and CPython's limited API (abi3, Python >= 3.10): one wheel loads into
+every torch >= 2.10 and every CPython >= 3.10, whatever torch it was built with.
 
 Switches (environment variables):
   FORCE_CUDA=1     build the CUDA kernels too (needs nvcc); FORCE_CUDA=0 never builds them.
@@ -29,6 +35,11 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The oldest torch whose stable ABI the extension may use (TORCH_TARGET_VERSION), and the oldest
+# CPython whose limited API it may use (Py_LIMITED_API, set by torch's build for py_limited_api).
+STABLE_ABI_TARGET = "2.10"
+STABLE_ABI_TARGET_HEX = "0x020a000000000000"
+LIMITED_API = "cp310"
 
 
 def _has_cudart(home):
@@ -117,32 +128,32 @@ def _extension():
         with_cuda = torch.version.cuda is not None and cuda_home is not None
 
     sanitize = os.environ.get("PAPR_SANITIZE") == "1"
-    # -fopenmp: torch is an OpenMP build, and at::parallel_for is a header template that runs
-    # serially in code compiled without it (INTRA_OP_PARALLEL is only defined under _OPENMP).
-    # libgomp.so.1 resolves to the copy torch already loaded.
-    cxx = ["-O3", "-fno-strict-aliasing", "-fopenmp"]
-    link = ["-fopenmp"]
+    # Threads come from torch::stable::parallel_for (torch's own pool): no -fopenmp here.
+    cxx = ["-O3", "-fno-strict-aliasing", f"-DTORCH_TARGET_VERSION={STABLE_ABI_TARGET_HEX}"]
+    link = []
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address,undefined"]
     sources = ["csrc/module.cpp", "csrc/ops/prune.cpp", "csrc/ops/rows.cpp",
                "csrc/cpu/prune_cpu.cpp", "csrc/cpu/rows_cpu.cpp"]
     info = {"torch": torch.__version__, "cuda": None, "archs": [], "ptx": False,
-            "sanitize": sanitize}
+            "sanitize": sanitize, "stable_abi": STABLE_ABI_TARGET, "python_abi": LIMITED_API}
     if with_cuda:
         info["archs"], info["ptx"] = _arch_info(cpp_extension)
         info["cuda"] = _nvcc_version(cuda_home) or torch.version.cuda
-    cxx.append(_build_info_define(info))
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    exts = [cpp_extension.CppExtension(
+        "papr_kernels._C", sources, py_limited_api=True, extra_link_args=link,
+        extra_compile_args={"cxx": cxx + [_build_info_define(info)]})]
     if with_cuda:
-        sources += ["csrc/cuda/prune_cuda.cpp", "csrc/cuda/prune_kernels.cu",
-                    "csrc/cuda/rows_cuda.cpp", "csrc/cuda/rows_kernels.cu"]
+        cuda_sources = ["csrc/cuda/module.cpp", "csrc/cuda/prune_cuda.cpp",
+                        "csrc/cuda/prune_kernels.cu", "csrc/cuda/rows_cuda.cpp",
+                        "csrc/cuda/rows_kernels.cu"]
         # --fmad=false: no FMA contraction, so scores are bit-identical to the CPU kernel's.
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--fmad=false", "-lineinfo"]
-        kwargs["extra_compile_args"]["cxx"] = cxx + ["-DPAPR_WITH_CUDA"]
-        ext = cpp_extension.CUDAExtension("papr_kernels._C", sources, **kwargs)
-    else:
-        ext = cpp_extension.CppExtension("papr_kernels._C", sources, **kwargs)
+        # USE_CUDA: declares the stable shim's aoti_torch_get_current_cuda_stream.
+        exts.append(cpp_extension.CUDAExtension(
+            "papr_kernels._C_cuda", cuda_sources, py_limited_api=True, extra_link_args=link,
+            extra_compile_args={"cxx": cxx + ["-DUSE_CUDA"],
+                                "nvcc": ["-O3", "--fmad=false", "-lineinfo"]}))
     print("papr_kernels build configuration:")
     print(f"  torch            {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"  CUDA kernels     {'yes' if with_cuda else 'no'} (FORCE_CUDA={force or 'unset'})")
@@ -150,6 +161,7 @@ def _extension():
     if with_cuda:
         print(f"  arch list        {os.environ['TORCH_CUDA_ARCH_LIST']} -> SASS "
               f"{', '.join(info['archs'])}{', PTX' if info['ptx'] else ''} (nvcc {info['cuda']})")
+    print(f"  ABI              torch stable ABI >= {STABLE_ABI_TARGET}, CPython {LIMITED_API} (abi3)")
     print(f"  sanitizers       {'address,undefined' if sanitize else 'off'}")
     print(f"  MAX_JOBS         {os.environ.get('MAX_JOBS', 'default')}")
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
@@ -163,7 +175,7 @@ def _extension():
             self.build_temp = os.environ.get("PAPR_BUILD_TEMP") or os.path.join(
                 ROOT, "build", "temp-papr-ext")
 
-    return [ext], {"build_ext": BuildExt}
+    return exts, {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extension()
@@ -172,4 +184,6 @@ setup(
     packages=find_packages(include=["papr_kernels", "papr_kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # An abi3 wheel (cp310-abi3): its libraries use only CPython's limited API.
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API}} if ext_modules else {},
 )

@@ -31,7 +31,10 @@ def _extension_build() -> str:
     archs = ", ".join(f"sm_{a.replace('.', '')}" for a in build["archs"]) or "none"
     ptx = f" + PTX of compute_{build['archs'][-1].replace('.', '')}" if build["ptx"] and \
         build["archs"] else ""
-    return f"built against torch {build['torch']}, CUDA {build['cuda'] or 'none'}: {archs}{ptx}"
+    abi = (f"; stable ABI: loads into torch >= {build['stable_abi']}, {build['python_abi']}-abi3"
+           if "stable_abi" in build else "")
+    return (f"built against torch {build['torch']}, CUDA {build['cuda'] or 'none'}: {archs}{ptx}"
+            f"{abi}")
 
 
 def info() -> None:

@@ -1,6 +1,8 @@
 """Checks specific to the C++ extension ("cpp" backend) beyond the shared parity matrix:
 torch.compile without graph breaks or recompiles, opcheck, fp16/bf16, a 64x64 grid, thread-count
 parity, the backward scatter against the reference, strided inputs, direct op misuse."""
+import re
+
 import pytest
 import torch
 
@@ -322,35 +324,45 @@ def _cuobjdump():
     return next((c for c in candidates if c and os.path.exists(c)), None)
 
 
-def test_build_info_names_this_torch_and_the_kernels_built():
+def _version_tuple(version):
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def test_build_info_names_the_abi_and_the_kernels_built():
 
 
     info = extension.build_info()
     assert isinstance(info, dict) and {"torch", "cuda", "archs", "ptx"} <= set(info)
-    assert info["torch"] == torch.__version__  # the extension loaded: built for this torch
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", info["torch"]), info  # the torch it was compiled with
+    # One binary for every torch from the stable-ABI target on (the loaded torch may differ).
+    assert info["stable_abi"] == "2.10" and info["python_abi"] == "cp310", info
+    assert _version_tuple(torch.__version__) >= _version_tuple(info["stable_abi"])
     assert isinstance(info["archs"], list) and all(isinstance(a, str) for a in info["archs"])
     assert isinstance(info["ptx"], bool)
-    if extension._HAS_CUDA_KERNEL:
+    # The CUDA kernels' library exists exactly when the build recorded CUDA; it loads only into
+    # a CUDA build of torch.
+    built_with_cuda = extension.cuda_library() is not None
+    if built_with_cuda:
         assert info["cuda"] and info["archs"], info
         assert all(a[0].isdigit() and "." in a for a in info["archs"]), info
     else:
         assert info == {**info, "cuda": None, "archs": [], "ptx": False}
+    assert extension._HAS_CUDA_KERNEL == (built_with_cuda and torch.version.cuda is not None), \
+        extension._CUDA_ERROR
 
 
 def test_build_info_agrees_with_the_binary_s_cuda_code():
     import subprocess
 
-    from papr_kernels import _C
-
-
     if not extension._HAS_CUDA_KERNEL:
-        pytest.skip("the extension was built without CUDA kernels")
+        pytest.skip(f"no CUDA kernels loaded: {extension._CUDA_ERROR}")
+    library = extension.cuda_library()
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump")
     info = extension.build_info()
-    elf = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True).stdout
-    ptx = subprocess.run([tool, "--list-ptx", _C.__file__], capture_output=True, text=True).stdout
+    elf = subprocess.run([tool, "--list-elf", library], capture_output=True, text=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", library], capture_output=True, text=True).stdout
     sass = sorted({f"{m[:-1]}.{m[-1]}" for m in __import__("re").findall(r"\.sm_(\d+)a?\.", elf)})
     assert sass == sorted(a.rstrip("af") for a in info["archs"]), (elf, info)
     assert bool(ptx.strip()) == info["ptx"], (ptx, info)

@@ -10,7 +10,7 @@
 #      B = 64/256, eager (unpruned, bound, PaPr z = 0.7/0.5/0.3, proposal alone; under 4 minutes),
 #      and `e2e-compile`: its torch.compile cases for ViT-B at B = 256, z = 0.5 (a separate step:
 #      compiling is slow). They write $OUT/bench-e2e-gpu{,-hierarchical,-compile}.{json,csv,md}.
-#   Usage: [PY=python3] bash tools/gpu_check.sh [build] [tests] [bench] [compile] [e2e] [e2e-compile]
+#   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [e2e] [e2e-compile]
 # Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
 # provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most. The issue-12
 # run: `bash tools/gpu_check.sh build e2e` (about 5 minutes), then `bash tools/gpu_check.sh
@@ -26,6 +26,22 @@ export PYTHONUNBUFFERED=1 PAPR_KERNELS_REQUIRE=torch-cuda,triton-cuda,cuda-cuda
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
 'timm', timm.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
 } 2>&1 | tee "$OUT/env.txt"
+
+# `wheel` instead of `build` (issue 16): no compile here; the extension's libraries come out of
+# the newest dist/papr_kernels-*.whl built on the CPU machine against its torch (run with
+# carry ["dist"]), unpacked into papr_kernels/ beside the sources, and run on this machine's torch.
+if step wheel; then
+$PY - <<'PYEOF'
+import glob, os, zipfile
+wheel = max(glob.glob("dist/papr_kernels-*.whl"), key=os.path.getmtime)
+with zipfile.ZipFile(wheel) as z:
+    libs = [n for n in z.namelist() if n.startswith("papr_kernels/_C") and n.endswith(".so")]
+    for name in libs:
+        with open(name, "wb") as fh:
+            fh.write(z.read(name))
+print("extension from", os.path.basename(wheel), ":", ", ".join(libs))
+PYEOF
+fi
 
 if step build; then
 arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")

@@ -25,7 +25,7 @@ rows: the hierarchical row kernels (papr_kernels/ops/triton/rows.py) for sm_90: 
 (56x56x96, 14x14x384, 7x7x768) at z = 0.5, B = 64; x (B, H, W, C) contiguous, NCHW seen
 channels-last, and (B, N, C); fp16 and fp32. Same specialization and parsing as above.
 
-cuda: the extension's CUDA kernels, read from the built .so (default papr_kernels._C) with
+cuda: the extension's CUDA kernels, read from the built .so (default papr_kernels._C_cuda) with
 `cuobjdump --dump-resource-usage` (the toolkit's, or the copy triton ships); fails when a kernel
 spills (LOCAL or STACK bytes > 0), an expected architecture (--arch) is missing, or the extension
 was built without CUDA.
@@ -342,8 +342,9 @@ def find_tool(name):
 
 
 def default_library():
-    spec = importlib.util.find_spec("papr_kernels._C")
-    return spec.origin if spec else None
+    from papr_kernels.ops import extension  # the CUDA kernels' library, beside papr_kernels._C
+
+    return extension.cuda_library()
 
 
 def demangle(names):
@@ -386,7 +387,7 @@ def report_cuda(args):
     """The extension's CUDA kernels; returns the FAIL lines (a missing .so or tool fails too)."""
     lib = args.library or default_library()
     if not lib or not os.path.exists(lib):
-        return ["cuda: papr_kernels._C is not built (make install)"]
+        return ["cuda: papr_kernels._C_cuda is not built (make install with FORCE_CUDA=1)"]
     cuobjdump = find_tool("cuobjdump")
     if not cuobjdump:
         return ["cuda: no cuobjdump (CUDA toolkit or triton) found"]

@@ -1,10 +1,8 @@
 // CPU kernel of papr_kernels::prune_forward / prune_backward on top of csrc/papr_core.h.
-// Phase 1 (at::parallel_for over rows): channel mean and resize in float64, one rounding to
-// float32, rank -> indices.
-// Phase 2 (at::parallel_for over token tiles of all rows): memcpy of whole token rows.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// Phase 1 (parallel over rows): channel mean and resize in float64, one rounding to float32,
+// rank -> indices.
+// Phase 2 (parallel over token tiles of all rows): memcpy of whole token rows.
+// Threads: torch::stable::parallel_for, i.e. torch's own pool and torch.set_num_threads.
 
 #include <algorithm>
 #include <cstring>
@@ -14,6 +12,7 @@
 
 #include "../papr_core.h"
 #include "../ops/prune_args.h"
+#include "../stable.h"
 
 namespace papr {
 namespace {
@@ -103,14 +102,15 @@ void select_row(uint64_t* keys, int64_t N, int64_t k, bool spatial, int64_t* out
 }
 
 template <typename T>
-void select_rows(const at::Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
+void select_rows(const Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
                  int64_t* indices) {
   const Taps taps = make_taps(s, align_corners);
   const T* fp = reinterpret_cast<const T*>(f.const_data_ptr());
   const int64_t f_row = s.K * s.S;
   const int64_t row_bytes = f_row * static_cast<int64_t>(sizeof(T));
-  if (s.B >= at::get_num_threads() || row_bytes < kMeanParallelBytes) {  // one thread per row
-    at::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
+  if (s.B >= threads || row_bytes < kMeanParallelBytes) {  // one thread per row
+    torch::stable::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<double> mean(s.S);
       std::vector<uint64_t> keys(s.N);
       for (int64_t b = b0; b < b1; ++b) {
@@ -125,9 +125,9 @@ void select_rows(const at::Tensor& f, const ForwardShape& s, bool align_corners,
   // result does not depend on the thread count (each position's sum is computed whole).
   std::vector<double> mean(s.S);
   std::vector<uint64_t> keys(s.N);
-  const int64_t grain = std::max<int64_t>(8, (s.S + at::get_num_threads() - 1) / at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(8, (s.S + threads - 1) / threads);
   for (int64_t b = 0; b < s.B; ++b) {
-    at::parallel_for(0, s.S, grain, [&](int64_t s0, int64_t s1) {
+    torch::stable::parallel_for(0, s.S, grain, [&](int64_t s0, int64_t s1) {
       mean_of_row(fp + b * f_row, s.K, s.S, s0, s1, mean.data());
     });
     row_keys(mean.data(), s, taps, keys.data());
@@ -135,14 +135,14 @@ void select_rows(const at::Tensor& f, const ForwardShape& s, bool align_corners,
   }
 }
 
-void compute_indices(const at::Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
+void compute_indices(const Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
                      int64_t* indices) {
   switch (f.scalar_type()) {
-    case at::kFloat: return select_rows<float>(f, s, align_corners, spatial, indices);
-    case at::kDouble: return select_rows<double>(f, s, align_corners, spatial, indices);
-    case at::kHalf: return select_rows<f16>(f, s, align_corners, spatial, indices);
-    case at::kBFloat16: return select_rows<bf16>(f, s, align_corners, spatial, indices);
-    default: TORCH_CHECK(false, "papr_kernels: f must be float16, bfloat16, float32 or float64");
+    case ScalarType::Float: return select_rows<float>(f, s, align_corners, spatial, indices);
+    case ScalarType::Double: return select_rows<double>(f, s, align_corners, spatial, indices);
+    case ScalarType::Half: return select_rows<f16>(f, s, align_corners, spatial, indices);
+    case ScalarType::BFloat16: return select_rows<bf16>(f, s, align_corners, spatial, indices);
+    default: fail("papr_kernels: f must be float16, bfloat16, float32 or float64");
   }
 }
 
@@ -150,25 +150,25 @@ int64_t copy_grain(int64_t token_bytes) {
   return std::max<int64_t>(1, kCopyGrainBytes / std::max<int64_t>(1, token_bytes));
 }
 
-std::tuple<at::Tensor, at::Tensor> prune_forward_cpu(const at::Tensor& x_in, const at::Tensor& f_in,
-                                                     int64_t P, at::IntArrayRef grid, int64_t keep,
-                                                     bool align_corners, bool spatial) {
+std::tuple<Tensor, Tensor> prune_forward_cpu(const Tensor& x_in, const Tensor& f_in, int64_t P,
+                                             std::vector<int64_t> grid, int64_t keep,
+                                             bool align_corners, bool spatial) {
   const ForwardShape s = check_forward(x_in, f_in, P, grid, keep);
-  const at::Tensor x = tokens_contiguous(x_in);
-  const at::Tensor f = f_in.contiguous();
-  at::Tensor out = at::empty({s.B, P + s.k, s.C}, x.options());
-  at::Tensor indices = at::empty({s.B, s.k}, x.options().dtype(at::kLong));
+  const Tensor x = tokens_contiguous(x_in);
+  const Tensor f = as_contiguous(f_in);
+  Tensor out = empty_on(x, {s.B, P + s.k, s.C});
+  Tensor indices = empty_on(x, {s.B, s.k}, ScalarType::Long);
   if (s.B == 0) return {out, indices};
-  int64_t* idx = indices.data_ptr<int64_t>();
+  int64_t* idx = indices.mutable_data_ptr<int64_t>();
   compute_indices(f, s, align_corners, spatial, idx);
 
   const int64_t es = x.element_size();
   const int64_t token_bytes = s.C * es;
   const int64_t sb = x.stride(0) * es, sn = x.stride(1) * es;
   const char* xp = static_cast<const char*>(x.const_data_ptr());
-  char* op = static_cast<char*>(out.data_ptr());
+  char* op = static_cast<char*>(out.mutable_data_ptr());
   const int64_t rows_out = P + s.k;
-  at::parallel_for(0, s.B * rows_out, copy_grain(token_bytes), [&](int64_t t0, int64_t t1) {
+  torch::stable::parallel_for(0, s.B * rows_out, copy_grain(token_bytes), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / rows_out, j = t - b * rows_out;
       const int64_t src = gather_source(j, P, idx + b * s.k);
@@ -178,26 +178,26 @@ std::tuple<at::Tensor, at::Tensor> prune_forward_cpu(const at::Tensor& x_in, con
   return {out, indices};
 }
 
-at::Tensor prune_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& indices_in,
-                              int64_t num_tokens, int64_t P) {
+Tensor prune_backward_cpu(const Tensor& grad_out_in, const Tensor& indices_in, int64_t num_tokens,
+                          int64_t P) {
   check_backward(grad_out_in, indices_in, num_tokens, P);
-  const at::Tensor g = tokens_contiguous(grad_out_in);
-  const at::Tensor indices = indices_in.contiguous();
+  const Tensor g = tokens_contiguous(grad_out_in);
+  const Tensor indices = as_contiguous(indices_in);
   const int64_t B = g.size(0), C = g.size(2), k = indices.size(1), N = num_tokens - P;
   // Zero-filled by ATen's fill (first touch of fresh pages is the cost on CPU, and a plain fill
   // pays it fastest), then one memcpy per kept row: each index is unique, so no atomics.
-  at::Tensor grad_x = at::zeros({B, num_tokens, C}, g.options());
+  Tensor grad_x = zeros_on(g, {B, num_tokens, C});
   if (B == 0) return grad_x;
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < B * k; ++t)
-    TORCH_CHECK(idx[t] >= 0 && idx[t] < N, "papr_kernels: index ", idx[t], " outside [0, ", N, ")");
+    PAPR_CHECK(idx[t] >= 0 && idx[t] < N, "papr_kernels: index ", idx[t], " outside [0, ", N, ")");
   const int64_t es = g.element_size();
   const int64_t token_bytes = C * es;
   const int64_t sb = g.stride(0) * es, sn = g.stride(1) * es;
   const char* gp = static_cast<const char*>(g.const_data_ptr());
-  char* xp = static_cast<char*>(grad_x.data_ptr());
+  char* xp = static_cast<char*>(grad_x.mutable_data_ptr());
   const int64_t rows_out = P + k;
-  at::parallel_for(0, B * rows_out, copy_grain(token_bytes), [&](int64_t t0, int64_t t1) {
+  torch::stable::parallel_for(0, B * rows_out, copy_grain(token_bytes), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / rows_out, j = t - b * rows_out;
       const int64_t dst = gather_source(j, P, idx + b * k);
@@ -210,7 +210,7 @@ at::Tensor prune_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& i
 }  // namespace
 }  // namespace papr
 
-TORCH_LIBRARY_IMPL(papr_kernels, CPU, m) {
-  m.impl("prune_forward", &papr::prune_forward_cpu);
-  m.impl("prune_backward", &papr::prune_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(papr_kernels, CPU, m) {
+  m.impl("prune_forward", TORCH_BOX(&papr::prune_forward_cpu));
+  m.impl("prune_backward", TORCH_BOX(&papr::prune_backward_cpu));
 }

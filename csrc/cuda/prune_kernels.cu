@@ -3,8 +3,8 @@
 //   mean_kernel    grid (S tiles, B): float64 channel mean, K split over threadIdx.y
 //   select_kernel  N <= kSortMinKeys: one block per row, keys in shared memory, rank by counting
 //   keys_kernel    N >  kSortMinKeys: keys to global memory in an order-preserving int64 form;
-//                  the torch glue (prune_cuda.cpp) sorts them (at::sort, a segmented radix sort)
-//                  and turns the top k into indices
+//                  the torch glue (prune_cuda.cpp) sorts them (torch.sort, a segmented radix
+//                  sort); decode_kernel turns the top k of each sorted row into indices
 //   gather_kernel  grid (token tiles, B): coalesced 16/8/4/2/1-byte copies of whole tokens
 //   inverse_kernel + scatter_kernel: backward, every byte of grad_x written once, no atomics
 // All offsets are int64.
@@ -111,6 +111,15 @@ __global__ void __launch_bounds__(kKeyThreads) keys_kernel(ForwardParams p) {
   }
 }
 
+// indices[b, j] = the index in the j-th largest key of row b (sorted descending, int64 keys).
+__global__ void decode_kernel(const int64_t* __restrict__ sorted, int64_t stride_b, int64_t B,
+                              int64_t k, int64_t* __restrict__ indices) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= k) return;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y)
+    indices[b * k + j] = key_index(static_cast<uint64_t>(sorted[b * stride_b + j]));
+}
+
 template <typename V>
 __device__ __forceinline__ void copy_token(char* dst, const char* src, int64_t bytes) {
   const int64_t n = bytes / static_cast<int64_t>(sizeof(V));
@@ -207,6 +216,14 @@ cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream) {
     const dim3 kgrid(static_cast<unsigned>((p.N + kKeyThreads - 1) / kKeyThreads), grid_rows(p.B));
     keys_kernel<<<kgrid, kKeyThreads, 0, stream>>>(p);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_decode_keys(const int64_t* sorted, int64_t stride_b, const ForwardParams& p,
+                               cudaStream_t stream) {
+  if (p.B == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>((p.k + kKeyThreads - 1) / kKeyThreads), grid_rows(p.B));
+  decode_kernel<<<grid, kKeyThreads, 0, stream>>>(sorted, stride_b, p.B, p.k, p.indices);
   return cudaGetLastError();
 }
 

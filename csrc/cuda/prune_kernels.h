@@ -36,6 +36,10 @@ struct BackwardParams {
 bool select_by_sort(int64_t N);
 // Channel mean, then either the indices (small N) or the keys (select_by_sort(N)).
 cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream);
+// select_by_sort(N): indices from `sorted`, the keys sorted descending per row (row stride
+// stride_b elements).
+cudaError_t launch_decode_keys(const int64_t* sorted, int64_t stride_b, const ForwardParams& p,
+                               cudaStream_t stream);
 // out_tokens from x and indices.
 cudaError_t launch_gather(const ForwardParams& p, cudaStream_t stream);
 cudaError_t launch_backward(const BackwardParams& p, cudaStream_t stream);

@@ -1,10 +1,10 @@
 // Schemas of the pruning ops. Argument checks shared by the kernels: prune_args.h (beside this
-// file). Kernels: csrc/cpu/prune_cpu.cpp (CPU), csrc/cuda/prune_cuda.cpp (CUDA, when built with
-// CUDA). Fake (meta) kernels are registered from Python (papr_kernels/ops/cpp_prune.py); autograd
-// lives in papr_kernels/function.py.
-#include <torch/library.h>
+// file). Kernels: csrc/cpu/prune_cpu.cpp (CPU), csrc/cuda/prune_cuda.cpp (CUDA, in the companion
+// library papr_kernels._C_cuda). Fake (meta) kernels and autograd: papr_kernels/ops/extension.py
+// and papr_kernels/api.py.
+#include "../stable.h"
 
-TORCH_LIBRARY(papr_kernels, m) {
+STABLE_TORCH_LIBRARY(papr_kernels, m) {
   // Select (SPEC's total order) + gather. Returns (out (B, P + keep, C), indices (B, keep) int64).
   m.def("prune_forward(Tensor x, Tensor f, int num_prefix_tokens, int[] grid, int keep, "
         "bool align_corners, bool spatial) -> (Tensor, Tensor)");

@@ -1,13 +1,18 @@
-"""The "cpp" (CPU) and "cuda" backends: the C++/CUDA extension `papr_kernels._C` (csrc/).
+"""The "cpp" (CPU) and "cuda" backends: the C++/CUDA extension (csrc/).
 
-The extension registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row ops
-of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops/, CPU and CUDA
-kernels); this module adds their fake kernels (torch.compile, meta tensors) and adapts them to
+`papr_kernels._C` registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row
+ops of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops/) with their CPU
+kernels; `papr_kernels._C_cuda`, when built, adds the CUDA kernels (loaded only by a CUDA build
+of torch: it links libtorch_cuda). Both use only torch's stable ABI and CPython's limited API,
+so one build loads into every torch >= 2.10 (`build_info()["stable_abi"]`). This module adds
+their fake kernels (torch.compile, meta tensors) and adapts them to
 the backend interface of backends.py (prune and the row ops `gather_rows`,
 `scatter_rows`, `scatter_back`). It imports without the extension; `unavailable_reason` then
 says why.
 """
+import glob
 import json
+import os
 from typing import Optional
 
 import torch
@@ -15,16 +20,41 @@ import torch
 try:
     from papr_kernels import _C  # loading the library registers the ops
     _IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # not built (pure-Python install), or built against another torch
+except Exception as exc:  # not built (pure-Python install), or a torch older than 2.10
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_HAS_CUDA_KERNEL = False
+
+def cuda_library() -> Optional[str]:
+    """The path of the CUDA kernels' library built with the loaded papr_kernels._C (beside it),
+    or None (no extension, or built without CUDA)."""
+    if _IMPORT_ERROR is not None:
+        return None
+    found = glob.glob(os.path.join(os.path.dirname(_C.__file__), "_C_cuda.*so"))
+    return found[0] if found else None
+
+
+def _load_cuda_kernels() -> Optional[str]:
+    """Load the CUDA kernels (they register themselves); None, or why they did not load."""
+    if _IMPORT_ERROR is not None:
+        return "the extension papr_kernels._C does not load"
+    path = cuda_library()
+    if path is None:
+        return "the extension was built without CUDA kernels (FORCE_CUDA=0 or no nvcc)"
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    try:
+        torch.ops.load_library(path)
+    except Exception as exc:
+        return f"the CUDA kernels do not load ({type(exc).__name__}: {exc})"
+    return None
+
+
+_CUDA_ERROR = _load_cuda_kernels()
+_HAS_CUDA_KERNEL = _CUDA_ERROR is None
 if _IMPORT_ERROR is None:
     _ns = torch.ops.papr_kernels
     _forward_op = _ns.prune_forward.default
     _backward_op = _ns.prune_backward.default
-    _HAS_CUDA_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "papr_kernels::prune_forward", "CUDA")
 
     @torch.library.register_fake("papr_kernels::prune_forward")
     def _prune_forward_fake(x, f, num_prefix_tokens, grid, keep, align_corners, spatial):
@@ -52,10 +82,11 @@ if _IMPORT_ERROR is None:
 
 def build_info() -> Optional[dict]:
     """What the loaded extension was built for, read from the binary itself (setup.py records it):
-    `torch` (version string), `cuda` (CUDA toolkit version, None without CUDA kernels), `archs`
-    (GPU architectures with SASS, e.g. ["8.0", "9.0"]), `ptx` (PTX embedded for the highest one,
-    JIT-compiled by the driver on newer GPUs), `sanitize`. None when the extension does not load
-    (or is a build older than this function).
+    `torch` (the version it was compiled against), `stable_abi` (the oldest torch it loads into,
+    e.g. "2.10"), `python_abi` ("cp310": abi3, CPython >= 3.10), `cuda` (CUDA toolkit version,
+    None without CUDA kernels), `archs` (GPU architectures with SASS, e.g. ["8.0", "9.0"]), `ptx`
+    (PTX embedded for the highest one, JIT-compiled by the driver on newer GPUs), `sanitize`.
+    None when the extension does not load (or is a build older than this function).
     """
     if _IMPORT_ERROR is not None or not hasattr(_C, "build_info"):
         return None
@@ -69,7 +100,7 @@ def unavailable_reason(device_type: str) -> Optional[str]:
         return None
     if device_type == "cuda":
         if not _HAS_CUDA_KERNEL:
-            return "the extension was built without CUDA kernels (FORCE_CUDA=0 or no nvcc)"
+            return _CUDA_ERROR
         if not torch.cuda.is_available():
             return "no CUDA device here"
         return None
