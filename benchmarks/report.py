@@ -339,14 +339,26 @@ def e2e_table(e2e):
 E2E_GPU = "e2e-gpu"
 
 
+COMPILED_PROPOSAL = "-cp"  # provider suffix: the proposal run with Proposal(compiled=True)
+
+
 def e2e_gpu_groups(rows):
     """{(model, dtype, mode, B, device): {provider: median_s}} of the e2e-gpu suite (`pass` is
     the mode: eager or compile)."""
     groups = defaultdict(dict)
     for r in rows:
         if r["suite"] == E2E_GPU:
-            groups[(r["shape"], r["dtype"], r["pass"], r["B"], r.get("device"))][r["provider"]] = \
+            provider, mode = r["provider"], r["pass"]
+            if provider.endswith(COMPILED_PROPOSAL):  # its own rows, beside the plain mode's
+                provider, mode = provider[:-len(COMPILED_PROPOSAL)], f"{mode}, proposal compiled"
+            groups[(r["shape"], r["dtype"], mode, r["B"], r.get("device"))][provider] = \
                 r["median_s"]
+    for (shape, dtype, mode, batch, device), g in groups.items():
+        if mode.endswith(", proposal compiled"):  # the same unpruned model and bound
+            plain = groups.get((shape, dtype, mode.split(",")[0], batch, device), {})
+            for p, t in plain.items():
+                if p == "unpruned" or p.startswith("bound-z"):
+                    g.setdefault(p, t)
     return groups
 
 

@@ -174,6 +174,8 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
 #                 view, no proposal, no selection): the best any pruner can do at that z
 #   papr-z<z>     `papr_kernels.timm.patch(copy, proposal, z)`, the proposal's cost included
 #   proposal      the proposal network alone, as the patched model runs it (its share of PaPr)
+#   papr-z0.5-cp, proposal-cp   (ViT-B, eager) the same with `Proposal(compiled=True)`: the
+#                 proposal through torch.compile, the rest of the model eager (issue 12's lever)
 # report.py tables images/s, the speed-ups over unpruned, PaPr / bound and the proposal's share.
 # On CPU only quick mode runs it: tiny models (a ViT of depth 2, a ConvNeXt of one block per
 # stage) at B = 1, fp32, eager; `make bench` on CPU keeps the ViT-B B = 8 fp32 rows above.
@@ -184,6 +186,7 @@ GPU_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch1
 QUICK_MODELS = {"vit_tiny_patch16_224": dict(depth=2), "convnext_atto": dict(depths=(1, 1, 1, 1))}
 GPU_Z = (0.7, 0.5, 0.3)
 GPU_MODES = ("eager", "compile")
+COMPILED_PROPOSAL_MODEL = "vit_base_patch16_224"
 
 
 def _quick_id(name):
@@ -209,6 +212,8 @@ def gpu_cases(device, quick):
         provs = ["unpruned"] + ([f"bound-z{z}" for z in zs] if _is_vit(model) else []) + \
             [f"papr-z{z}" for z in zs] + ["proposal"]
         cases += [(model, mode, b, p) for mode in modes for b in batches for p in provs]
+        if model == COMPILED_PROPOSAL_MODEL and "eager" in modes:
+            cases += [(model, "eager", b, p) for b in batches for p in ("papr-z0.5-cp", "proposal-cp")]
     return cases
 
 
@@ -287,21 +292,26 @@ def test_e2e_gpu(benchmark, device, quick, model_name, mode, batch, provider):
     dtype = _gpu_dtype(device)
     img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(
         device, dtype)
-    z = None if provider == "proposal" else 1.0 if provider == "unpruned" else \
-        float(provider.split("z")[1])
+    compiled_proposal = provider.endswith("-cp")
+    provider_base = provider[:-len("-cp")] if compiled_proposal else provider
+    z = None if provider_base == "proposal" else 1.0 if provider == "unpruned" else \
+        float(provider_base.split("z")[1])
+    patched.papr_proposal.compiled = compiled_proposal
     backend = None
     if provider == "unpruned":
         fn, pipeline = unpruned, "timm forward"
     elif provider.startswith("bound"):
         fn, pipeline = BoundViT(unpruned, z), "first k patch tokens (a view)"
-    elif provider == "proposal":
+    elif provider_base == "proposal":
         fn, pipeline = _proposal_runner(patched), "proposal network alone"
     else:
         patched.papr_z = z
         fn, pipeline = patched, "papr_kernels.timm.patch"
         backend = papr_kernels.backends.resolve(
             None, device, () if _is_vit(model_name) else papr_kernels.backends.ROW_OPS).__name__
-    warmup = 1
+    if compiled_proposal:
+        pipeline += ", proposal torch.compile'd (Proposal(compiled=True))"
+    warmup = 3 if compiled_proposal else 1
     if mode == "compile":
         _allow_recompiles()
         fn, warmup = torch.compile(fn, dynamic=False), 3

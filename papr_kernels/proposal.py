@@ -26,14 +26,30 @@ class Proposal(nn.Module):
     (its parameters cast in place) unless `dtype` fixes one (the images are then cast to it);
     under autocast its parameters stay as they are and autocast picks the compute dtype. On CUDA
     an image network runs channels_last (cuDNN's fast NHWC kernels).
+
+    `compiled=True` (or a dict of `torch.compile` arguments) runs the network through
+    `torch.compile` (static shapes), compiled on first use and again when the images' device,
+    dtype or shape change; inside a compiled model it is simply traced with the model. The
+    compiled function is not saved with the module (pickling drops it; it recompiles on use).
     """
 
-    def __init__(self, network: Union[nn.Module, Callable], dtype: Optional[torch.dtype] = None):
+    def __init__(self, network: Union[nn.Module, Callable], dtype: Optional[torch.dtype] = None,
+                 compiled: Union[bool, dict] = False):
         super().__init__()
         self.network = network if isinstance(network, nn.Module) else _Function(network)
         self.dtype = dtype
+        if not isinstance(compiled, (bool, dict)):
+            raise TypeError(f"compiled must be a bool or a dict of torch.compile arguments, got "
+                            f"{type(compiled).__name__}")
+        self.compiled = compiled
+        self.__dict__["_compiled_network"] = None  # not a submodule: kept out of the state_dict
         self.train(False)
         self.network.requires_grad_(False)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_compiled_network"] = None
+        return state
 
     def train(self, mode: bool = True) -> "Proposal":
         # Stays in eval mode whatever the enclosing model does (BatchNorm statistics are frozen).
@@ -42,7 +58,7 @@ class Proposal(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._follow(x)
         with torch.no_grad():
-            f = self.network(x)
+            f = self._network_for_call()(x)
         if isinstance(f, (list, tuple)):
             f = f[-1]
         if not isinstance(f, torch.Tensor) or f.dim() not in (4, 5):
@@ -50,6 +66,14 @@ class Proposal(nn.Module):
             raise ValueError(f"proposal network must return (B, K, h, w) or (B, K, t, h, w) "
                              f"features, got {got}")
         return f
+
+    def _network_for_call(self) -> Callable:
+        if not self.compiled or torch.compiler.is_compiling():
+            return self.network
+        if self.__dict__.get("_compiled_network") is None:
+            options = {"dynamic": False, **(self.compiled if isinstance(self.compiled, dict) else {})}
+            self.__dict__["_compiled_network"] = torch.compile(self.network, **options)
+        return self.__dict__["_compiled_network"]
 
     def _follow(self, images: torch.Tensor) -> torch.Tensor:
         """Move/cast the network for `images` (once: later calls find it in place); the images
@@ -81,7 +105,8 @@ class _Function(nn.Module):
 
 
 def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: bool = True, *,
-           dtype: Optional[torch.dtype] = None, **timm_kwargs) -> Proposal:
+           dtype: Optional[torch.dtype] = None, compiled: Union[bool, dict] = False,
+           **timm_kwargs) -> Proposal:
     """A frozen proposal network: a timm ConvNet by name, or a user module wrapped as is.
 
     Args:
@@ -90,6 +115,9 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
         pretrained: load timm's pretrained weights (default). False gives random weights, for
             tests and demos: the selected tokens are then noise.
         dtype: run the proposal in this dtype whatever the images' (None: follow the images).
+        compiled: run the network through `torch.compile` (True, or a dict of its arguments,
+            e.g. `{"mode": "max-autotune"}`): on a GPU the proposal is a large share of a pruned
+            model's time, and compiling it is the lever that does not change its output's meaning.
         **timm_kwargs: further `timm.create_model` arguments, e.g.
             `pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors")` to load a local
             file offline.
@@ -102,7 +130,7 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
                             f"(images -> (B, K, h, w) features), got {type(name).__name__}")
         if timm_kwargs:
             raise ValueError("timm_kwargs apply to a timm model name, not to a module")
-        return Proposal(name, dtype)
+        return Proposal(name, dtype, compiled)
     import timm
     from timm.utils.model import reparameterize_model
 
@@ -122,4 +150,4 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
         ) from exc
     network.eval()
     network = reparameterize_model(network)  # a no-op for models without reparameterizable blocks
-    return Proposal(network, dtype)
+    return Proposal(network, dtype, compiled)

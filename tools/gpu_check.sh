@@ -10,7 +10,9 @@
 #      B = 64/256, eager (unpruned, bound, PaPr z = 0.7/0.5/0.3, proposal alone; under 4 minutes),
 #      and `e2e-compile`: its torch.compile cases for ViT-B at B = 256, z = 0.5 (a separate step:
 #      compiling is slow). They write $OUT/bench-e2e-gpu{,-hierarchical,-compile}.{json,csv,md}.
-#   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [e2e] [e2e-compile]
+#      `e2e-cp`: ViT-B eager with the proposal compiled (Proposal(compiled=True)) beside the plain
+#      eager rows (about 3 minutes).
+#   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [e2e] [e2e-cp] [e2e-compile]
 # Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
 # provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most. The issue-12
 # run: `bash tools/gpu_check.sh build e2e` (about 5 minutes), then `bash tools/gpu_check.sh
@@ -92,13 +94,22 @@ fi
 if step e2e; then
 start=$SECONDS
 # Two runs (a run writes its JSON only when it completes): the ViTs, then Swin-T and ConvNeXt-T.
-timeout 170 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and vit_" \
+timeout 170 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and vit_ and not cp" \
     --benchmark-json="$OUT/bench-e2e-gpu.json" >"$OUT/bench-e2e-gpu.log" 2>&1
 echo "e2e-gpu eager ViT bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu.log"
 timeout 90 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and not vit_" \
     --benchmark-json="$OUT/bench-e2e-gpu-hierarchical.json" >>"$OUT/bench-e2e-gpu.log" 2>&1
 echo "e2e-gpu eager Swin/ConvNeXt bench rc=$? in $((SECONDS - start)) s"
 tail -3 "$OUT/bench-e2e-gpu.log"
+fi
+# The compiled-proposal lever (Proposal(compiled=True), ViT-B eager, B = 64 and 256): two compiles
+# of MobileOne-S0, so a step of its own.
+if step e2e-cp; then
+start=$SECONDS
+timeout 240 $BENCH benchmarks/test_e2e.py --benchmark-json="$OUT/bench-e2e-gpu-cp.json" \
+    -k "test_e2e_gpu and eager and vit_base_patch16_224 and (unpruned or bound-z0.5 or z0.5 or proposal)" \
+    >"$OUT/bench-e2e-gpu-cp.log" 2>&1
+echo "e2e-gpu compiled-proposal bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu-cp.log"
 fi
 if step e2e-compile; then
 start=$SECONDS
