@@ -399,6 +399,15 @@ _NORM_TILE = 4096
 MAX_NORM_CHANNELS = 16384
 
 
+def norm_block_sizes(channels: int, interpreted: bool = False):
+    """(BLOCK_R, BLOCK_C) of gather_layer_norm: whole rows, _NORM_TILE elements on a GPU."""
+    block_c = next_pow2(channels)
+    block_r = block_sizes(channels, interpreted)["BLOCK_R"]
+    if not interpreted:
+        block_r = max(1, min(block_r, _NORM_TILE // block_c))
+    return block_r, block_c
+
+
 def _launch_gather_layer_norm(x: torch.Tensor, indices: torch.Tensor,
                               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                               eps: float) -> torch.Tensor:
@@ -410,11 +419,7 @@ def _launch_gather_layer_norm(x: torch.Tensor, indices: torch.Tensor,
     if out.numel() == 0:
         return out
     n, w, sb, sh, sw, sc, grid_4d = _grid_args(x)
-    interpreted = common.interpreted(x.device)
-    block_c = next_pow2(channels)
-    block_r = block_sizes(channels, interpreted)["BLOCK_R"]
-    if not interpreted:
-        block_r = max(1, min(block_r, _NORM_TILE // block_c))
+    block_r, block_c = norm_block_sizes(channels, common.interpreted(x.device))
     num_blocks = -(-keep // block_r)
     with launch_guard(x.device):
         _gather_layer_norm_kernel[(batch * num_blocks,)](
