@@ -177,11 +177,17 @@ def _records(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _fused_kernel(impl, name: str, device_type: str, *tensors):
+def _fused_kernel(impl, name: str, x: torch.Tensor, values=None, params=()):
     """The backend's fused kernel `name`, or None where the composition must run: the backend
-    has none, autograd records, or autocast changes the ops' dtypes."""
+    has none, autograd records, autocast is on, or the tensors are not what the kernel takes
+    (one dtype and device, per-channel params (C,))."""
     kernel = getattr(impl, name, None)
-    if kernel is None or _records(*tensors) or torch.is_autocast_enabled(device_type):
+    given = [t for t in (x, values, *params) if t is not None]
+    if kernel is None or _records(*given) or torch.is_autocast_enabled(x.device.type):
+        return None
+    if any(t.dtype != x.dtype or t.device != x.device for t in given):
+        return None
+    if any(p is not None and tuple(p.shape) != (x.shape[-1],) for p in params):
         return None
     return kernel
 
@@ -206,7 +212,7 @@ def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[t
     spec.check_rows("x", x)
     spec.check_indices(indices, x, "x")
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
-    kernel = _fused_kernel(impl, "gather_layer_norm", x.device.type, x, weight, bias)
+    kernel = _fused_kernel(impl, "gather_layer_norm", x, params=(weight, bias))
     if kernel is None:
         return reference.gather_layer_norm(x, indices, weight, bias, eps,
                                            gather=_differentiable_ops(impl)["gather"])
@@ -219,13 +225,13 @@ def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch
     """ConvNeXt's pruned block output, a new contiguous tensor of shortcut's shape ((B, N, C) or
     (B, H, W, C), any strides): `values[b, j] * gamma + shortcut[b, p]` at p = indices[b, j]
     (the product rounded first, as torch rounds the two ops), zero at every other position.
-    Fused (dtypes of shortcut, values and gamma equal): one pass writing the output once."""
+    Fused (one dtype, gamma (C,) or None): one pass writing the output once."""
     spec.check_rows("shortcut", shortcut)
     spec.check_indices(indices, shortcut, "shortcut")
     impl = backends.resolve(backend, shortcut.device.type, backends.ROW_OPS)
-    one_dtype = values.dtype == shortcut.dtype and (gamma is None or gamma.dtype == values.dtype)
-    kernel = _fused_kernel(impl, "masked_residual", shortcut.device.type, shortcut, values,
-                           gamma) if one_dtype else None
+    kernel = _fused_kernel(impl, "masked_residual", shortcut, values, params=(gamma,))
+    if kernel is not None:
+        spec.check_values(values, indices, shortcut, "shortcut")
     if kernel is None:
         return reference.masked_residual(shortcut, indices, values, gamma,
                                          **_differentiable_ops(impl))

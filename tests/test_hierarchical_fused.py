@@ -303,3 +303,20 @@ def test_patched_convnext_on_triton_compiles_without_graph_breaks(backend, monke
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+def test_fused_ops_check_what_the_kernels_read(backend):
+    """Values of the wrong shape raise before the kernel runs; a gamma or bias that is not one
+    value per channel takes the composition (torch's broadcasting, or layer_norm's error)."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(9)
+    shortcut, idx = _x("4d", 2, 6, torch.float32, device, gen), _indices(2, 5, device, gen)
+    v = torch.randn(2, 5, 6, generator=gen).to(device)
+    with pytest.raises(ValueError, match="values must be"):
+        hier.masked_residual(shortcut, idx, v[:, :4], backend=name)
+    scalar = torch.tensor([2.0], device=device)
+    assert torch.equal(hier.masked_residual(shortcut, idx, v, scalar, backend=name),
+                       _masked_residual_by_loop(shortcut, idx, v, scalar))
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        hier.gather_layer_norm(shortcut, idx, None, scalar, 1e-5, backend=name)
