@@ -165,8 +165,8 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
 
 
 # ------------------------------------------------------------------------------------------------
-# Issue 12, part 3: the GPU end-to-end benchmark. bf16 models (`model.to("cuda", torch.bfloat16)`)
-# under torch.inference_mode, eager and torch.compile (the `compile` cases are a separate, slower
+# Issue 12, part 3: the GPU end-to-end benchmark. bf16 models (`model.to("cuda", torch.bfloat16)`;
+# Swin-T and ConvNeXt-T in fp32 too, issue 17) under torch.inference_mode, eager and torch.compile (the `compile` cases are a separate, slower
 # selection: `-k "test_e2e_gpu and compile"`), one provider per case, every ratio of two medians
 # of one process:
 #   unpruned      the timm model as is
@@ -185,7 +185,10 @@ GPU_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch1
 # Quick mode: timm names with reduced depths (name -> create_model overrides).
 QUICK_MODELS = {"vit_tiny_patch16_224": dict(depth=2), "convnext_atto": dict(depths=(1, 1, 1, 1))}
 GPU_Z = (0.7, 0.5, 0.3)
+# Swin-T / ConvNeXt-T (issue 17): the published z = 0.65 and 0.5, in bf16 and fp32.
+HIERARCHICAL_GPU_Z = (0.65, 0.5)
 GPU_MODES = ("eager", "compile")
+GPU_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILED_PROPOSAL_MODEL = "vit_base_patch16_224"
 
 
@@ -199,21 +202,26 @@ def _is_vit(name):
 
 
 def gpu_cases(device, quick):
-    """[(model, mode, batch, provider)] in run order (model outermost: one model set up at a
-    time)."""
+    """[(model, dtype, mode, batch, provider)] in run order (model and dtype outermost: one model
+    set up at a time). ViTs in bf16; Swin-T / ConvNeXt-T in bf16 and fp32 at z = 0.65 and 0.5."""
     if quick:
-        models, modes, batches, zs = tuple(QUICK_MODELS), ("eager",), (1,), (0.5,)
+        models, modes, batches = tuple(QUICK_MODELS), ("eager",), (1,)
     elif device == "cuda":
-        models, modes, batches, zs = GPU_MODELS, GPU_MODES, (64, 256), GPU_Z
+        models, modes, batches = GPU_MODELS, GPU_MODES, (64, 256)
     else:
         return []
     cases = []
     for model in models:
-        provs = ["unpruned"] + ([f"bound-z{z}" for z in zs] if _is_vit(model) else []) + \
+        vit = _is_vit(model)
+        zs = (0.5,) if quick else GPU_Z if vit else HIERARCHICAL_GPU_Z
+        dtypes = ("fp32",) if device != "cuda" else ("bf16",) if vit else ("bf16", "fp32")
+        provs = ["unpruned"] + ([f"bound-z{z}" for z in zs] if vit else []) + \
             [f"papr-z{z}" for z in zs] + ["proposal"]
-        cases += [(model, mode, b, p) for mode in modes for b in batches for p in provs]
+        cases += [(model, dtype, mode, b, p) for dtype in dtypes for mode in modes
+                  for b in batches for p in provs]
         if model == COMPILED_PROPOSAL_MODEL and "eager" in modes:
-            cases += [(model, "eager", b, p) for b in batches for p in ("papr-z0.5-cp", "proposal-cp")]
+            cases += [(model, "bf16", "eager", b, p) for b in batches
+                      for p in ("papr-z0.5-cp", "proposal-cp")]
     return cases
 
 
@@ -222,13 +230,14 @@ def _gpu_generate(metafunc):
     device = metafunc.config.getoption("--bench-device") or pb.default_device()
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"
-    cases = [pytest.param(m, mode, b, p, id=f"{_quick_id(m) if quick else m}-{mode}-B{b}-{p}")
-             for m, mode, b, p in gpu_cases(device, quick)]
+    cases = [pytest.param(m, dt, mode, b, p,
+                          id=f"{_quick_id(m) if quick else m}-{dt}-{mode}-B{b}-{p}")
+             for m, dt, mode, b, p in gpu_cases(device, quick)]
     if not cases:
-        cases = [pytest.param(None, None, None, None, id="cpu", marks=pytest.mark.skip(
+        cases = [pytest.param(None, None, None, None, None, id="cpu", marks=pytest.mark.skip(
             reason="the bf16 end-to-end benchmark runs on CUDA (on CPU only its tiny "
                    "--bench-quick version; `make bench` keeps the ViT-B B=8 fp32 rows)"))]
-    metafunc.parametrize("model_name,mode,batch,provider", cases)
+    metafunc.parametrize("model_name,dtype_name,mode,batch,provider", cases)
 
 
 class BoundViT(torch.nn.Module):
@@ -251,10 +260,9 @@ class BoundViT(torch.nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _gpu_models(device, model_name, quick):
-    """(unpruned, patched copy) of one model in the benchmark's dtype, random weights."""
+def _gpu_models(device, model_name, quick, dtype):
+    """(unpruned, patched copy) of one model in `dtype`, random weights."""
     from papr_kernels import timm as papr_timm
-    dtype = _gpu_dtype(device)
     torch.manual_seed(0)
     kwargs = QUICK_MODELS[model_name] if quick else {}
     model = timm.create_model(model_name, pretrained=False, **kwargs).eval().to(device, dtype)
@@ -264,10 +272,6 @@ def _gpu_models(device, model_name, quick):
     with torch.inference_mode():   # the proposal follows the images' device and dtype: once here
         patched(torch.zeros(1, 3, 224, 224, device=device, dtype=dtype))
     return model, patched
-
-
-def _gpu_dtype(device):
-    return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def _allow_recompiles():
@@ -287,9 +291,9 @@ def _proposal_runner(patched):
     return run if run is not None else patched.papr_proposal
 
 
-def test_e2e_gpu(benchmark, device, quick, model_name, mode, batch, provider):
-    unpruned, patched = _gpu_models(device, model_name, quick)
-    dtype = _gpu_dtype(device)
+def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, provider):
+    dtype = GPU_DTYPES[dtype_name]
+    unpruned, patched = _gpu_models(device, model_name, quick, dtype)
     img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(
         device, dtype)
     compiled_proposal = provider.endswith("-cp")
@@ -329,7 +333,7 @@ def test_e2e_gpu(benchmark, device, quick, model_name, mode, batch, provider):
     benchmark.extra_info.update(
         suite="e2e-gpu", model=model_name if not quick else _quick_id(model_name),
         shape=model_name if not quick else _quick_id(model_name), batch=batch,
-        provider=provider, z=z, mode=mode, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+        provider=provider, z=z, mode=mode, dtype=dtype_name,
         device=device, proposal="mobileone_s0", pipeline=pipeline, backend=backend)
     benchmark.pedantic(timed, rounds=2 if quick else 10, warmup_rounds=0)
     if timed.event_median_s() is not None:

@@ -21,14 +21,27 @@ one-channel, zero-stride token tensor (the scores and the ranking are the prune 
 moves k floats), and the row ops are the backend's `gather_rows` / `scatter_rows` /
 `scatter_back` (the plain-PyTorch versions are in `papr_kernels.reference`). `backend=None`
 picks the fastest that can run, as `prune` does.
+
+The glue of a pruned block, for inference (outside SPEC; the patched timm models use it):
+
+    m    = proposal_map(f)                        # once per forward: f's float64 channel mean
+    idx  = select(m, (H, W), z, order="spatial")  # per stage, without re-reading f
+    rows = gather_layer_norm(x, idx, weight, bias, eps)   # gather + LayerNorm, (B, k, C)
+    y    = masked_residual(shortcut, idx, values, gamma)  # ConvNeXt: shortcut + gamma * values
+                                                          # at kept positions, 0 elsewhere
+
+A backend with a fused kernel for them (`triton`) runs each in one pass; on any other backend,
+and whenever autograd records or autocast is on, they are the composition of the row ops above
+(`papr_kernels.reference` states it once).
 """
 from typing import Optional, Sequence
 
 import torch
 
-from . import api, backends, spec
+from . import api, backends, reference, spec
 
-__all__ = ["select", "gather_rows", "scatter_back", "scatter_rows"]
+__all__ = ["select", "gather_rows", "scatter_back", "scatter_rows", "proposal_map",
+           "gather_layer_norm", "masked_residual"]
 
 
 def select(f: torch.Tensor, grid: Sequence[int], z: float, align_corners: bool = True,
@@ -143,3 +156,83 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *
             raise ValueError("inplace must be False when x or values requires grad")
         return impl.scatter_back(x, indices, values, True)
     return _ScatterBack.apply(x, indices, values, impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused glue of a pruned block (inference; differentiable through the composition above)
+
+
+def proposal_map(f: torch.Tensor) -> torch.Tensor:
+    """f's float64 channel mean (B, 1, h, w), without gradient: `select(proposal_map(f), ...)`
+    equals `select(f, ...)` and reads B*h*w values instead of f's B*K*h*w (one map per forward
+    for every stage). With the "torch" backend they are equal by construction (the mean of one
+    float64 channel is exact); the kernels' own channel means sum in other orders, so there
+    they agree as SPEC's matching rule says (equal but for a float32 rounding-boundary tie)."""
+    spec.check_features(f, ranks=(4,))
+    with torch.no_grad():
+        return reference.proposal_map(f)
+
+
+def _records(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fused_kernel(impl, name: str, x: torch.Tensor, values=None, params=()):
+    """The backend's fused kernel `name`, or None where the composition must run: the backend
+    has none, autograd records, autocast is on, or the tensors are not what the kernel takes
+    (one dtype and device, per-channel params (C,))."""
+    kernel = getattr(impl, name, None)
+    given = [t for t in (x, values, *params) if t is not None]
+    if kernel is None or _records(*given) or torch.is_autocast_enabled(x.device.type):
+        return None
+    if any(t.dtype != x.dtype or t.device != x.device for t in given):
+        return None
+    if any(p is not None and tuple(p.shape) != (x.shape[-1],) for p in params):
+        return None
+    return kernel
+
+
+def _differentiable_ops(impl):
+    def gather(x, indices):
+        return _GatherRows.apply(x, indices, impl)
+
+    def scatter(values, indices, shape):
+        return _ScatterRows.apply(values, indices, values.new_empty(()).expand(shape), impl)
+
+    return dict(gather=gather, scatter=scatter)
+
+
+def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], eps: float, *,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """`F.layer_norm(gather_rows(x, indices), (C,), weight, bias, eps)`: (B, k, C), the kept
+    rows normalized over their channels (x as for `gather_rows`). Fused: one read of the kept
+    rows, one write. The fused kernel's statistics sum in another order than torch's, so its
+    rows agree with torch's within float rounding (a few ULP), not bit for bit."""
+    spec.check_rows("x", x)
+    spec.check_indices(indices, x, "x")
+    impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
+    kernel = _fused_kernel(impl, "gather_layer_norm", x, params=(weight, bias))
+    if kernel is None:
+        return reference.gather_layer_norm(x, indices, weight, bias, eps,
+                                           gather=_differentiable_ops(impl)["gather"])
+    return kernel(x, indices, weight, bias, float(eps))
+
+
+def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                    gamma: Optional[torch.Tensor] = None, *,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """ConvNeXt's pruned block output, a new contiguous tensor of shortcut's shape ((B, N, C) or
+    (B, H, W, C), any strides): `values[b, j] * gamma + shortcut[b, p]` at p = indices[b, j]
+    (the product rounded first, as torch rounds the two ops), zero at every other position.
+    Fused (one dtype, gamma (C,) or None): one pass writing the output once."""
+    spec.check_rows("shortcut", shortcut)
+    spec.check_indices(indices, shortcut, "shortcut")
+    impl = backends.resolve(backend, shortcut.device.type, backends.ROW_OPS)
+    kernel = _fused_kernel(impl, "masked_residual", shortcut, values, params=(gamma,))
+    if kernel is not None:
+        spec.check_values(values, indices, shortcut, "shortcut")
+    if kernel is None:
+        return reference.masked_residual(shortcut, indices, values, gamma,
+                                         **_differentiable_ops(impl))
+    return kernel(shortcut, indices, values, gamma)

@@ -9,7 +9,8 @@ over speed. The four steps of the method are separate functions:
     out     = gather(x, indices, P)          # prefix tokens, then the kept patch tokens
 
 and `scatter` is the gradient of `gather`. The row ops of the hierarchical models
-(`gather_rows`, `scatter_rows`, `scatter_back`) follow.
+(`gather_rows`, `scatter_rows`, `scatter_back`) follow, then the glue of a pruned block they
+compose (`gather_layer_norm`, `masked_residual`), which the fused kernels must match.
 """
 import math
 import struct
@@ -34,7 +35,7 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     ONNX graph keeps SPEC's float64 scores (ONNX Runtime's Resize has no float64 kernel).
     """
     mode = "bicubic" if f.dim() == 4 else "trilinear"
-    channel_mean = f.double().mean(dim=1, keepdim=True)
+    channel_mean = proposal_map(f)
     if onnx_exporting():
         resized = _resize_by_taps(channel_mean, tuple(grid), align_corners, mode == "bicubic")
     elif channel_mean.device.type != "cpu" and tuple(grid) == tuple(channel_mean.shape[2:]):
@@ -47,6 +48,13 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
         resized = F.interpolate(channel_mean, size=tuple(grid), mode=mode,
                                 align_corners=align_corners)
     return resized.flatten(1).float()
+
+
+def proposal_map(f: torch.Tensor) -> torch.Tensor:
+    """The float64 channel mean (B, 1, ...) of f: step one of `significance`. A one-channel
+    float64 f is its own map, so `significance(proposal_map(f), grid)` is `significance(f, grid)`
+    bit for bit (the mean of one float64 value is exact)."""
+    return f.double().mean(dim=1, keepdim=True)
 
 
 def onnx_exporting() -> bool:
@@ -223,3 +231,22 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         x.copy_(out)
         return x
     return out
+
+
+# The glue of a pruned block, composed of the row ops (the Triton backend fuses each into one
+# pass). `gather` / `scatter` default to the functions above; papr_kernels.hierarchical passes
+# its differentiable ones when autograd records.
+
+def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight, bias, eps: float,
+                      gather=gather_rows) -> torch.Tensor:
+    """(B, k, C): LayerNorm over the channels of the rows of x at the kept positions."""
+    return F.layer_norm(gather(x, indices), (x.shape[-1],), weight, bias, eps)
+
+
+def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, gamma,
+                    gather=gather_rows, scatter=scatter_rows) -> torch.Tensor:
+    """ConvNeXt's pruned block output, contiguous with shortcut's shape: `values * gamma +
+    shortcut` at the kept positions (gamma None: `values + shortcut`), zero at the pruned ones.
+    Rounded as those two torch ops round (the product first), in their promoted dtype."""
+    rows = (values if gamma is None else values * gamma) + gather(shortcut, indices)
+    return scatter(rows, indices, tuple(shortcut.shape))

@@ -21,7 +21,8 @@ registers and shared memory from `cuobjdump --dump-resource-usage` of the cubin.
 any spill, any stack frame, or shared memory above the architecture's per-block limit.
 (--quick: fp16 only.)
 
-rows: the hierarchical row kernels (papr_kernels/ops/triton/rows.py) for sm_90: Swin-T stage grids
+rows: the hierarchical row kernels (papr_kernels/ops/triton/rows.py, the fused glue included) for
+sm_90: Swin-T stage grids
 (56x56x96, 14x14x384, 7x7x768) at z = 0.5, B = 64; x (B, H, W, C) contiguous, NCHW seen
 channels-last, and (B, N, C); fp16 and fp32. Same specialization and parsing as above.
 
@@ -281,6 +282,21 @@ def row_jobs():
                        dict(x_ptr=dtype, idx_ptr="i64", v_ptr=dtype, **common, **rows, **vals),
                        dict(UPCAST=upcast, GRID=grid, BLOCK_R=blocks["BLOCK_R"],
                             BLOCK_C=blocks["BLOCK_C"]))
+                norm_r, norm_c = tr.norm_block_sizes(c)
+                yield ("gather_layer_norm", label, tr._gather_layer_norm_kernel,
+                       dict(x_ptr=dtype, idx_ptr="i64", w_ptr=dtype, bias_ptr=dtype,
+                            out_ptr=dtype, eps=1e-5, num_blocks=-(-k // norm_r),
+                            **{a: v for a, v in common.items()
+                               if a not in ("num_chunks", "chans_per_prog")}),
+                       dict(HAS_WEIGHT=True, HAS_BIAS=True, UPCAST=dtype != "fp64", GRID=grid,
+                            BLOCK_R=norm_r, BLOCK_C=norm_c))
+                shortcut = {f"s_s{a[-1]}": v for a, v in common.items() if a.startswith("s_x")}
+                yield ("masked_residual", label, tr._masked_residual_kernel,
+                       dict(s_ptr=dtype, idx_ptr="i64", v_ptr=dtype, g_ptr=dtype, out_ptr=dtype,
+                            num_blocks=-(-n // blocks["BLOCK_P"]), **vals, **shortcut,
+                            **{a: v for a, v in common.items() if not a.startswith("s_x")}),
+                       dict(HAS_GAMMA=True, UPCAST=upcast, GRID=grid, BLOCK_P=blocks["BLOCK_P"],
+                            BLOCK_J=blocks["BLOCK_J"], BLOCK_C=blocks["BLOCK_C"]))
 
 
 def compile_row_kernel(fn, sig, attrs, consts):

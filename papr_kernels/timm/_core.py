@@ -23,7 +23,8 @@ STATE = "_papr"
 
 
 class PaPrState:
-    """The settings of one patched model and the proposal features of the forward in progress.
+    """The settings of one patched model and the proposal features of the forward in progress
+    (for Swin / ConvNeXt their float64 channel mean, `hierarchical.proposal_map`).
 
     The features are per thread (two threads may run one patched model at once) and exist only
     during a forward. Pickling keeps the settings and the proposal (with its weights).

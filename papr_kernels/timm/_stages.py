@@ -1,17 +1,23 @@
 """What the hierarchical families (Swin, ConvNeXt) share: the model and stage mixins.
 
-Per forward pass the proposal runs once on the images (without gradient); each pruned stage,
-after its downsampling, selects the top int(H*W*z) positions of its own (H, W) grid
-(`hierarchical.select`: SPEC's scores and total order) once, and all its blocks use them
-through their `_papr_forward(x, indices)`. With z = 1 every position is kept and the original
-forward runs: the output is the unpatched model's.
+Per forward pass the proposal runs once on the images (without gradient) and its features are
+reduced once to their float64 channel mean (`hierarchical.proposal_map`), kept for the forward;
+each pruned stage, after its downsampling, selects the top int(H*W*z) positions of its own
+(H, W) grid from that map (`hierarchical.select`: SPEC's scores and total order, the same
+positions as from the features) once, in ascending order (the branch is per position, so the
+order does not change the output, and neighbouring kept rows are neighbouring positions), and
+all its blocks use them through their `_papr_forward(x, indices)`. With z = 1 every position is
+kept and the original forward runs: the output is the unpatched model's.
 """
 import functools
 import numbers
 from typing import Tuple
 
 import torch
+from timm.layers import LayerNorm, LayerNorm2d
 from torch.utils.checkpoint import checkpoint
+
+from torch import nn
 
 from .. import hierarchical, spec
 from ._core import Patched, PatchedModel, swap_class
@@ -21,7 +27,8 @@ OPTIONS = ("stages",)
 
 
 class HierarchicalModel(PatchedModel):
-    """The model: the proposal features are set (for this thread) while a forward runs."""
+    """The model: the proposal map (`hierarchical.proposal_map` of the proposal's features) is
+    set (for this thread) while a forward runs."""
 
     def forward_features(self, x):
         return self._papr_run(super().forward_features, x)
@@ -33,7 +40,7 @@ class HierarchicalModel(PatchedModel):
         state = self._papr
         if state.features is not None:   # nested call (forward_intermediates -> forward_features)
             return forward(images, *args, **kwargs)
-        state.features = state.proposal_features(images)
+        state.features = hierarchical.proposal_map(state.proposal_features(images))
         try:
             return forward(images, *args, **kwargs)
         finally:
@@ -46,9 +53,15 @@ class PrunedStage(Patched):
     def _papr_grid(self, x) -> Tuple[int, int]:
         raise NotImplementedError
 
+    def _papr_layout(self, x):
+        """x in the memory layout the blocks' row ops read best (as is by default)."""
+        return x
+
     def forward(self, x):
         x = self.downsample(x)
         indices = self._papr_indices(self._papr_grid(x))   # once for all blocks
+        if indices is not None:
+            x = self._papr_layout(x)
         for block in self.blocks:
             run = block if indices is None else functools.partial(block._papr_forward,
                                                                   indices=indices)
@@ -64,7 +77,27 @@ class PrunedStage(Patched):
         if state.features is None or spec.keep_count(grid[0] * grid[1], state.z, 0) == \
                 grid[0] * grid[1]:
             return None
-        return hierarchical.select(state.features, grid, state.z, state.align_corners)
+        return hierarchical.select(state.features, grid, state.z, state.align_corners,
+                                   order="spatial")
+
+
+def gather_norm(norm: nn.Module, x: torch.Tensor, indices: torch.Tensor,
+                channels_first: bool = False) -> torch.Tensor:
+    """norm of x's rows at `indices`, (B, k, C): one fused gather + LayerNorm when norm is a plain
+    LayerNorm over the channels (torch's or timm's LayerNorm / LayerNorm2d: per position, the
+    same statistics), else the gathered rows through the module (`channels_first`: a norm of
+    (B, C, H, W) maps, run on (B, C, k, 1))."""
+    if _is_channel_layer_norm(norm, x.shape[-1]):
+        return hierarchical.gather_layer_norm(x, indices, norm.weight, norm.bias, norm.eps)
+    rows = hierarchical.gather_rows(x, indices)
+    if channels_first:
+        return norm(rows.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+    return norm(rows)
+
+
+def _is_channel_layer_norm(norm: nn.Module, channels: int) -> bool:
+    return type(norm) in (nn.LayerNorm, LayerNorm, LayerNorm2d) and \
+        tuple(norm.normalized_shape) == (channels,) and not getattr(norm, "_fast_norm", False)
 
 
 def check_stages(stages, num_stages: int) -> Tuple[int, ...]:

@@ -1,7 +1,13 @@
 """PaPr for timm `ConvNeXt` (`conv_mlp` True or False; not ConvNeXt-V2): the depthwise conv and
 the shortcut run dense; the pointwise part (norm, mlp, layer scale gamma, drop_path) runs on the
 kept positions only; the block output is shortcut + branch at kept positions and zero at pruned
-ones (residual zeroed too), as in the published method."""
+ones (residual zeroed too), as in the published method.
+
+A pruned stage runs channels-last (memory format): the depthwise conv's output and the shortcut
+seen as (B, H, W, C) are then contiguous, so the fused gather + norm reads whole rows instead of
+one channel every H*W elements, and the block output (`hierarchical.masked_residual`: shortcut +
+gamma * branch at the kept rows, zeros elsewhere, one pass) is channels-last too."""
+import torch
 from timm.layers import GlobalResponseNormMlp
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 
@@ -15,23 +21,23 @@ class PaPrConvNeXtStage(PrunedStage):
     def _papr_grid(self, x):
         return int(x.shape[2]), int(x.shape[3])       # (B, C, H, W)
 
+    def _papr_layout(self, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
 
 class PaPrConvNeXtBlock(Patched):
     def _papr_forward(self, x, indices):
         shortcut = self.shortcut(x).permute(0, 2, 3, 1)              # dense, viewed (B, H, W, C)
-        rows = hierarchical.gather_rows(self.conv_dw(x).permute(0, 2, 3, 1), indices)  # (B, k, C)
-        if self.use_conv_mlp:       # NCHW norm and 1x1 convs: run them on (B, C, k, 1)
-            rows = self.mlp(self.norm(rows.transpose(1, 2).unsqueeze(-1))).squeeze(-1)
-            rows = rows.transpose(1, 2)
+        y = self.conv_dw(x).permute(0, 2, 3, 1)                      # channels-last: contiguous
+        rows = _stages.gather_norm(self.norm, y, indices, channels_first=self.use_conv_mlp)
+        if self.use_conv_mlp:       # 1x1 convs: run them on (B, C, k, 1)
+            rows = self.mlp(rows.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
         else:
-            rows = self.mlp(self.norm(rows))
-        if self.gamma is not None:
-            rows = rows * self.gamma
-        rows = self.drop_path(rows) + hierarchical.gather_rows(shortcut, indices)
-        # zeros at pruned positions; in the dtype of shortcut + branch (they differ under autocast)
-        like = rows.new_empty(()).expand(shortcut.shape)             # the shape, no memory
-        out = hierarchical.scatter_rows(rows, indices, like=like)
-        return out.permute(0, 3, 1, 2)
+            rows = self.mlp(rows)
+        gamma = self.gamma
+        if self.training:           # drop_path acts (eval: identity): scale here, as timm does
+            rows, gamma = self.drop_path(rows if gamma is None else rows * gamma), None
+        return hierarchical.masked_residual(shortcut, indices, rows, gamma).permute(0, 3, 1, 2)
 
 
 def _check(model: ConvNeXt, state) -> None:

@@ -1,6 +1,7 @@
 """PaPr for timm `SwinTransformer`: window attention runs on all tokens; the MLP branch (norm2,
 mlp, drop_path2) runs on the kept tokens only and is added back in place; pruned tokens keep
-their residual unchanged."""
+their residual unchanged. The gather of the kept rows is fused with norm2
+(`_stages.gather_norm`), the add back is one in-place read-modify-write of the kept rows."""
 import torch
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 
@@ -18,8 +19,8 @@ class PaPrSwinStage(PrunedStage):
 class PaPrSwinBlock(Patched):
     def _papr_forward(self, x, indices):
         x = x + self.drop_path1(self._attn(self.norm1(x)))           # dense: (B, H, W, C)
-        rows = hierarchical.gather_rows(x, indices)                   # (B, k, C)
-        delta = self.drop_path2(self.mlp(self.norm2(rows)))
+        rows = _stages.gather_norm(self.norm2, x, indices)            # (B, k, C), normalized
+        delta = self.drop_path2(self.mlp(rows))
         if delta.dtype != x.dtype:        # autocast: promote as the dense `x + delta` would
             dtype = torch.promote_types(x.dtype, delta.dtype)
             x, delta = x.to(dtype), delta.to(dtype)

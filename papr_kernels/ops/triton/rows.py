@@ -60,7 +60,8 @@ import torch
 from . import common
 from .common import launch_guard, next_pow2, tl, triton
 
-__all__ = ["gather_rows", "scatter_rows", "scatter_back"]
+__all__ = ["gather_rows", "scatter_rows", "scatter_back", "gather_layer_norm",
+           "masked_residual"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,14 +131,49 @@ if triton is not None:
         return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def _to_f32(v):
+        """fp16/bf16 to fp32, exactly."""
+        if v.dtype == tl.bfloat16:
+            return _bf16_to_f32(v)
+        return v.to(tl.float32)
+
+    @triton.jit
+    def _round_to(s, like):
+        """fp32 s rounded once (to nearest even) to the dtype of `like` (fp16 / bf16)."""
+        if like.dtype == tl.bfloat16:
+            return _f32_to_bf16(s)
+        return s.to(like.dtype)
+
+    @triton.jit
     def _add(a, v, UPCAST: tl.constexpr):
         """torch's elementwise a + v: fp16/bf16 in fp32, rounded once (to nearest even) to the
         dtype; fp32 in fp32, fp64 in fp64."""
         if UPCAST:
-            if a.dtype == tl.bfloat16:
-                return _f32_to_bf16(_bf16_to_f32(a) + _bf16_to_f32(v))
-            return (a.to(tl.float32) + v.to(tl.float32)).to(a.dtype)
+            return _round_to(_to_f32(a) + _to_f32(v), a)
         return a + v
+
+    @triton.jit
+    def _mul(a, v, UPCAST: tl.constexpr):
+        """torch's elementwise a * v, rounded as `_add`."""
+        if UPCAST:
+            return _round_to(_to_f32(a) * _to_f32(v), a)
+        return a * v
+
+    @triton.jit
+    def _kept_row_of(p, pmask, idx_row, s_ij, N, KEEP, BLOCK_J: tl.constexpr):
+        """For positions p: the kept row j with indices[j] == p (0 if none) and whether there is
+        exactly one, found by comparing with all k indices (no inverse map, no atomics)."""
+        offs_j = tl.arange(0, BLOCK_J)
+        row = tl.zeros(p.shape, dtype=tl.int32)
+        found = tl.zeros(p.shape, dtype=tl.int32)
+        for j0 in range(0, KEEP, BLOCK_J):
+            j = j0 + offs_j
+            kept = tl.load(idx_row + j.to(tl.int64) * s_ij, mask=j < KEEP, other=-1)
+            kept = tl.where((kept >= 0) & (kept < N), kept, -1).to(tl.int32)
+            hit = kept[None, :] == p[:, None]
+            row += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
+            found += tl.sum(hit.to(tl.int32), axis=1)
+        return row, pmask & (found == 1)   # several hits: duplicate indices, outside the contract
 
     @triton.jit
     def _scatter_dense_kernel(
@@ -150,18 +186,7 @@ if triton is not None:
         b, blk, chunk = _split_pid(num_blocks, num_chunks)
         p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < N
-        # which kept row (if any) lands on each position: compare with all k indices
-        offs_j = tl.arange(0, BLOCK_J)
-        row = tl.zeros((BLOCK_P,), dtype=tl.int32)
-        found = tl.zeros((BLOCK_P,), dtype=tl.int32)
-        for j0 in range(0, KEEP, BLOCK_J):
-            j = j0 + offs_j
-            kept = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=j < KEEP, other=-1)
-            kept = tl.where((kept >= 0) & (kept < N), kept, -1).to(tl.int32)
-            hit = kept[None, :] == p[:, None]
-            row += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
-            found += tl.sum(hit.to(tl.int32), axis=1)
-        kept_p = pmask & (found == 1)   # several hits: duplicate indices, outside the contract
+        row, kept_p = _kept_row_of(p, pmask, idx_ptr + b * s_ib, s_ij, N, KEEP, BLOCK_J)
         v_row = v_ptr + b * s_vb + tl.where(kept_p, row, 0).to(tl.int64) * s_vj
         if HAS_X:
             x_pos = x_ptr + b * s_xb + _position_offset(tl.where(pmask, p, 0), W, s_xh, s_xw, GRID)
@@ -200,6 +225,65 @@ if triton is not None:
             xv = tl.load(x_pos[:, None] + c64 * s_xc, mask=mask, other=0)
             vals = tl.load(v_row[:, None] + c64 * s_vc, mask=mask, other=0)
             tl.store(x_pos[:, None] + c64 * s_xc, _add(xv, vals, UPCAST), mask=mask)
+
+
+    @triton.jit
+    def _gather_layer_norm_kernel(
+        x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr,
+        s_xb, s_xh, s_xw, s_xc, s_ib, s_ij,
+        N, W, C, KEEP, num_blocks, eps,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        GRID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        b, j, _, ok, p = _kept_rows(idx_ptr, s_ib, s_ij, N, KEEP, num_blocks, 1, BLOCK_R)
+        src = x_ptr + b * s_xb + _position_offset(p, W, s_xh, s_xw, GRID)
+        c = tl.arange(0, BLOCK_C)
+        cmask = c < C
+        xv = tl.load(src[:, None] + c[None, :].to(tl.int64) * s_xc,
+                     mask=ok[:, None] & cmask[None, :], other=0)
+        acc = _to_f32(xv) if UPCAST else xv          # fp16/bf16/fp32 in fp32, fp64 in fp64
+        mean = tl.sum(acc, axis=1) / C
+        centered = tl.where(cmask[None, :], acc - mean[:, None], 0)
+        rstd = 1 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
+        y = centered * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + c, mask=cmask, other=0).to(y.dtype)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + c, mask=cmask, other=0).to(y.dtype)[None, :]
+        if UPCAST:
+            y = _round_to(y, xv)
+        dst = out_ptr + (b * KEEP + j.to(tl.int64)) * C
+        tl.store(dst[:, None] + c[None, :], y.to(xv.dtype),
+                 mask=(j < KEEP)[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _masked_residual_kernel(
+        s_ptr, idx_ptr, v_ptr, g_ptr, out_ptr,
+        s_sb, s_sh, s_sw, s_sc, s_ib, s_ij, s_vb, s_vj, s_vc,
+        N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
+        HAS_GAMMA: tl.constexpr, UPCAST: tl.constexpr, GRID: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        b, blk, chunk = _split_pid(num_blocks, num_chunks)
+        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < N
+        row, kept_p = _kept_row_of(p, pmask, idx_ptr + b * s_ib, s_ij, N, KEEP, BLOCK_J)
+        v_row = v_ptr + b * s_vb + tl.where(kept_p, row, 0).to(tl.int64) * s_vj
+        s_pos = s_ptr + b * s_sb + _position_offset(tl.where(kept_p, p, 0), W, s_sh, s_sw, GRID)
+        dst = out_ptr + (b * N + p.to(tl.int64)) * C
+        c_lo = chunk * chans_per_prog
+        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < c_hi
+            c64 = c[None, :].to(tl.int64)
+            kmask = kept_p[:, None] & cmask[None, :]
+            vals = tl.load(v_row[:, None] + c64 * s_vc, mask=kmask, other=0)
+            if HAS_GAMMA:
+                vals = _mul(vals, tl.load(g_ptr + c, mask=cmask, other=0)[None, :], UPCAST)
+            kept = _add(vals, tl.load(s_pos[:, None] + c64 * s_sc, mask=kmask, other=0), UPCAST)
+            tl.store(dst[:, None] + c[None, :], tl.where(kept_p[:, None], kept, 0),
+                     mask=pmask[:, None] & cmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +392,74 @@ def _launch_add_inplace(x: torch.Tensor, indices: torch.Tensor, values: torch.Te
             BLOCK_R=blocks["BLOCK_R"], BLOCK_C=blocks["BLOCK_C"])
 
 
+# gather_layer_norm holds whole rows in one tile (the statistics need every channel): up to
+# this many elements per program on a GPU, and channels up to MAX_NORM_CHANNELS; wider rows
+# take the composition (the gather kernel, then torch's layer_norm).
+_NORM_TILE = 4096
+MAX_NORM_CHANNELS = 16384
+
+
+def norm_block_sizes(channels: int, interpreted: bool = False):
+    """(BLOCK_R, BLOCK_C) of gather_layer_norm: whole rows, _NORM_TILE elements on a GPU."""
+    block_c = next_pow2(channels)
+    block_r = block_sizes(channels, interpreted)["BLOCK_R"]
+    if not interpreted:
+        block_r = max(1, min(block_r, _NORM_TILE // block_c))
+    return block_r, block_c
+
+
+def _launch_gather_layer_norm(x: torch.Tensor, indices: torch.Tensor,
+                              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                              eps: float) -> torch.Tensor:
+    batch, keep, channels = x.shape[0], indices.shape[1], x.shape[-1]
+    if channels > MAX_NORM_CHANNELS:
+        return torch.nn.functional.layer_norm(_launch_gather(x, indices), (channels,), weight,
+                                              bias, eps)
+    out = torch.empty(batch, keep, channels, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    n, w, sb, sh, sw, sc, grid_4d = _grid_args(x)
+    block_r, block_c = norm_block_sizes(channels, common.interpreted(x.device))
+    num_blocks = -(-keep // block_r)
+    with launch_guard(x.device):
+        _gather_layer_norm_kernel[(batch * num_blocks,)](
+            x, indices, x if weight is None else weight, x if bias is None else bias, out,
+            sb, sh, sw, sc, indices.stride(0), indices.stride(1),
+            n, w, channels, keep, num_blocks, eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            UPCAST=x.dtype != torch.float64, GRID=grid_4d, BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
+def _no_fp_fusion(device: torch.device) -> dict:
+    """Launch options keeping `a * b + c` two roundings as in torch (no FMA contraction)."""
+    return {} if common.interpreted(device) else dict(enable_fp_fusion=False)
+
+
+def _launch_masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                            gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """ConvNeXt's block output in one pass: every position written once, the shortcut read at
+    the kept positions only."""
+    batch, keep, channels = shortcut.shape[0], indices.shape[1], shortcut.shape[-1]
+    out = torch.empty(shortcut.shape, dtype=shortcut.dtype, device=shortcut.device)
+    if out.numel() == 0:
+        return out
+    n, w, sb, sh, sw, sc, grid_4d = _grid_args(shortcut)
+    blocks = block_sizes(channels, common.interpreted(out.device))
+    grid, num_blocks, chunks, chans_per = _plan(batch, n, channels, blocks["BLOCK_P"], blocks,
+                                                common.multiprocessors(out.device))
+    with launch_guard(out.device):
+        _masked_residual_kernel[grid](
+            shortcut, indices, values, shortcut if gamma is None else gamma, out,
+            sb, sh, sw, sc, indices.stride(0), indices.stride(1),
+            values.stride(0), values.stride(1), values.stride(2),
+            n, w, channels, keep, num_blocks, chunks, chans_per,
+            HAS_GAMMA=gamma is not None, UPCAST=out.dtype in _UPCAST, GRID=grid_4d,
+            BLOCK_P=blocks["BLOCK_P"], BLOCK_J=blocks["BLOCK_J"], BLOCK_C=blocks["BLOCK_C"],
+            **_no_fp_fusion(out.device))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library wrapping: opaque custom ops with fake implementations (no graph break)
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +505,29 @@ def _(x, indices, values):
     return None
 
 
+@torch.library.custom_op("papr_kernels::triton_gather_layer_norm", mutates_args=())
+def triton_gather_layer_norm(x: torch.Tensor, indices: torch.Tensor,
+                             weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             eps: float) -> torch.Tensor:
+    return _launch_gather_layer_norm(x, indices, weight, bias, eps)
+
+
+@triton_gather_layer_norm.register_fake
+def _(x, indices, weight, bias, eps):
+    return x.new_empty(x.shape[0], indices.shape[1], x.shape[-1])
+
+
+@torch.library.custom_op("papr_kernels::triton_masked_residual", mutates_args=())
+def triton_masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                           gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    return _launch_masked_residual(shortcut, indices, values, gamma)
+
+
+@triton_masked_residual.register_fake
+def _(shortcut, indices, values, gamma):
+    return shortcut.new_empty(shortcut.shape)   # contiguous, as the kernel's output
+
+
 # ----------------------------------------------------------------------------------------------
 # The plain functions (hierarchical's implementation interface)
 # ----------------------------------------------------------------------------------------------
@@ -375,3 +550,16 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
         triton_scatter_back_(x, indices, values)
         return x
     return triton_scatter_back(x, indices, values)
+
+
+def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of x's rows at `indices`: a new contiguous (B, k, C)."""
+    return triton_gather_layer_norm(x, indices, weight, bias, eps)
+
+
+def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                    gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """values * gamma + shortcut at `indices`, zero elsewhere: a new contiguous tensor of
+    shortcut's shape."""
+    return triton_masked_residual(shortcut, indices, values, gamma)

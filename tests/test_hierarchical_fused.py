@@ -1,0 +1,322 @@
+"""The fused glue of the pruned Swin / ConvNeXt blocks (issue 17) and what the patched models
+build on it:
+
+- `hierarchical.gather_layer_norm` / `masked_residual` on every backend against explicit
+  per-row loops of torch ops (the Triton kernels under TRITON_INTERPRET=1 on CPU): layouts,
+  dtypes, no weight / bias / gamma, tiny blocks, k = 0, B = 0, fake tensors, opcheck; the
+  composition (autograd, autocast, mixed dtypes) is differentiable and promotes as torch does.
+- selection once per forward: `select(proposal_map(f), ...)` is `select(f, ...)` bit for bit on
+  every backend, and each pruned stage of a patched model gets `select(f, grid, z,
+  order="spatial")`.
+- the patched models with the Triton backend against the hand-written dense-and-mask reference
+  of tests/test_hierarchical.py; ConvNeXt gathers from a contiguous channels-last map;
+  torch.compile(fullgraph=True) of patched models on the Triton backend.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import test_hierarchical as th
+from conftest import backend_params
+from papr_kernels import hierarchical as hier
+
+timm = pytest.importorskip("timm")
+from papr_kernels import timm as ptimm  # noqa: E402
+from papr_kernels.timm import _stages  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+H, W = 5, 7                                   # N = 35 positions
+
+
+def _dtype_id(dtype):
+    return str(dtype).split(".")[-1]
+
+
+def _x(layout, batch, c, dtype, device, gen):
+    """(B, H, W, C) contiguous, an NCHW map seen channels-last, or (B, N, C)."""
+    if layout == "nchw":
+        x = torch.randn(batch, c, H, W, generator=gen).permute(0, 2, 3, 1)
+    elif layout == "4d":
+        x = torch.randn(batch, H, W, c, generator=gen)
+    else:
+        x = torch.randn(batch, H * W, c, generator=gen)
+    return x.to(dtype).to(device)
+
+
+def _indices(batch, k, device, gen, ascending=False):
+    rows = [torch.randperm(H * W, generator=gen)[:k] for _ in range(batch)]
+    idx = torch.stack(rows) if rows else torch.empty(0, k, dtype=torch.int64)
+    return (idx.sort(dim=1).values if ascending else idx).to(device)
+
+
+def _rows_by_loop(x, idx):
+    """(B, k, C): x's rows at idx, one row at a time (positions row-major)."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    return torch.stack([torch.stack([flat[b, p] for p in idx[b].tolist()])
+                        for b in range(x.shape[0])]) if idx.numel() else \
+        x.new_empty(x.shape[0], idx.shape[1], x.shape[-1])
+
+
+def _masked_residual_by_loop(shortcut, idx, values, gamma):
+    flat = shortcut.reshape(shortcut.shape[0], -1, shortcut.shape[-1])
+    out = torch.zeros(flat.shape, dtype=shortcut.dtype, device=shortcut.device)
+    for b in range(flat.shape[0]):
+        for j, p in enumerate(idx[b].tolist()):
+            branch = values[b, j] if gamma is None else values[b, j] * gamma
+            out[b, p] = branch + flat[b, p]
+    return out.view(shortcut.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused ops on every backend
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("layout", ["nchw", "4d", "3d"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gather_layer_norm_matches_layer_norm_of_the_rows(backend, layout, dtype, affine):
+    """The rows of a loop through torch's layer_norm. The Triton kernel sums the statistics in
+    another order than torch's kernel (two passes in fp32, or fp64 for fp64), so it agrees within
+    rounding (assert_close's default tolerances of the dtype, as the model tests' 1e-4 in fp32);
+    every other backend runs torch's layer_norm on the gathered rows: equal bit for bit."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(3)
+    x = _x(layout, 2, 40, dtype, device, gen)                # C = 40: masked channels too
+    idx = _indices(2, 13, device, gen)
+    weight = torch.randn(40, generator=gen).to(dtype).to(device) if affine else None
+    bias = torch.randn(40, generator=gen).to(dtype).to(device) if affine else None
+    got = hier.gather_layer_norm(x, idx, weight, bias, 1e-6, backend=name)
+    want = F.layer_norm(_rows_by_loop(x, idx), (40,), weight, bias, 1e-6)
+    assert got.shape == (2, 13, 40) and got.dtype == dtype and got.is_contiguous()
+    if name == "triton":
+        torch.testing.assert_close(got, want)
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("layout", ["nchw", "4d", "3d"])
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_masked_residual_matches_the_loop_bit_for_bit(backend, layout, dtype, with_gamma):
+    """values * gamma + shortcut at the kept positions, rounded as the two torch ops (the
+    product first; fp16/bf16 each in fp32, rounded to nearest even), +0.0 at the pruned ones."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(4)
+    shortcut = _x(layout, 3, 24, dtype, device, gen)
+    idx = _indices(3, 17, device, gen, ascending=layout == "nchw")
+    values = torch.randn(3, 17, 24, generator=gen).to(dtype).to(device)
+    gamma = torch.randn(24, generator=gen).to(dtype).to(device) if with_gamma else None
+    got = hier.masked_residual(shortcut, idx, values, gamma, backend=name)
+    want = _masked_residual_by_loop(shortcut, idx, values, gamma)
+    assert got.shape == shortcut.shape and got.is_contiguous()
+    assert torch.equal(got, want)
+    pruned = torch.ones(3, H * W, dtype=torch.bool, device=device)
+    pruned[torch.arange(3, device=device)[:, None], idx] = False
+    flat = got.reshape(3, H * W, 24)
+    assert not flat[pruned].signbit().any()                 # +0.0, not -0.0
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+def test_triton_fused_tiny_blocks_empty_work_and_no_launch(backend, monkeypatch):
+    """Blocks smaller than k, N and C, several channel chunks: every mask of both kernels; k = 0
+    writes zeros; B = 0 launches nothing."""
+    from papr_kernels.ops.triton import common
+    from papr_kernels.ops.triton import rows as tr
+    _, device = backend
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_J=4, BLOCK_C=4))
+    monkeypatch.setattr(common, "SPLIT_OVERRIDE", (1, 3))
+    gen = torch.Generator().manual_seed(5)
+    x = _x("nchw", 2, 11, torch.bfloat16, device, gen)
+    idx = _indices(2, 10, device, gen)
+    v, g = torch.randn(2, 10, 11, generator=gen).bfloat16(), torch.randn(11, generator=gen).bfloat16()
+    assert torch.equal(tr.masked_residual(x, idx, v.to(device), g.to(device)),
+                       _masked_residual_by_loop(x, idx, v.to(device), g.to(device)))
+    torch.testing.assert_close(tr.gather_layer_norm(x, idx, g.to(device), None, 1e-5),
+                               F.layer_norm(_rows_by_loop(x, idx), (11,), g.to(device), None, 1e-5))
+    assert torch.equal(tr.masked_residual(x, idx[:, :0], v[:, :0].to(device), None),
+                       torch.zeros(x.shape, dtype=x.dtype))
+    assert tr.gather_layer_norm(x, idx[:, :0], None, None, 1e-5).shape == (2, 0, 11)
+    launches = {"n": 0}
+    for kernel in (tr._gather_layer_norm_kernel, tr._masked_residual_kernel):
+        def counting(*args, _original=kernel.run, **kwargs):
+            launches["n"] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", counting)
+    assert tr.masked_residual(x[:0], idx[:0], v[:0].to(device), None).shape == (0, H, W, 11)
+    assert tr.gather_layer_norm(x[:0], idx[:0], None, None, 1e-5).shape == (0, 10, 11)
+    assert launches["n"] == 0
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+def test_fused_custom_ops_opcheck_and_fake_tensors(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    _, device = backend
+    gen = torch.Generator().manual_seed(6)
+    x, idx = _x("nchw", 2, 6, torch.float32, device, gen), _indices(2, 5, device, gen)
+    v, g = torch.randn(2, 5, 6, device=device), torch.randn(6, device=device)
+    ops = torch.ops.papr_kernels
+    for op, args in ((ops.triton_gather_layer_norm.default, (x, idx, g, g, 1e-5)),
+                     (ops.triton_gather_layer_norm.default, (x, idx, None, None, 1e-5)),
+                     (ops.triton_masked_residual.default, (x, idx, v, g)),
+                     (ops.triton_masked_residual.default, (x, idx, v, None))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    with FakeTensorMode():
+        x = torch.empty(4, 768, 7, 7, dtype=torch.bfloat16, device=device).permute(0, 2, 3, 1)
+        idx = torch.empty(4, 31, dtype=torch.int64, device=device)
+        rows = ops.triton_gather_layer_norm(x, idx, None, None, 1e-6)
+        assert rows.shape == (4, 31, 768) and rows.dtype == x.dtype and rows.is_contiguous()
+        out = ops.triton_masked_residual(x, idx, rows, None)
+        assert out.shape == x.shape and out.is_contiguous()
+
+
+def test_composition_is_differentiable_and_promotes(backend):
+    """With autograd recording (training) or dtypes that differ (autocast), the fused ops are the
+    composition of the differentiable row ops: float64 gradcheck, torch's type promotion."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64, generator=gen).to(device)
+    x = x.permute(0, 2, 3, 1).requires_grad_()              # (B, H, W, C) = (2, 2, 3, 3)
+    idx = torch.tensor([[4, 0, 2, 5], [1, 2, 3, 0]], device=device)
+    v = torch.randn(2, 4, 3, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    g = torch.randn(3, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    torch.autograd.gradcheck(lambda x, w: hier.gather_layer_norm(x, idx, w, None, 1e-5,
+                                                                 backend=name), (x, g))
+    torch.autograd.gradcheck(lambda s, v, g: hier.masked_residual(s, idx, v, g, backend=name),
+                             (x, v, g))
+    half = v.detach().bfloat16()
+    got = hier.masked_residual(x.detach().float(), idx, half, g.detach().float(), backend=name)
+    want = _masked_residual_by_loop(x.detach().float(), idx, half, g.detach().float())
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection once per forward
+
+
+def test_select_from_the_proposal_map_equals_select_from_f(backend):
+    """Every Swin-T / ConvNeXt-T stage grid from a 7x7 map of 64 channels, and a grid finer
+    than f: the positions from f's float64 channel mean are f's, bit for bit (both orders on
+    the smaller grids: the interpreted Triton sort of 56 x 56 takes seconds)."""
+    name, device = backend
+    f = torch.randn(3, 64, 7, 7, generator=torch.Generator().manual_seed(8)).to(device)
+    m = hier.proposal_map(f)
+    assert m.shape == (3, 1, 7, 7) and m.dtype == torch.float64 and not m.requires_grad
+    for grid, z, orders in (((56, 56), 0.65, ("spatial",)), ((28, 28), 0.65, ("spatial",)),
+                            ((14, 14), 0.5, ("spatial", "score")),
+                            ((7, 7), 0.65, ("spatial", "score")), ((9, 5), 0.3, ("score",))):
+        for order in orders:
+            got = hier.select(m, grid, z, order=order, backend=name)
+            assert torch.equal(got, hier.select(f, grid, z, order=order, backend=name)), grid
+            if order == "spatial":
+                assert bool((got.diff(dim=1) > 0).all())
+
+
+@pytest.mark.parametrize("name", ["swin", "convnext"])
+def test_each_stage_gets_f_s_positions_in_ascending_order(name, monkeypatch):
+    """The proposal's features are reduced once; each pruned stage's positions are
+    select(f, grid, z, order="spatial") of the proposal's own features."""
+    model = th.MODELS[name][0]()
+    proposal, images = th._proposal(), torch.randn(2, 3, th.IMG, th.IMG)
+    used, select, maps = [], hier.select, []
+
+    def recording_select(f, grid, *args, **kwargs):
+        used.append((tuple(grid), select(f, grid, *args, **kwargs)))
+        return used[-1][1]
+
+    def recording_map(f):
+        maps.append(f)
+        return proposal_map(f)
+
+    proposal_map = hier.proposal_map
+    monkeypatch.setattr(hier, "select", recording_select)
+    monkeypatch.setattr(hier, "proposal_map", recording_map)
+    ptimm.patch(model, proposal, 0.65, stages=(0, 2, 3))
+    with torch.no_grad():
+        model(images)
+    assert len(maps) == 1
+    f = proposal(images)
+    assert [grid for grid, _ in used] == [(56, 56), (14, 14), (7, 7)]
+    for grid, got in used:
+        assert torch.equal(got, select(f, grid, 0.65, order="spatial"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The patched models on the Triton backend (interpreted on CPU), channels-last ConvNeXt
+
+
+def _small(name):
+    """(model, images): the reduced models of tests/test_hierarchical.py at a small size."""
+    if name == "swin":
+        return th._swin(img_size=112), torch.randn(2, 3, 112, 112)
+    return th.MODELS[name][0](), torch.randn(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+@pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv_mlp"])
+def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, name,
+                                                                      monkeypatch):
+    monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
+    model, images = _small(name)
+    by_hand, proposal = th.MODELS[name][2], th._proposal()
+    with torch.no_grad():
+        expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
+        ptimm.patch(model, proposal, 0.5)
+        got = model(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["convnext", "convnext-conv_mlp"])
+def test_convnext_gathers_from_contiguous_channels_last_maps(name, monkeypatch):
+    """Each pruned block reads its conv_dw output as a contiguous (B, H, W, C) map (whole rows,
+    no channel stride), for a channels-first and a channels-last model; same output as the
+    reference either way."""
+    model, images = _small(name)
+    proposal, seen = th._proposal(), []
+    gather_norm = _stages.gather_norm
+
+    def recording(norm, x, indices, channels_first=False):
+        seen.append(x.is_contiguous())
+        return gather_norm(norm, x, indices, channels_first)
+
+    monkeypatch.setattr(_stages, "gather_norm", recording)
+    with torch.no_grad():
+        expected = th.MODELS[name][2](model, proposal, images, 0.5, (0, 1, 2, 3))
+        ptimm.patch(model, proposal, 0.5)
+        got = model(images)
+        model.to(memory_format=torch.channels_last)
+        got_cl = model(images.contiguous(memory_format=torch.channels_last))
+    assert seen == [True] * 10                                     # 5 blocks, two forwards
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_cl, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+def test_patched_convnext_on_triton_compiles_without_graph_breaks(backend, monkeypatch):
+    """fullgraph=True through both fused custom ops (aot_eager: tracing, fast enough for CI;
+    Swin's ops are a subset: gather_layer_norm and the in-place scatter_back)."""
+    monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
+    model, images = _small("convnext")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ptimm.patch(model, th._proposal(), 0.5)
+        eager = model(images)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+def test_fused_ops_check_what_the_kernels_read(backend):
+    """Values of the wrong shape raise before the kernel runs; a gamma or bias that is not one
+    value per channel takes the composition (torch's broadcasting, or layer_norm's error)."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(9)
+    shortcut, idx = _x("4d", 2, 6, torch.float32, device, gen), _indices(2, 5, device, gen)
+    v = torch.randn(2, 5, 6, generator=gen).to(device)
+    with pytest.raises(ValueError, match="values must be"):
+        hier.masked_residual(shortcut, idx, v[:, :4], backend=name)
+    scalar = torch.tensor([2.0], device=device)
+    assert torch.equal(hier.masked_residual(shortcut, idx, v, scalar, backend=name),
+                       _masked_residual_by_loop(shortcut, idx, v, scalar))
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        hier.gather_layer_norm(shortcut, idx, None, scalar, 1e-5, backend=name)
