@@ -102,5 +102,5 @@ def prune(
     TopK ranks the float32 scores; the gather keeps x's dtype.
     """
     plan = spec.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
-    out, indices = run(x, f, plan, backends.resolve(backend, x.device.type))
+    out, indices = run(x, f, plan, backends.prune_backend(backend, x.device))
     return (out, indices) if return_indices else out

@@ -139,3 +139,19 @@ def test_env_variable_is_read_on_every_call(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="PAPR_KERNELS_BACKEND must be one of"):
         papr_kernels.prune(torch.randn(1, 5, 2), torch.randn(1, 1, 2, 2), 0.5)
+
+
+def test_prune_backend_is_remembered_per_name_device_and_env(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    cpu = torch.device("cpu")
+    for _ in range(2):  # the second round comes from the memo
+        assert backends.prune_backend(None, cpu) is backends.resolve(None, "cpu")
+        assert backends.prune_backend("torch", cpu) is backends.resolve("torch", "cpu")
+        monkeypatch.setenv(backends.ENV_VAR, "torch")
+        assert backends.prune_backend(None, cpu) is backends.resolve("torch", "cpu")
+        monkeypatch.delenv(backends.ENV_VAR)
+        for bad, error in [("numpy", ValueError), ("cuda", RuntimeError)]:
+            with pytest.raises(error, match=bad):  # raised every time, never remembered
+                backends.prune_backend(bad, cpu)
+    with pytest.raises(RuntimeError, match="cannot run on meta"):
+        backends.prune_backend("cpp", torch.device("meta"))
