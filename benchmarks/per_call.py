@@ -1,6 +1,8 @@
 """Per-call cost of `prune` on CPU (issue 14): the ratio table, measured in one process.
 
-    python benchmarks/per_call.py [--batches 1 8 64] [--rounds 41] [--threads N]
+    PYTHONPATH=. python benchmarks/per_call.py [--batches 1 8 64] [--rounds 201] [--threads N]
+
+(PYTHONPATH=. measures this checkout; without it Python imports the installed papr_kernels.)
 
 ViT-B/16-224 fp32, z = 0.5, one class token. For each B it times, interleaved round by round,
 the floor (`papr_bench.floor_fwd`: a copy of the output-sized block plus one read of f),
@@ -8,8 +10,8 @@ the floor (`papr_bench.floor_fwd`: a copy of the output-sized block plus one rea
 (`papr_bench.user_prune`), and prints a markdown table of the medians. `op` is the bare custom op
 `torch.ops.papr_kernels.prune_forward` (the C++ kernel with no Python around it), when the
 extension loads: prune / op is the Python path's share, op / floor the kernel's distance. Every provider is timed
-in blocks of calls long enough (~2 ms) for the clock, round after round, so that a noisy
-neighbour slows all of them alike. Timings are reported, never asserted.
+in blocks of calls long enough (~0.5 ms) for the clock, round after round, so that a noisy
+neighbour slows all of them alike; short blocks and many rounds keep the median steady. Timings are reported, never asserted.
 
 --threads 1 takes OpenMP out: on a shared box, a parallel region whose second thread is
 descheduled waits a whole time slice at its barrier, which swamps a ~20 us call.
@@ -30,7 +32,7 @@ import papr_kernels  # noqa: E402
 Z = 0.5
 
 
-def _block_size(fn, target_s=2e-3) -> int:
+def _block_size(fn, target_s=5e-4) -> int:
     start = time.perf_counter()
     fn()
     once = time.perf_counter() - start
@@ -64,7 +66,10 @@ def providers(batch: int):
 
 def measure(batch: int, rounds: int) -> dict:
     """{provider: median seconds per call}, interleaved rounds."""
-    fns = providers(batch)
+    return _interleaved(providers(batch), rounds)
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
     for fn in fns.values():  # warm-up: compile, allocator, caches
         for _ in range(3):
             fn()
@@ -74,6 +79,34 @@ def measure(batch: int, rounds: int) -> dict:
         for name, fn in fns.items():
             times[name].append(_time_per_call(fn, calls[name]))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def kernel_parts(batch: int) -> dict:
+    """{part: fn()}: the C++ op split by what it does, beside ATen doing the same bytes.
+    op k=1 is the scoring (channel mean, resize, select) with a one-row copy; op k=98 - op k=1
+    is the gather of the kept rows; compare with f.sum (one read of f) and the clone."""
+    shape = pb.SHAPES[pb.HEADLINE]
+    x, f = pb.inputs(shape, torch.float32, batch, "cpu")
+    op = torch.ops.papr_kernels.prune_forward.default
+    keep = papr_kernels.keep_count(shape.num_tokens, Z, shape.prefix)
+    rows = torch.arange(batch)[:, None] * shape.num_tokens + shape.prefix + \
+        op(x, f, shape.prefix, (14, 14), keep, True, False)[1]
+    flat = x.reshape(-1, shape.channels)
+    return {
+        "op k=98": lambda: op(x, f, shape.prefix, (14, 14), keep, True, False),
+        "op k=98 spatial": lambda: op(x, f, shape.prefix, (14, 14), keep, True, True),
+        "op k=1": lambda: op(x, f, shape.prefix, (14, 14), 1, True, False),
+        "f.sum": lambda: f.sum(),
+        "clone 99 rows": lambda: x.narrow(1, 0, shape.prefix + keep).clone(),
+        "index_select kept rows (rank order)": lambda: flat.index_select(0, rows.flatten()),
+        "index_select kept rows (ascending)": lambda: flat.index_select(0, rows.sort(1).values.flatten()),
+    }
+
+
+def measure_parts(batch: int, rounds: int) -> str:
+    times = _interleaved(kernel_parts(batch), rounds)
+    return "\n".join([f"| B = {batch} | median |", "|---|---|"] +
+                     [f"| {name} | {_us(t)} |" for name, t in times.items()])
 
 
 def _us(seconds: float) -> str:
@@ -99,15 +132,21 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--rounds", type=int, default=201)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--kernel-parts", action="store_true",
+                        help="also time the C++ op's parts against ATen (see kernel_parts)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = papr_kernels.backends.pick(None, "cpu")
+    print(f"papr_kernels from {os.path.dirname(papr_kernels.__file__)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prune backend: "
           f"{backend}; ViT-B/16-224 fp32, z = {Z}; median of {args.rounds} interleaved rounds\n")
     print(table({b: measure(b, args.rounds) for b in args.batches}))
+    if args.kernel_parts:
+        for batch in args.batches:
+            print("\n" + measure_parts(batch, args.rounds))
 
 
 if __name__ == "__main__":
