@@ -177,8 +177,9 @@ def prune_backend(name: Optional[str], device: torch.device):
     """`resolve(name, device.type)` for `prune`, remembered per (name, device,
     PAPR_KERNELS_BACKEND): pick's walk and `device.type` (~0.8 us by itself) cost ~3 us of a
     B = 1 prune on CPU. Availability is fixed per process (what `unavailable_reason` assumes for
-    torch.compile too); a name that cannot run raises every time (it is never stored); under
-    torch.compile and ONNX export pick decides every time."""
+    torch.compile too); a name that cannot run raises every time (it is never stored, so the
+    memo only holds registered names, a few per device); under torch.compile and ONNX export
+    pick decides every time."""
     if not (name is None or type(name) is str) or torch.compiler.is_compiling() or \
             onnx_exporting():
         return resolve(name, device.type)
