@@ -7,7 +7,7 @@
 ViT-B/16-224 fp32, z = 0.5, one class token. For each B it times, interleaved round by round,
 the floor (`papr_bench.floor_fwd`: a copy of the output-sized block plus one read of f),
 `papr_kernels.prune` with the automatic backend, and `torch.compile` of the user's eager code
-(`papr_bench.user_prune`), and prints a markdown table of the medians. `op` is the bare custom op
+(`papr_bench.user_prune`), and prints markdown tables of the medians and 10th percentiles. `op` is the bare custom op
 `torch.ops.papr_kernels.prune_forward` (the C++ kernel with no Python around it), when the
 extension loads: prune / op is the Python path's share, op / floor the kernel's distance. Every provider is timed
 in blocks of calls long enough (~0.5 ms) for the clock, round after round, so that a noisy
@@ -65,7 +65,7 @@ def providers(batch: int):
 
 
 def measure(batch: int, rounds: int) -> dict:
-    """{provider: median seconds per call}, interleaved rounds."""
+    """{provider: sorted seconds per call of each round}, interleaved rounds."""
     return _interleaved(providers(batch), rounds)
 
 
@@ -78,7 +78,16 @@ def _interleaved(fns: dict, rounds: int) -> dict:
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(_time_per_call(fn, calls[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: sorted(t) for name, t in times.items()}
+
+
+def median(times: list) -> float:
+    return statistics.median(times)
+
+
+def p10(times: list) -> float:
+    """The 10th percentile: the rounds no neighbour slowed (a shared box's quiet moments)."""
+    return times[len(times) // 10]
 
 
 def kernel_parts(batch: int) -> dict:
@@ -105,8 +114,9 @@ def kernel_parts(batch: int) -> dict:
 
 def measure_parts(batch: int, rounds: int) -> str:
     times = _interleaved(kernel_parts(batch), rounds)
-    return "\n".join([f"| B = {batch} | median |", "|---|---|"] +
-                     [f"| {name} | {_us(t)} |" for name, t in times.items()])
+    return "\n".join([f"| B = {batch} | median | 10th percentile |", "|---|---|---|"] +
+                      [f"| {name} | {_us(median(t))} | {_us(p10(t))} |"
+                       for name, t in times.items()])
 
 
 def _us(seconds: float) -> str:
@@ -117,10 +127,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
-def table(results: dict) -> str:
+def table(results: dict, stat=median) -> str:
     lines = ["| B | floor | op | prune | prune / floor | op / floor | compile(user) | "
              "compile(user) / prune |", "|---|---|---|---|---|---|---|---|"]
-    for batch, t in results.items():
+    for batch, times in results.items():
+        t = {name: stat(ts) for name, ts in times.items()}
         op = t.get("op")
         lines.append(" | ".join([
             f"| {batch}", _us(t["floor"]), _us(op) if op else "-", _us(t["prune"]),
@@ -143,7 +154,8 @@ def main() -> None:
     print(f"papr_kernels from {os.path.dirname(papr_kernels.__file__)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prune backend: "
           f"{backend}; ViT-B/16-224 fp32, z = {Z}; median of {args.rounds} interleaved rounds\n")
-    print(table({b: measure(b, args.rounds) for b in args.batches}))
+    results = {b: measure(b, args.rounds) for b in args.batches}
+    print("Medians:\n\n" + table(results) + "\n\n10th percentiles:\n\n" + table(results, p10))
     if args.kernel_parts:
         for batch in args.batches:
             print("\n" + measure_parts(batch, args.rounds))
