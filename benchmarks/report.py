@@ -284,6 +284,8 @@ def targets(groups, rows):
                         all(r >= want for _, _, r in ratios)))
 
     at_every_batch("forward >= 2x torch.compile(reference) at every B", "fwd", COMPILE, 2)
+    at_every_batch("forward >= 1.5x torch.compile(user's plain PyTorch) at every B", "fwd",
+                   USER_COMPILE, 1.5)
     t = f"forward <= 1.3x the floor at B={bmax}"
     p, tb = best_backend(head.get(("prune", HEADLINE, "fp32", bmax, 0.5, "fwd"), {}))
     if p is None or FLOOR not in g(bmax, "fwd"):
