@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import papr_kernels
 from papr_kernels import reference
@@ -60,6 +61,8 @@ def batches(device: str, quick: bool, headline: bool) -> List[int]:
 # ------------------------------------------------------------------------------------- providers
 
 EAGER, COMPILE, FLOOR = "eager", "compile", "floor"
+USER_COMPILE = "user-compile"   # torch.compile of `user_prune`, the user's own eager code
+COMPILED = (COMPILE, USER_COMPILE)
 
 
 def backend_providers(device: str) -> List[str]:
@@ -72,17 +75,21 @@ def backend_providers(device: str) -> List[str]:
 
 
 def providers(device: str) -> List[str]:
-    return [EAGER, COMPILE] + backend_providers(device) + [FLOOR]
+    return [EAGER, COMPILE, USER_COMPILE] + backend_providers(device) + [FLOOR]
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_reference():
+def _allow_recompiles() -> None:
     import torch._dynamo
     # Every (shape, dtype, batch, grad mode) is its own static graph: allow them all, so that no
     # case silently falls back to eager after the default limit of 8.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 4096)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    _allow_recompiles()
     return torch.compile(reference.prune, dynamic=False)
 
 
@@ -94,7 +101,31 @@ def prune_fn(provider: str, shape: Shape, z: float) -> Callable:
     if provider == COMPILE:
         compiled = _compiled_reference()
         return lambda x, f: compiled(x, f, z, **kw)
+    if provider == USER_COMPILE:
+        compiled = compiled_user_prune()
+        return lambda x, f: compiled(x, f, z, shape.prefix, shape.grid)
     return lambda x, f: papr_kernels.prune(x, f, z, backend=provider, **kw)
+
+
+def user_prune(x: torch.Tensor, f: torch.Tensor, z: float, num_prefix_tokens: int = 1,
+               grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """PaPr as a user writes it in plain PyTorch (fp32 scores, no float64, no checks): what
+    `torch.compile` competes with (issue 14). Not SPEC-exact: ties and rounding may differ."""
+    batch, num_tokens, channels = x.shape
+    num_patches = num_tokens - num_prefix_tokens
+    side = int(num_patches ** 0.5)
+    scores = F.interpolate(f.mean(dim=1, keepdim=True), size=grid or (side, side),
+                           mode="bicubic", align_corners=True).flatten(1)
+    keep = min(max(int(num_tokens * z), 1), num_patches)
+    indices = scores.topk(keep, dim=1).indices
+    patches = x[:, num_prefix_tokens:].gather(1, indices[..., None].expand(-1, -1, channels))
+    return torch.cat([x[:, :num_prefix_tokens], patches], dim=1)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_user_prune():
+    _allow_recompiles()
+    return torch.compile(user_prune, dynamic=False)
 
 
 # ------------------------------------------------------------------------------------ the floor

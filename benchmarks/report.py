@@ -23,8 +23,8 @@ import os
 import sys
 from collections import defaultdict
 
-EAGER, COMPILE, FLOOR, TORCH = "eager", "compile", "floor", "torch"
-NON_BACKENDS = (EAGER, COMPILE, FLOOR)
+EAGER, COMPILE, USER_COMPILE, FLOOR, TORCH = "eager", "compile", "user-compile", "floor", "torch"
+NON_BACKENDS = (EAGER, COMPILE, USER_COMPILE, FLOOR)
 HEADLINE = "vit-b16-224"
 KERNEL_SUITES = ("prune", "zsweep", "rows")
 COLUMNS = ["suite", "name", "shape", "dtype", "B", "z", "pass", "provider", "median_s", "iqr_s",
@@ -206,7 +206,7 @@ def kernel_groups(rows, suites=("prune", "zsweep")):
 
 def provider_order(providers):
     backends = sorted(p for p in providers if p not in NON_BACKENDS)
-    return [p for p in (EAGER, COMPILE) if p in providers] + backends + \
+    return [p for p in (EAGER, COMPILE, USER_COMPILE) if p in providers] + backends + \
         ([FLOOR] if FLOOR in providers else [])
 
 
@@ -284,6 +284,8 @@ def targets(groups, rows):
                         all(r >= want for _, _, r in ratios)))
 
     at_every_batch("forward >= 2x torch.compile(reference) at every B", "fwd", COMPILE, 2)
+    at_every_batch("forward >= 1.5x torch.compile(user's plain PyTorch) at every B", "fwd",
+                   USER_COMPILE, 1.5)
     t = f"forward <= 1.3x the floor at B={bmax}"
     p, tb = best_backend(head.get(("prune", HEADLINE, "fp32", bmax, 0.5, "fwd"), {}))
     if p is None or FLOOR not in g(bmax, "fwd"):

@@ -112,6 +112,21 @@ def _local_device_types() -> List[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+# CPython keeps os.environ's values in the dict `_data` (encoded keys), updated by every
+# assignment to os.environ: reading it is ~50 ns, os.environ.get of an unset variable ~700 ns
+# (a KeyError raised and caught), ~5% of a B = 1 prune on CPU.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def env_backend() -> Optional[str]:
+    """PAPR_KERNELS_BACKEND as it is now, None when unset or empty."""
+    if type(_ENVIRON_DATA) is dict and _ENV_KEY is not None:
+        value = _ENVIRON_DATA.get(_ENV_KEY)
+        return os.environ.decodevalue(value) if value else None
+    return os.environ.get(ENV_VAR) or None
+
+
 ROW_OPS = ("gather_rows", "scatter_rows", "scatter_back")
 
 
@@ -130,7 +145,7 @@ def pick(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()) -> st
         name = "torch"
     from_env = False
     if name is None:
-        name = os.environ.get(ENV_VAR) or None
+        name = env_backend()
         from_env = name is not None
     if name is None:
         for candidate in _AUTO_ORDER.get(device_type, []) + ["torch"]:
@@ -156,6 +171,26 @@ def pick(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()) -> st
 def resolve(name: Optional[str], device_type: str, ops: Tuple[str, ...] = ()):
     """The module of the backend `pick` names (a PruneBackend, and a RowBackend with ROW_OPS)."""
     return _MODULES[pick(name, device_type, ops)]
+
+
+def prune_backend(name: Optional[str], device: torch.device):
+    """`resolve(name, device.type)` for `prune`, remembered per (name, device,
+    PAPR_KERNELS_BACKEND): pick's walk and `device.type` (~0.8 us by itself) cost ~3 us of a
+    B = 1 prune on CPU. Availability is fixed per process (what `unavailable_reason` assumes for
+    torch.compile too); a name that cannot run raises every time (it is never stored, so the
+    memo only holds registered names, a few per device); under torch.compile and ONNX export
+    pick decides every time."""
+    if not (name is None or type(name) is str) or torch.compiler.is_compiling() or \
+            onnx_exporting():
+        return resolve(name, device.type)
+    key = (name, device, env_backend())
+    module = _PRUNE_BACKENDS.get(key)
+    if module is None:
+        module = _PRUNE_BACKENDS[key] = resolve(name, device.type)
+    return module
+
+
+_PRUNE_BACKENDS: Dict[Tuple[Optional[str], torch.device, Optional[str]], object] = {}
 
 
 # Auto preference: CUDA tensors -> triton, then cuda; CPU tensors -> cpp; torch is the fallback.

@@ -64,11 +64,14 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-a-good-call"])
 @pytest.mark.parametrize("change, error, words", [b[1:] for b in BAD_INPUTS],
                          ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input(backend, change, error, words):
+def test_bad_input(backend, change, error, words, warm):
     name, device = backend
     x, f = _ok(device)
+    if warm:  # the good arguments' Plan is cached (spec.check_prune_args): no help to bad ones
+        papr_kernels.prune(x, f, 0.5, backend=name)
     args = dict(x=x, f=f, z=0.5, backend=name)
     args.update({k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v
                  for k, v in change.items()})
