@@ -1,6 +1,8 @@
 // Torch glue of the CUDA kernels (compiled by the host compiler, so the .cu stays free of torch
 // headers): checks, allocation of outputs and workspaces, the current stream, registration.
 // Stable ABI only (csrc/stable.h, stream.h).
+#include <optional>
+
 #include "../papr_core.h"
 #include "../ops/prune_args.h"
 #include "../stable.h"
@@ -32,8 +34,9 @@ std::tuple<Tensor, Tensor> prune_forward_cuda(const Tensor& x_in, const Tensor& 
   if (s.B == 0) return {out, indices};
   Tensor mean = empty_on(f, {s.B, s.S}, ScalarType::Double);
   const bool by_sort = cuda::select_by_sort(s.N);
-  // Large rows: every key to a workspace, sorted below (a one-element placeholder otherwise).
-  Tensor keys = empty_on(f, {by_sort ? s.B : 1, by_sort ? s.N : 1}, ScalarType::Long);
+  // Large rows: every key to a workspace, sorted below.
+  std::optional<Tensor> keys;
+  if (by_sort) keys = empty_on(f, {s.B, s.N}, ScalarType::Long);
   cuda::ForwardParams p{};
   const int64_t es = x.element_size();
   p.x = static_cast<const char*>(x.const_data_ptr());
@@ -50,7 +53,7 @@ std::tuple<Tensor, Tensor> prune_forward_cuda(const Tensor& x_in, const Tensor& 
   p.align_corners = align_corners;
   p.spatial = spatial;
   p.mean = mean.mutable_data_ptr<double>();
-  p.keys = by_sort ? keys.mutable_data_ptr<int64_t>() : nullptr;
+  p.keys = by_sort ? keys->mutable_data_ptr<int64_t>() : nullptr;
   p.out_tokens = static_cast<char*>(out.mutable_data_ptr());
   p.indices = indices.mutable_data_ptr<int64_t>();
   const cudaStream_t stream = current_stream(x);
@@ -58,7 +61,7 @@ std::tuple<Tensor, Tensor> prune_forward_cuda(const Tensor& x_in, const Tensor& 
   if (by_sort) {
     // Large rows: sort the unique keys (torch.sort: a segmented radix sort on the current
     // stream, no host sync), then the first k decoded into indices (papr::key_index).
-    const Tensor sorted = sorted_values(keys, /*dim=*/1, /*descending=*/true);
+    const Tensor sorted = sorted_values(*keys, /*dim=*/1, /*descending=*/true);
     check_launch(cuda::launch_decode_keys(sorted.const_data_ptr<int64_t>(), sorted.stride(0), p,
                                           stream), "forward");
     if (spatial) torch::stable::copy_(indices, sorted_values(indices, /*dim=*/1, /*descending=*/false));
