@@ -10,7 +10,8 @@ This package is the backend module: `importlib.import_module("papr_kernels.ops.t
 """
 from .common import unavailable_reason
 from .prune import backward, forward
-from .rows import gather_layer_norm, gather_rows, masked_residual, scatter_back, scatter_rows
+from .rows import (ROW_MAP_OPS, gather_layer_norm, gather_rows, masked_residual, scatter_back,
+                   scatter_rows)
 
 __all__ = ["unavailable_reason", "forward", "backward", "gather_rows", "scatter_rows",
-           "scatter_back", "gather_layer_norm", "masked_residual"]
+           "scatter_back", "gather_layer_norm", "masked_residual", "ROW_MAP_OPS"]
