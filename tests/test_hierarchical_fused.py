@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import test_hierarchical as th
 from conftest import backend_params
 from papr_kernels import hierarchical as hier
+from papr_kernels import reference
 
 timm = pytest.importorskip("timm")
 from papr_kernels import timm as ptimm  # noqa: E402
@@ -110,6 +111,9 @@ def test_masked_residual_matches_the_loop_bit_for_bit(backend, layout, dtype, wi
     want = _masked_residual_by_loop(shortcut, idx, values, gamma)
     assert got.shape == shortcut.shape and got.is_contiguous()
     assert torch.equal(got, want)
+    row_of = hier.kept_row_map(idx, (H, W))
+    assert torch.equal(hier.masked_residual(shortcut, idx, values, gamma, row_of=row_of,
+                                            backend=name), want)
     pruned = torch.ones(3, H * W, dtype=torch.bool, device=device)
     pruned[torch.arange(3, device=device)[:, None], idx] = False
     flat = got.reshape(3, H * W, 24)
@@ -123,14 +127,16 @@ def test_triton_fused_tiny_blocks_empty_work_and_no_launch(backend, monkeypatch)
     from papr_kernels.ops.triton import common
     from papr_kernels.ops.triton import rows as tr
     _, device = backend
-    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_J=4, BLOCK_C=4))
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_C=4))
     monkeypatch.setattr(common, "SPLIT_OVERRIDE", (1, 3))
     gen = torch.Generator().manual_seed(5)
     x = _x("nchw", 2, 11, torch.bfloat16, device, gen)
     idx = _indices(2, 10, device, gen)
     v, g = torch.randn(2, 10, 11, generator=gen).bfloat16(), torch.randn(11, generator=gen).bfloat16()
-    assert torch.equal(tr.masked_residual(x, idx, v.to(device), g.to(device)),
-                       _masked_residual_by_loop(x, idx, v.to(device), g.to(device)))
+    want = _masked_residual_by_loop(x, idx, v.to(device), g.to(device))
+    assert torch.equal(tr.masked_residual(x, idx, v.to(device), g.to(device)), want)
+    assert torch.equal(tr.masked_residual(x, idx, v.to(device), g.to(device),
+                                          row_of=hier.kept_row_map(idx, (H, W))), want)
     torch.testing.assert_close(tr.gather_layer_norm(x, idx, g.to(device), None, 1e-5),
                                F.layer_norm(_rows_by_loop(x, idx), (11,), g.to(device), None, 1e-5))
     assert torch.equal(tr.masked_residual(x, idx[:, :0], v[:, :0].to(device), None),
@@ -154,18 +160,20 @@ def test_fused_custom_ops_opcheck_and_fake_tensors(backend):
     gen = torch.Generator().manual_seed(6)
     x, idx = _x("nchw", 2, 6, torch.float32, device, gen), _indices(2, 5, device, gen)
     v, g = torch.randn(2, 5, 6, device=device), torch.randn(6, device=device)
+    row_of = hier.kept_row_map(idx, (H, W))
     ops = torch.ops.papr_kernels
     for op, args in ((ops.triton_gather_layer_norm.default, (x, idx, g, g, 1e-5)),
                      (ops.triton_gather_layer_norm.default, (x, idx, None, None, 1e-5)),
-                     (ops.triton_masked_residual.default, (x, idx, v, g)),
-                     (ops.triton_masked_residual.default, (x, idx, v, None))):
+                     (ops.triton_masked_residual.default, (x, row_of, v, g)),
+                     (ops.triton_masked_residual.default, (x, row_of, v, None))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     with FakeTensorMode():
         x = torch.empty(4, 768, 7, 7, dtype=torch.bfloat16, device=device).permute(0, 2, 3, 1)
         idx = torch.empty(4, 31, dtype=torch.int64, device=device)
         rows = ops.triton_gather_layer_norm(x, idx, None, None, 1e-6)
         assert rows.shape == (4, 31, 768) and rows.dtype == x.dtype and rows.is_contiguous()
-        out = ops.triton_masked_residual(x, idx, rows, None)
+        row_of = torch.empty(4, 49, dtype=torch.int32, device=device)
+        out = ops.triton_masked_residual(x, row_of, rows, None)
         assert out.shape == x.shape and out.is_contiguous()
 
 
@@ -181,8 +189,9 @@ def test_composition_is_differentiable_and_promotes(backend):
     g = torch.randn(3, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     torch.autograd.gradcheck(lambda x, w: hier.gather_layer_norm(x, idx, w, None, 1e-5,
                                                                  backend=name), (x, g))
-    torch.autograd.gradcheck(lambda s, v, g: hier.masked_residual(s, idx, v, g, backend=name),
-                             (x, v, g))
+    row_of = hier.kept_row_map(idx, (2, 3))
+    torch.autograd.gradcheck(lambda s, v, g: hier.masked_residual(s, idx, v, g, row_of=row_of,
+                                                                  backend=name), (x, v, g))
     half = v.detach().bfloat16()
     got = hier.masked_residual(x.detach().float(), idx, half, g.detach().float(), backend=name)
     want = _masked_residual_by_loop(x.detach().float(), idx, half, g.detach().float())
@@ -255,14 +264,31 @@ def _small(name):
 @pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv_mlp"])
 def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, name,
                                                                       monkeypatch):
+    """...and each pruned stage maps its positions to kept rows once, for all its blocks (the
+    kernels build no map of their own)."""
     monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
     model, images = _small(name)
     by_hand, proposal = th.MODELS[name][2], th._proposal()
     with torch.no_grad():
         expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
         ptimm.patch(model, proposal, 0.5)
+        selects, maps = _counting(monkeypatch, hier, "select"), _counting(monkeypatch, reference,
+                                                                          "kept_row_map")
         got = model(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert maps["n"] == selects["n"] == 4
+
+
+def _counting(monkeypatch, module, name):
+    """Count the calls of module.name."""
+    calls, original = {"n": 0}, getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
 
 
 @pytest.mark.parametrize("name", ["convnext", "convnext-conv_mlp"])
