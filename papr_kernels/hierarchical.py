@@ -29,8 +29,7 @@ The glue of a pruned block, for inference (outside SPEC; the patched timm models
     row_of = kept_row_map(idx, (H, W))            # per stage: each position's kept row, or -1
     rows = gather_layer_norm(x, idx, weight, bias, eps)   # gather + LayerNorm, (B, k, C)
     y    = masked_residual(shortcut, idx, values, gamma, row_of=row_of)
-                                    # ConvNeXt: shortcut + gamma * values at kept positions, 0
-                                    # elsewhere
+           # ConvNeXt: shortcut + gamma * values at the kept positions, 0 elsewhere
 
 A backend with a fused kernel for them (`triton`) runs each in one pass; on any other backend,
 and whenever autograd records or autocast is on, they are the composition of the row ops above
@@ -39,9 +38,8 @@ out-of-place `scatter_back`, `masked_residual`) take the stage's `row_of` (optio
 Triton kernels then look each position's kept row up instead of building the map per call;
 the other backends ignore it.
 """
-from typing import Optional, Sequence
-
 import math
+from typing import Optional, Sequence
 
 import torch
 
