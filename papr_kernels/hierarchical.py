@@ -26,7 +26,7 @@ The glue of a pruned block, for inference (outside SPEC; the patched timm models
 
     m    = proposal_map(f)                        # once per forward: f's float64 channel mean
     idx  = select(m, (H, W), z, order="spatial")  # per stage, without re-reading f
-    row_of = kept_row_map(idx, (H, W))            # per stage: each position's kept row, or -1
+    row_of = kept_row_map(idx, (H, W))            # per stage: each position's kept row or -1
     rows = gather_layer_norm(x, idx, weight, bias, eps)   # gather + LayerNorm, (B, k, C)
     y    = masked_residual(shortcut, idx, values, gamma, row_of=row_of)
            # ConvNeXt: shortcut + gamma * values at the kept positions, 0 elsewhere
@@ -193,17 +193,20 @@ def proposal_map(f: torch.Tensor) -> torch.Tensor:
         return reference.proposal_map(f)
 
 
-def kept_row_map(indices: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+def kept_row_map(indices: torch.Tensor, grid: Sequence[int], *,
+                 backend: Optional[str] = None) -> torch.Tensor:
     """Each position's kept row: (B, H*W) int32, row_of[b, p] = j where indices[b, j] == p,
     -1 at the pruned positions (a (B, N, C) tensor's grid is (1, N)). Build it once per stage,
     next to `select`, and pass it (`row_of=`) to the stage's dense ops: the Triton kernels then
-    look a position's row up instead of building the map on every call. Plain torch ops on
-    every backend (a fill and one scatter), so the map is the same everywhere; an index outside
-    [0, H*W) is skipped, as the kernels skip it."""
+    look a position's row up instead of building the map on every call. The backend's kernel
+    (`triton`: a fill and one scatter launch) or `reference.kept_row_map`: the same map; an
+    index outside [0, H*W) is skipped, as the row kernels skip it."""
     height, width = spec.check_positions_grid(grid)
     spec.check_indices(indices, _shape_only(indices, (height, width)), "the grid")
+    impl = backends.resolve(backend, indices.device.type, backends.ROW_OPS)
+    build = getattr(impl, "kept_row_map", reference.kept_row_map)
     with torch.no_grad():
-        return reference.kept_row_map(indices, height * width)
+        return build(indices, height * width)
 
 
 def _shape_only(indices, grid) -> torch.Tensor:

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 import test_hierarchical as th
 from conftest import backend_params
 from papr_kernels import hierarchical as hier
-from papr_kernels import reference
 
 timm = pytest.importorskip("timm")
 from papr_kernels import timm as ptimm  # noqa: E402
@@ -111,7 +110,7 @@ def test_masked_residual_matches_the_loop_bit_for_bit(backend, layout, dtype, wi
     want = _masked_residual_by_loop(shortcut, idx, values, gamma)
     assert got.shape == shortcut.shape and got.is_contiguous()
     assert torch.equal(got, want)
-    row_of = hier.kept_row_map(idx, (H, W))
+    row_of = hier.kept_row_map(idx, (H, W), backend=name)
     assert torch.equal(hier.masked_residual(shortcut, idx, values, gamma, row_of=row_of,
                                             backend=name), want)
     pruned = torch.ones(3, H * W, dtype=torch.bool, device=device)
@@ -127,7 +126,7 @@ def test_triton_fused_tiny_blocks_empty_work_and_no_launch(backend, monkeypatch)
     from papr_kernels.ops.triton import common
     from papr_kernels.ops.triton import rows as tr
     _, device = backend
-    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_C=4))
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_C=4, BLOCK_M=4))
     monkeypatch.setattr(common, "SPLIT_OVERRIDE", (1, 3))
     gen = torch.Generator().manual_seed(5)
     x = _x("nchw", 2, 11, torch.bfloat16, device, gen)
@@ -189,7 +188,7 @@ def test_composition_is_differentiable_and_promotes(backend):
     g = torch.randn(3, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     torch.autograd.gradcheck(lambda x, w: hier.gather_layer_norm(x, idx, w, None, 1e-5,
                                                                  backend=name), (x, g))
-    row_of = hier.kept_row_map(idx, (2, 3))
+    row_of = hier.kept_row_map(idx, (2, 3), backend=name)
     torch.autograd.gradcheck(lambda s, v, g: hier.masked_residual(s, idx, v, g, row_of=row_of,
                                                                   backend=name), (x, v, g))
     half = v.detach().bfloat16()
@@ -265,29 +264,30 @@ def _small(name):
 def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, name,
                                                                       monkeypatch):
     """...and each pruned stage maps its positions to kept rows once, for all its blocks (the
-    kernels build no map of their own)."""
+    dense kernels build no map of their own)."""
+    from papr_kernels.ops.triton import rows as tr
     monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
     model, images = _small(name)
     by_hand, proposal = th.MODELS[name][2], th._proposal()
     with torch.no_grad():
         expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
         ptimm.patch(model, proposal, 0.5)
-        selects, maps = _counting(monkeypatch, hier, "select"), _counting(monkeypatch, reference,
-                                                                          "kept_row_map")
+        selects = _counting(monkeypatch, hier, "select")
+        maps = _counting(monkeypatch, tr._kept_row_map_kernel, "run")
         got = model(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert maps["n"] == selects["n"] == 4
 
 
-def _counting(monkeypatch, module, name):
-    """Count the calls of module.name."""
-    calls, original = {"n": 0}, getattr(module, name)
+def _counting(monkeypatch, owner, name):
+    """Count the calls of owner.name (a module's function, a kernel's launches)."""
+    calls, original = {"n": 0}, getattr(owner, name)
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, name, counting)
+    monkeypatch.setattr(owner, name, counting)
     return calls
 
 

@@ -236,7 +236,8 @@ def _custom_ops(name):
     if name == "triton":
         def row_of(x, i):
             return reference.kept_row_map(i, _positions(x))
-        return [(ops.triton_gather_rows.default, lambda x, i, v: (x, i)),
+        return [(ops.triton_kept_row_map.default, lambda x, i, v: (i, _positions(x))),
+                (ops.triton_gather_rows.default, lambda x, i, v: (x, i)),
                 (ops.triton_scatter_rows.default, lambda x, i, v: (v, row_of(x, i),
                                                                    list(x.shape))),
                 (ops.triton_scatter_back.default, lambda x, i, v: (x, row_of(x, i), v)),
@@ -344,49 +345,51 @@ def _grid(x):
     return tuple(x.shape[1:3]) if x.dim() == 4 else (1, x.shape[1])
 
 
-# The map is plain torch on every backend: one run per device.
-@pytest.mark.parametrize("backend", backend_params("torch"), indirect=True)
+def _map_builder(backend):
+    """The backend's map kernel (unchecked), or the reference's for those without one."""
+    return getattr(_impl(backend), "kept_row_map", reference.kept_row_map)
+
+
 @pytest.mark.parametrize("batch,k", [(3, 11), (2, H * W), (1, 1), (2, 0), (0, 4), (0, 0)])
 @pytest.mark.parametrize("ascending", [False, True], ids=["any-order", "ascending"])
 def test_kept_row_map_inverts_the_indices(backend, batch, k, ascending):
-    _, device = backend
+    """The same map on every backend: the loop's."""
+    name, device = backend
     gen = torch.Generator().manual_seed(100 * batch + k)
     idx = _indices(batch, H * W, k, "cpu", gen)
     if ascending:
         idx = idx.sort(dim=1).values
     want = _map_by_loop(idx, H * W)
-    got = hier.kept_row_map(idx.to(device), (H, W))
+    got = hier.kept_row_map(idx.to(device), (H, W), backend=name)
     assert got.dtype == torch.int32 and got.shape == (batch, H * W) and got.is_contiguous()
     assert got.device.type == device and torch.equal(got.cpu(), want)
     strided = torch.empty(k, batch, dtype=torch.int64, device=device).t()
     strided.copy_(idx)                                 # (B, k) with strides (1, B)
-    assert torch.equal(hier.kept_row_map(strided, (H, W)).cpu(), want)
+    assert torch.equal(hier.kept_row_map(strided, (H, W), backend=name).cpu(), want)
 
 
-@pytest.mark.parametrize("backend", backend_params("torch"), indirect=True)
 def test_kept_row_map_checks_its_arguments_and_skips_out_of_range_indices(backend):
     """CPU indices are range-checked as by the row ops; unchecked (CUDA, compiled) an index
     outside [0, N) is skipped, nothing written out of bounds (no device assert)."""
-    _, device = backend
+    name, device = backend
     idx = torch.tensor([[0, 6, -1, 3], [2, 10**12, 5, -10**12]], device=device)
-    got = reference.kept_row_map(idx, 6)
-    assert torch.equal(got.cpu(), _map_by_loop(idx.cpu(), 6))
+    assert torch.equal(_map_builder(backend)(idx, 6).cpu(), _map_by_loop(idx.cpu(), 6))
     if device == "cpu":
         with pytest.raises(ValueError, match=r"indices must lie in \[0, N\)"):
-            hier.kept_row_map(idx, (2, 3))
+            hier.kept_row_map(idx, (2, 3), backend=name)
     with pytest.raises(TypeError, match="int64"):
-        hier.kept_row_map(idx.int(), (2, 3))
+        hier.kept_row_map(idx.int(), (2, 3), backend=name)
     with pytest.raises(ValueError, match="at most N = 3"):
-        hier.kept_row_map(idx, (1, 3))
+        hier.kept_row_map(idx, (1, 3), backend=name)
     with pytest.raises(ValueError, match="grid must be positive"):
-        hier.kept_row_map(idx[:, :0], (0, 3))
+        hier.kept_row_map(idx[:, :0], (0, 3), backend=name)
 
 
 def test_a_given_row_map_is_checked(backend):
     name, device = backend
     x, v = torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 4, 5, device=device)
     idx = _unique_indices(2, 12, 4).to(device)
-    row_of = hier.kept_row_map(idx, (3, 4))
+    row_of = hier.kept_row_map(idx, (3, 4), backend=name)
     with pytest.raises(TypeError, match="row_of must be int32"):
         hier.scatter_rows(v, idx, like=x, row_of=row_of.long(), backend=name)
     with pytest.raises(ValueError, match=r"row_of must be \(B, N\) = \(2, 12\)"):
@@ -433,7 +436,7 @@ def test_triton_tiny_blocks_and_channel_chunks(backend, layout, monkeypatch):
     """Blocks smaller than k, N and C, several channel chunks per row block: every mask used."""
     from papr_kernels.ops.triton import common
     _, device = backend
-    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_C=4))
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_C=4, BLOCK_M=4))
     monkeypatch.setattr(common, "SPLIT_OVERRIDE", (1, 3))   # rows: one program per block, 3 chunks
     gen = torch.Generator().manual_seed(9)
     x = _x(layout, 3, 11, torch.float16, device, gen, h=5, w=3)
@@ -446,7 +449,8 @@ def test_triton_empty_batch_and_k_zero_do_not_launch(backend, monkeypatch):
     from papr_kernels.ops.triton import rows as tr
     _, device = backend
     launches = {"n": 0}
-    for kernel in (tr._gather_kernel, tr._scatter_dense_kernel, tr._scatter_add_inplace_kernel):
+    for kernel in (tr._gather_kernel, tr._kept_row_map_kernel, tr._scatter_dense_kernel,
+                   tr._scatter_add_inplace_kernel):
         def counting(*args, _original=kernel.run, **kwargs):
             launches["n"] += 1
             return _original(*args, **kwargs)
@@ -460,7 +464,7 @@ def test_triton_empty_batch_and_k_zero_do_not_launch(backend, monkeypatch):
     x = _x("4d", 1, 6, torch.float16, device, gen, h=3, w=4)
     _check_all(_impl(backend), x, _indices(1, 12, 2, device, gen),
                _values(1, 2, 6, torch.float16, device, gen))
-    assert launches["n"] == 4   # one launch per op otherwise
+    assert launches["n"] == 6   # one per op, and a map for each dense op given none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +527,7 @@ def test_public_ops_match_reference(backend, layout, dtype):
     idx = _unique_indices(2, 12, 7, seed=2).to(device)
     ref_x, ref_idx, ref_values = x.cpu(), idx.cpu(), values.cpu()
 
-    row_of = hier.kept_row_map(idx, _grid(x))
+    row_of = hier.kept_row_map(idx, _grid(x), backend=name)
 
     _same(hier.gather_rows(x, idx, backend=name), reference.gather_rows(ref_x, ref_idx), device)
     expected_rows = reference.scatter_rows(ref_values, ref_idx, ref_x.shape)
@@ -609,7 +613,7 @@ def test_gradients_match_reference(backend):
         x = x0.to(dev).requires_grad_()
         v = v0.to(dev).requires_grad_()
         i = idx.to(dev)
-        row_of = hier.kept_row_map(i, (3, 4))
+        row_of = hier.kept_row_map(i, (3, 4), **kw)
         y = hier.scatter_back(x, i, hier.gather_rows(x, i, **kw) * v, row_of=row_of, **kw)
         y = y + hier.scatter_rows(v, i, like=x, **kw)
         grads[which] = [t.cpu() for t in torch.autograd.grad(y, (x, v), g.to(dev))]
@@ -654,7 +658,7 @@ def test_compile_fullgraph_matches_eager(backend, compiler):
     name, device = backend
 
     def block(x, idx, v):
-        row_of = hier.kept_row_map(idx, _grid(x))       # traced too: a fill and a scatter
+        row_of = hier.kept_row_map(idx, _grid(x), backend=name)
         rows = hier.gather_rows(x, idx, backend=name)
         out = hier.scatter_back(x, idx, rows * 2.0 + v, backend=name)
         dense = hier.scatter_rows(v, idx, like=x, row_of=row_of, backend=name)

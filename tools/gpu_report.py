@@ -271,6 +271,11 @@ def row_jobs():
                              **{a: v for a, v in common.items() if a not in ("s_ib", "s_ij")})
                 grid, upcast = layout != "bnc", dtype == "fp16"
                 label = f"{dtype} {layout} {h}x{w}x{c}"
+                if layout == "nhwc":      # the map does not depend on x's layout
+                    yield ("kept_row_map", f"{h}x{w}", tr._kept_row_map_kernel,
+                           dict(idx_ptr="i64", map_ptr="i32", s_ib=k, s_ij=1, N=n, KEEP=k,
+                                num_blocks=-(-k // blocks["BLOCK_M"])),
+                           dict(BLOCK_M=blocks["BLOCK_M"]))
                 yield ("gather", label, tr._gather_kernel,
                        dict(x_ptr=dtype, idx_ptr="i64", out_ptr=dtype, **common, **rows),
                        dict(GRID=grid, BLOCK_R=blocks["BLOCK_R"], BLOCK_C=blocks["BLOCK_C"]))

@@ -16,8 +16,9 @@ values is (B, k, C), any strides.
 
 The dense kernels (every output position written once) read the kept-row map instead of the
 indices: row_of (B, N) int32 (any strides), row_of[b, p] = j where indices[b, j] == p, else -1
-(`reference.kept_row_map`, built once per stage by the caller, or here once per call). An entry
-outside [0, k) reads as a pruned position, so no map can send a read out of bounds.
+(`_kept_row_map_kernel` after a -1 fill, the map of `reference.kept_row_map`; built once per
+stage by the caller, or here once per call). An entry outside [0, k) reads as a pruned
+position, so no map can send a read out of bounds.
 
 Kernels (the grid is 1-D and flattened: batch x row/position blocks x channel chunks, so no axis
 meets CUDA's 65535 limit on grid y/z; every program loops over its channel chunk in BLOCK_C steps):
@@ -61,11 +62,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ... import reference
 from . import common
 from .common import launch_guard, next_pow2, tl, triton
 
-__all__ = ["gather_rows", "scatter_rows", "scatter_back", "gather_layer_norm",
+__all__ = ["kept_row_map", "gather_rows", "scatter_rows", "scatter_back", "gather_layer_norm",
            "masked_residual", "ROW_MAP_OPS"]
 
 # The plain functions that take the kept-row map (`row_of=`, papr_kernels.hierarchical).
@@ -102,6 +102,14 @@ if triton is not None:
         pos = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=jmask, other=0)
         ok = jmask & (pos >= 0) & (pos < N)
         return b, j, chunk, ok, tl.where(ok, pos, 0).to(tl.int32)
+
+    @triton.jit
+    def _kept_row_map_kernel(idx_ptr, map_ptr, s_ib, s_ij, N, KEEP, num_blocks,
+                             BLOCK_M: tl.constexpr):
+        """row_of[b, indices[b, j]] = j for this program's BLOCK_M kept rows (row_of is filled
+        with -1 before); an index outside [0, N) writes nothing."""
+        b, j, _, ok, p = _kept_rows(idx_ptr, s_ib, s_ij, N, KEEP, num_blocks, 1, BLOCK_M)
+        tl.store(map_ptr + b * N + p.to(tl.int64), j, mask=ok)
 
     @triton.jit
     def _gather_kernel(
@@ -289,12 +297,14 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-# GPU tiles: kept rows x channels (gather, in-place add), positions x channels (dense kernels).
+# GPU tiles: kept rows x channels (gather, in-place add), positions x channels (dense kernels),
+# kept rows of the map (one int each).
 BLOCK_R = 16
 BLOCK_P = 32
 BLOCK_C = 64
+BLOCK_M = 1024
 # The interpreter runs programs one after another, op by op in numpy: few, big programs.
-_INTERP_BLOCKS = dict(BLOCK_R=256, BLOCK_P=256, BLOCK_C=256)
+_INTERP_BLOCKS = dict(BLOCK_R=256, BLOCK_P=256, BLOCK_C=256, BLOCK_M=1024)
 # Tests force tiny blocks / several channel chunks through common.BLOCK_OVERRIDE / SPLIT_OVERRIDE.
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -303,7 +313,7 @@ _UPCAST = (torch.float16, torch.bfloat16)
 def block_sizes(channels: int, interpreted: bool = False) -> dict:
     """Tile sizes for a launch (also used for ahead-of-time compiles)."""
     blocks = dict(_INTERP_BLOCKS if interpreted else
-                  dict(BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C))
+                  dict(BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M))
     if common.BLOCK_OVERRIDE is not None:
         blocks.update(common.BLOCK_OVERRIDE)
     blocks["BLOCK_C"] = max(1, min(blocks["BLOCK_C"], next_pow2(channels)))
@@ -328,6 +338,21 @@ def _plan(batch: int, count: int, channels: int, block: int, blocks: dict, sms: 
     if programs >= 2**31:   # the flattened program id is an int32
         raise ValueError(f"{programs} programs is more than a 1-D Triton grid holds (2^31 - 1)")
     return (programs,), num_blocks, chunks, chans_per
+
+
+def _launch_kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """reference.kept_row_map in two launches: the -1 fill and one scatter of the k rows."""
+    batch, keep = indices.shape
+    row_of = torch.full((batch, num_positions), -1, dtype=torch.int32, device=indices.device)
+    if row_of.numel() == 0 or keep == 0:
+        return row_of
+    block = block_sizes(1, common.interpreted(indices.device))["BLOCK_M"]
+    num_blocks = -(-keep // block)
+    with launch_guard(indices.device):
+        _kept_row_map_kernel[(batch * num_blocks,)](
+            indices, row_of, indices.stride(0), indices.stride(1), num_positions, keep,
+            num_blocks, BLOCK_M=block)
+    return row_of
 
 
 def _launch_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -462,6 +487,16 @@ def _launch_masked_residual(shortcut: torch.Tensor, row_of: torch.Tensor, values
 # ----------------------------------------------------------------------------------------------
 # torch.library wrapping: opaque custom ops with fake implementations (no graph break)
 # ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("papr_kernels::triton_kept_row_map", mutates_args=())
+def triton_kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    return _launch_kept_row_map(indices, num_positions)
+
+
+@triton_kept_row_map.register_fake
+def _(indices, num_positions):
+    return indices.new_empty(indices.shape[0], num_positions, dtype=torch.int32)
+
+
 @torch.library.custom_op("papr_kernels::triton_gather_rows", mutates_args=())
 def triton_gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return _launch_gather(x, indices)
@@ -535,11 +570,17 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return triton_gather_rows(x, indices)
 
 
+def kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """(B, N) int32: row_of[b, p] = j where indices[b, j] == p, else -1 (reference.kept_row_map,
+    the same map)."""
+    return triton_kept_row_map(indices, num_positions)
+
+
 def _row_map(row_of: Optional[torch.Tensor], indices: torch.Tensor, shape) -> torch.Tensor:
     """The caller's kept-row map of `indices`, or one built for this call."""
     if row_of is not None:
         return row_of
-    return reference.kept_row_map(indices, math.prod(shape[1:-1]))
+    return kept_row_map(indices, math.prod(shape[1:-1]))
 
 
 def scatter_rows(values: torch.Tensor, indices: torch.Tensor, shape,
