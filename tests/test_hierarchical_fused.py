@@ -318,16 +318,28 @@ def test_convnext_gathers_from_contiguous_channels_last_maps(name, monkeypatch):
 
 @pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
 def test_patched_convnext_on_triton_compiles_without_graph_breaks(backend, monkeypatch):
-    """fullgraph=True through both fused custom ops (aot_eager: tracing, fast enough for CI;
-    Swin's ops are a subset: gather_layer_norm and the in-place scatter_back)."""
+    """fullgraph=True through the fused custom ops (aot_eager: tracing, fast enough for CI;
+    Swin's ops are a subset: gather_layer_norm and the in-place scatter_back); the graph builds
+    one kept-row map per pruned stage (4) for the 5 blocks' masked_residual."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_compiler
     monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
     model, images = _small("convnext")
+    ops = []
+
+    def recording(gm, _):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    backend = aot_autograd(fw_compiler=make_boxed_compiler(recording))
     torch._dynamo.reset()
     with torch.no_grad():
         ptimm.patch(model, th._proposal(), 0.5)
         eager = model(images)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(images)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert ops.count("papr_kernels.triton_kept_row_map.default") == 4
+    assert ops.count("papr_kernels.triton_masked_residual.default") == 5
 
 
 
