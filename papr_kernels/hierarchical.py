@@ -26,14 +26,19 @@ The glue of a pruned block, for inference (outside SPEC; the patched timm models
 
     m    = proposal_map(f)                        # once per forward: f's float64 channel mean
     idx  = select(m, (H, W), z, order="spatial")  # per stage, without re-reading f
+    row_of = kept_row_map(idx, (H, W))            # per stage: each position's kept row or -1
     rows = gather_layer_norm(x, idx, weight, bias, eps)   # gather + LayerNorm, (B, k, C)
-    y    = masked_residual(shortcut, idx, values, gamma)  # ConvNeXt: shortcut + gamma * values
-                                                          # at kept positions, 0 elsewhere
+    y    = masked_residual(shortcut, idx, values, gamma, row_of=row_of)
+           # ConvNeXt: shortcut + gamma * values at the kept positions, 0 elsewhere
 
 A backend with a fused kernel for them (`triton`) runs each in one pass; on any other backend,
 and whenever autograd records or autocast is on, they are the composition of the row ops above
-(`papr_kernels.reference` states it once).
+(`papr_kernels.reference` states it once). The ops that write every position (`scatter_rows`,
+out-of-place `scatter_back`, `masked_residual`) take the stage's `row_of` (optional): the
+Triton kernels then look each position's kept row up instead of building the map per call;
+the other backends ignore it.
 """
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -41,7 +46,7 @@ import torch
 from . import api, backends, reference, spec
 
 __all__ = ["select", "gather_rows", "scatter_back", "scatter_rows", "proposal_map",
-           "gather_layer_norm", "masked_residual"]
+           "kept_row_map", "gather_layer_norm", "masked_residual"]
 
 
 def select(f: torch.Tensor, grid: Sequence[int], z: float, align_corners: bool = True,
@@ -77,30 +82,32 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (indices,) = ctx.saved_tensors
         like = grad_rows.new_empty(()).expand(ctx.shape)      # the shape, no memory
-        return _ScatterRows.apply(grad_rows, indices, like, ctx.impl), None, None
+        return _ScatterRows.apply(grad_rows, indices, like, ctx.impl, None), None, None
 
 
 class _ScatterRows(torch.autograd.Function):
     # `like` is a tensor, not a shape tuple: torch.jit.trace records tensor arguments of a
     # Function but fails on traced sizes passed as plain ints ("unordered_map::at").
     @staticmethod
-    def forward(ctx, values, indices, like, impl):
+    def forward(ctx, values, indices, like, impl, row_of):
         ctx.save_for_backward(indices)
         ctx.impl = impl
-        return impl.scatter_rows(values, indices, tuple(like.shape))
+        return impl.scatter_rows(values, indices, tuple(like.shape),
+                                 **_map_kwarg(impl, "scatter_rows", row_of))
 
     @staticmethod
     def backward(ctx, grad_out):
         (indices,) = ctx.saved_tensors
-        return _GatherRows.apply(grad_out, indices, ctx.impl), None, None, None
+        return _GatherRows.apply(grad_out, indices, ctx.impl), None, None, None, None
 
 
 class _ScatterBack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, indices, values, impl):
+    def forward(ctx, x, indices, values, impl, row_of):
         ctx.save_for_backward(indices)
         ctx.impl = impl
-        return impl.scatter_back(x, indices, values, False)
+        return impl.scatter_back(x, indices, values, False,
+                                 **_map_kwarg(impl, "scatter_back", row_of))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -108,7 +115,14 @@ class _ScatterBack(torch.autograd.Function):
         grad_values = None
         if ctx.needs_input_grad[2]:
             grad_values = _GatherRows.apply(grad_out, indices, ctx.impl)
-        return grad_out, None, grad_values, None
+        return grad_out, None, grad_values, None, None
+
+
+def _map_kwarg(impl, op: str, row_of: Optional[torch.Tensor]) -> dict:
+    """`row_of=` for a backend whose `op` reads the kept-row map; nothing for the others."""
+    if row_of is None or op not in getattr(impl, "ROW_MAP_OPS", ()):
+        return {}
+    return {"row_of": row_of}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,33 +143,39 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor, *, backend: Optional[str
 
 
 def scatter_rows(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor, *,
-                 backend: Optional[str] = None) -> torch.Tensor:
+                 row_of: Optional[torch.Tensor] = None, backend: Optional[str] = None
+                 ) -> torch.Tensor:
     """A zero tensor shaped like `like` ((B, N, C) or (B, H, W, C)) holding `values` (B, k, C)
-    at the kept positions. `like` only gives the shape. Differentiable in values."""
+    at the kept positions. `like` only gives the shape; `row_of`, if given, is
+    `kept_row_map(indices, grid)`. Differentiable in values."""
     spec.check_rows("like", like)
     spec.check_values(values, indices, like, "like")
     spec.check_indices(indices, like, "like")
+    _check_row_map(row_of, like)
     impl = backends.resolve(backend, like.device.type, backends.ROW_OPS)
-    return _ScatterRows.apply(values, indices, like, impl)
+    return _ScatterRows.apply(values, indices, like, impl, row_of)
 
 
 def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *,
-                 inplace: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+                 inplace: bool = False, row_of: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> torch.Tensor:
     """x with `values` (B, k, C) added at the kept positions: out[b, i] = x[b, i] + values[b, j]
     for i = indices[b, j]; the other positions are x's. One gather and one plain write (indices
     are unique: no accumulation, no atomics). Differentiable in x and values.
 
     `inplace=True` writes into x (only allowed when autograd does not record the op).
+    `row_of`, if given, is `kept_row_map(indices, grid)` (read by the out-of-place kernel).
     """
     spec.check_rows("x", x)
     spec.check_values(values, indices, x, "x")
     spec.check_indices(indices, x, "x")
+    _check_row_map(row_of, x)
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
     if inplace:
         if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
             raise ValueError("inplace must be False when x or values requires grad")
         return impl.scatter_back(x, indices, values, True)
-    return _ScatterBack.apply(x, indices, values, impl)
+    return _ScatterBack.apply(x, indices, values, impl, row_of)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +191,45 @@ def proposal_map(f: torch.Tensor) -> torch.Tensor:
     spec.check_features(f, ranks=(4,))
     with torch.no_grad():
         return reference.proposal_map(f)
+
+
+def kept_row_map(indices: torch.Tensor, grid: Sequence[int], *,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """Each position's kept row: (B, H*W) int32, row_of[b, p] = j where indices[b, j] == p,
+    -1 at the pruned positions (a (B, N, C) tensor's grid is (1, N)). Build it once per stage,
+    next to `select`, and pass it (`row_of=`) to the stage's dense ops: the Triton kernels then
+    look a position's row up instead of building the map on every call. The backend's kernel
+    (`triton`: a fill and one scatter launch) or `reference.kept_row_map`: the same map; an
+    index outside [0, H*W) is skipped, as the row kernels skip it."""
+    height, width = spec.check_positions_grid(grid)
+    spec.check_indices(indices, _shape_only(indices, (height, width)), "the grid")
+    impl = backends.resolve(backend, indices.device.type, backends.ROW_OPS)
+    build = getattr(impl, "kept_row_map", reference.kept_row_map)
+    with torch.no_grad():
+        return build(indices, height * width)
+
+
+def _shape_only(indices, grid) -> torch.Tensor:
+    """A (B, H, W, 1) tensor without memory: what `spec.check_indices` checks indices against."""
+    is_tensor = isinstance(indices, torch.Tensor)
+    batch = indices.shape[0] if is_tensor and indices.dim() == 2 else 0
+    device = indices.device if is_tensor else None
+    return torch.zeros((), device=device).expand(batch, *grid, 1)
+
+
+def _check_row_map(row_of: Optional[torch.Tensor], like: torch.Tensor) -> None:
+    """A given map is int32 (B, N) on like's device; its entries are the caller's (the kernels
+    read an entry outside [0, k) as a pruned position)."""
+    if row_of is None:
+        return
+    expected = (like.shape[0], math.prod(like.shape[1:-1]))
+    if not isinstance(row_of, torch.Tensor):
+        raise TypeError(f"row_of must be a torch.Tensor or None, got {type(row_of).__name__}")
+    if row_of.dtype != torch.int32:
+        raise TypeError(f"row_of must be int32 (kept_row_map), got {row_of.dtype}")
+    if tuple(row_of.shape) != expected or row_of.device != like.device:
+        raise ValueError(f"row_of must be (B, N) = {expected} on {like.device} (kept_row_map), "
+                         f"got shape {spec.shape_str(row_of)} on {row_of.device}")
 
 
 def _records(*tensors) -> bool:
@@ -192,12 +251,13 @@ def _fused_kernel(impl, name: str, x: torch.Tensor, values=None, params=()):
     return kernel
 
 
-def _differentiable_ops(impl):
+def _differentiable_ops(impl, row_of=None):
     def gather(x, indices):
         return _GatherRows.apply(x, indices, impl)
 
     def scatter(values, indices, shape):
-        return _ScatterRows.apply(values, indices, values.new_empty(()).expand(shape), impl)
+        return _ScatterRows.apply(values, indices, values.new_empty(()).expand(shape), impl,
+                                  row_of)
 
     return dict(gather=gather, scatter=scatter)
 
@@ -220,19 +280,21 @@ def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[t
 
 
 def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                    gamma: Optional[torch.Tensor] = None, *,
+                    gamma: Optional[torch.Tensor] = None, *, row_of: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """ConvNeXt's pruned block output, a new contiguous tensor of shortcut's shape ((B, N, C) or
     (B, H, W, C), any strides): `values[b, j] * gamma + shortcut[b, p]` at p = indices[b, j]
     (the product rounded first, as torch rounds the two ops), zero at every other position.
-    Fused (one dtype, gamma (C,) or None): one pass writing the output once."""
+    Fused (one dtype, gamma (C,) or None): one pass writing the output once. `row_of`, if
+    given, is `kept_row_map(indices, grid)`."""
     spec.check_rows("shortcut", shortcut)
     spec.check_indices(indices, shortcut, "shortcut")
+    _check_row_map(row_of, shortcut)
     impl = backends.resolve(backend, shortcut.device.type, backends.ROW_OPS)
     kernel = _fused_kernel(impl, "masked_residual", shortcut, values, params=(gamma,))
-    if kernel is not None:
-        spec.check_values(values, indices, shortcut, "shortcut")
     if kernel is None:
         return reference.masked_residual(shortcut, indices, values, gamma,
-                                         **_differentiable_ops(impl))
-    return kernel(shortcut, indices, values, gamma)
+                                         **_differentiable_ops(impl, row_of))
+    spec.check_values(values, indices, shortcut, "shortcut")
+    return kernel(shortcut, indices, values, gamma,
+                  **_map_kwarg(impl, "masked_residual", row_of))

@@ -204,6 +204,20 @@ def _position_index(x_shape, indices: torch.Tensor):
     return rows, torch.div(indices, width, rounding_mode="floor"), indices % width
 
 
+def kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """The inverse of `indices`: (B, N) int32, row_of[b, p] = j where indices[b, j] == p, -1 at
+    the pruned positions. An index outside [0, N) is skipped (written to a spare last element,
+    so nothing lands out of bounds); a repeated position gets one of its rows."""
+    batch = indices.shape[0]
+    inside = ((indices >= 0) & (indices < num_positions)).reshape(-1)
+    targets = torch.where(inside, _flat_rows(indices, num_positions), batch * num_positions)
+    rows = torch.arange(indices.shape[1], dtype=torch.int32, device=indices.device)
+    row_of = torch.full((batch * num_positions + 1,), -1, dtype=torch.int32,
+                        device=indices.device)
+    row_of.scatter_(0, targets, rows.expand(indices.shape).reshape(-1))
+    return row_of[:-1].view(batch, num_positions)
+
+
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """(B, k, C): the rows of x at the kept positions."""
     if x.is_contiguous():

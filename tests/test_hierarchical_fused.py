@@ -110,6 +110,9 @@ def test_masked_residual_matches_the_loop_bit_for_bit(backend, layout, dtype, wi
     want = _masked_residual_by_loop(shortcut, idx, values, gamma)
     assert got.shape == shortcut.shape and got.is_contiguous()
     assert torch.equal(got, want)
+    row_of = hier.kept_row_map(idx, (H, W), backend=name)
+    assert torch.equal(hier.masked_residual(shortcut, idx, values, gamma, row_of=row_of,
+                                            backend=name), want)
     pruned = torch.ones(3, H * W, dtype=torch.bool, device=device)
     pruned[torch.arange(3, device=device)[:, None], idx] = False
     flat = got.reshape(3, H * W, 24)
@@ -123,14 +126,16 @@ def test_triton_fused_tiny_blocks_empty_work_and_no_launch(backend, monkeypatch)
     from papr_kernels.ops.triton import common
     from papr_kernels.ops.triton import rows as tr
     _, device = backend
-    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_J=4, BLOCK_C=4))
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_C=4, BLOCK_M=4))
     monkeypatch.setattr(common, "SPLIT_OVERRIDE", (1, 3))
     gen = torch.Generator().manual_seed(5)
     x = _x("nchw", 2, 11, torch.bfloat16, device, gen)
     idx = _indices(2, 10, device, gen)
     v, g = torch.randn(2, 10, 11, generator=gen).bfloat16(), torch.randn(11, generator=gen).bfloat16()
-    assert torch.equal(tr.masked_residual(x, idx, v.to(device), g.to(device)),
-                       _masked_residual_by_loop(x, idx, v.to(device), g.to(device)))
+    want = _masked_residual_by_loop(x, idx, v.to(device), g.to(device))
+    assert torch.equal(tr.masked_residual(x, idx, v.to(device), g.to(device)), want)
+    assert torch.equal(tr.masked_residual(x, idx, v.to(device), g.to(device),
+                                          row_of=hier.kept_row_map(idx, (H, W))), want)
     torch.testing.assert_close(tr.gather_layer_norm(x, idx, g.to(device), None, 1e-5),
                                F.layer_norm(_rows_by_loop(x, idx), (11,), g.to(device), None, 1e-5))
     assert torch.equal(tr.masked_residual(x, idx[:, :0], v[:, :0].to(device), None),
@@ -154,18 +159,20 @@ def test_fused_custom_ops_opcheck_and_fake_tensors(backend):
     gen = torch.Generator().manual_seed(6)
     x, idx = _x("nchw", 2, 6, torch.float32, device, gen), _indices(2, 5, device, gen)
     v, g = torch.randn(2, 5, 6, device=device), torch.randn(6, device=device)
+    row_of = hier.kept_row_map(idx, (H, W))
     ops = torch.ops.papr_kernels
     for op, args in ((ops.triton_gather_layer_norm.default, (x, idx, g, g, 1e-5)),
                      (ops.triton_gather_layer_norm.default, (x, idx, None, None, 1e-5)),
-                     (ops.triton_masked_residual.default, (x, idx, v, g)),
-                     (ops.triton_masked_residual.default, (x, idx, v, None))):
+                     (ops.triton_masked_residual.default, (x, row_of, v, g)),
+                     (ops.triton_masked_residual.default, (x, row_of, v, None))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     with FakeTensorMode():
         x = torch.empty(4, 768, 7, 7, dtype=torch.bfloat16, device=device).permute(0, 2, 3, 1)
         idx = torch.empty(4, 31, dtype=torch.int64, device=device)
         rows = ops.triton_gather_layer_norm(x, idx, None, None, 1e-6)
         assert rows.shape == (4, 31, 768) and rows.dtype == x.dtype and rows.is_contiguous()
-        out = ops.triton_masked_residual(x, idx, rows, None)
+        row_of = torch.empty(4, 49, dtype=torch.int32, device=device)
+        out = ops.triton_masked_residual(x, row_of, rows, None)
         assert out.shape == x.shape and out.is_contiguous()
 
 
@@ -181,8 +188,9 @@ def test_composition_is_differentiable_and_promotes(backend):
     g = torch.randn(3, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     torch.autograd.gradcheck(lambda x, w: hier.gather_layer_norm(x, idx, w, None, 1e-5,
                                                                  backend=name), (x, g))
-    torch.autograd.gradcheck(lambda s, v, g: hier.masked_residual(s, idx, v, g, backend=name),
-                             (x, v, g))
+    row_of = hier.kept_row_map(idx, (2, 3), backend=name)
+    torch.autograd.gradcheck(lambda s, v, g: hier.masked_residual(s, idx, v, g, row_of=row_of,
+                                                                  backend=name), (x, v, g))
     half = v.detach().bfloat16()
     got = hier.masked_residual(x.detach().float(), idx, half, g.detach().float(), backend=name)
     want = _masked_residual_by_loop(x.detach().float(), idx, half, g.detach().float())
@@ -255,14 +263,32 @@ def _small(name):
 @pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv_mlp"])
 def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, name,
                                                                       monkeypatch):
+    """...and each pruned stage maps its positions to kept rows once, for all its blocks (the
+    dense kernels build no map of their own)."""
+    from papr_kernels.ops.triton import rows as tr
     monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
     model, images = _small(name)
     by_hand, proposal = th.MODELS[name][2], th._proposal()
     with torch.no_grad():
         expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
         ptimm.patch(model, proposal, 0.5)
+        selects = _counting(monkeypatch, hier, "select")
+        maps = _counting(monkeypatch, tr._kept_row_map_kernel, "run")
         got = model(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert maps["n"] == selects["n"] == 4
+
+
+def _counting(monkeypatch, owner, name):
+    """Count the calls of owner.name (a module's function, a kernel's launches)."""
+    calls, original = {"n": 0}, getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
 
 
 @pytest.mark.parametrize("name", ["convnext", "convnext-conv_mlp"])
@@ -292,16 +318,28 @@ def test_convnext_gathers_from_contiguous_channels_last_maps(name, monkeypatch):
 
 @pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
 def test_patched_convnext_on_triton_compiles_without_graph_breaks(backend, monkeypatch):
-    """fullgraph=True through both fused custom ops (aot_eager: tracing, fast enough for CI;
-    Swin's ops are a subset: gather_layer_norm and the in-place scatter_back)."""
+    """fullgraph=True through the fused custom ops (aot_eager: tracing, fast enough for CI;
+    Swin's ops are a subset: gather_layer_norm and the in-place scatter_back); the graph builds
+    one kept-row map per pruned stage (4) for the 5 blocks' masked_residual."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_compiler
     monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
     model, images = _small("convnext")
+    ops = []
+
+    def recording(gm, _):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    backend = aot_autograd(fw_compiler=make_boxed_compiler(recording))
     torch._dynamo.reset()
     with torch.no_grad():
         ptimm.patch(model, th._proposal(), 0.5)
         eager = model(images)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(images)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert ops.count("papr_kernels.triton_kept_row_map.default") == 4
+    assert ops.count("papr_kernels.triton_masked_residual.default") == 5
 
 
 

@@ -9,6 +9,8 @@ explicit loops.
   (through x's strides, nothing written outside the view) or not (x unchanged); k = 0, k = N,
   B = 0; fp16/bf16 adds rounded like torch's a + b; signed zeros; fake tensors; opcheck of the
   custom ops; indices outside the contract (cpp raises, cuda masks, triton stays in bounds).
+- The kept-row map (`hierarchical.kept_row_map`) against a loop, and the dense ops given it
+  (`row_of=`): checked, followed by the Triton kernels, equal to the reference.
 - The public ops of `papr_kernels.hierarchical` with `backend=name`: results, in place,
   gradients, gradcheck, torch.compile(fullgraph=True).
 - Triton only: tiny blocks and split overrides (every mask used), no launch for empty work.
@@ -232,9 +234,13 @@ def _custom_ops(name):
     """(op, args builder) of the custom ops behind backend `name`'s row functions."""
     ops = torch.ops.papr_kernels
     if name == "triton":
-        return [(ops.triton_gather_rows.default, lambda x, i, v: (x, i)),
-                (ops.triton_scatter_rows.default, lambda x, i, v: (v, i, list(x.shape))),
-                (ops.triton_scatter_back.default, lambda x, i, v: (x, i, v)),
+        def row_of(x, i):
+            return reference.kept_row_map(i, _positions(x))
+        return [(ops.triton_kept_row_map.default, lambda x, i, v: (i, _positions(x))),
+                (ops.triton_gather_rows.default, lambda x, i, v: (x, i)),
+                (ops.triton_scatter_rows.default, lambda x, i, v: (v, row_of(x, i),
+                                                                   list(x.shape))),
+                (ops.triton_scatter_back.default, lambda x, i, v: (x, row_of(x, i), v)),
                 (ops.triton_scatter_back_.default, lambda x, i, v: (x.clone(), i, v))]
     return [(ops.gather_rows.default, lambda x, i, v: (x, i)),          # cpp, cuda: 4-D x
             (ops.put_rows_.default, lambda x, i, v: (torch.zeros_like(x), i, v, False)),
@@ -322,6 +328,105 @@ def test_out_of_contract_indices_stay_in_bounds(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# The kept-row map
+
+
+def _map_by_loop(idx, n):
+    """row_of[b, p] = j for indices[b, j] == p in [0, n), else -1."""
+    row_of = torch.full((idx.shape[0], n), -1, dtype=torch.int32)
+    for b, row in enumerate(idx.tolist()):
+        for j, p in enumerate(row):
+            if 0 <= p < n:
+                row_of[b, p] = j
+    return row_of
+
+
+def _grid(x):
+    return tuple(x.shape[1:3]) if x.dim() == 4 else (1, x.shape[1])
+
+
+def _map_builder(backend):
+    """The backend's map kernel (unchecked), or the reference's for those without one."""
+    return getattr(_impl(backend), "kept_row_map", reference.kept_row_map)
+
+
+@pytest.mark.parametrize("batch,k", [(3, 11), (2, H * W), (1, 1), (2, 0), (0, 4), (0, 0)])
+@pytest.mark.parametrize("ascending", [False, True], ids=["any-order", "ascending"])
+def test_kept_row_map_inverts_the_indices(backend, batch, k, ascending):
+    """The same map on every backend: the loop's."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(100 * batch + k)
+    idx = _indices(batch, H * W, k, "cpu", gen)
+    if ascending:
+        idx = idx.sort(dim=1).values
+    want = _map_by_loop(idx, H * W)
+    got = hier.kept_row_map(idx.to(device), (H, W), backend=name)
+    assert got.dtype == torch.int32 and got.shape == (batch, H * W) and got.is_contiguous()
+    assert got.device.type == device and torch.equal(got.cpu(), want)
+    strided = torch.empty(k, batch, dtype=torch.int64, device=device).t()
+    strided.copy_(idx)                                 # (B, k) with strides (1, B)
+    assert torch.equal(hier.kept_row_map(strided, (H, W), backend=name).cpu(), want)
+
+
+def test_kept_row_map_checks_its_arguments_and_skips_out_of_range_indices(backend):
+    """CPU indices are range-checked as by the row ops; unchecked (CUDA, compiled) an index
+    outside [0, N) is skipped, nothing written out of bounds (no device assert)."""
+    name, device = backend
+    idx = torch.tensor([[0, 6, -1, 3], [2, 10**12, 5, -10**12]], device=device)
+    assert torch.equal(_map_builder(backend)(idx, 6).cpu(), _map_by_loop(idx.cpu(), 6))
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, N\)"):
+            hier.kept_row_map(idx, (2, 3), backend=name)
+    with pytest.raises(TypeError, match="int64"):
+        hier.kept_row_map(idx.int(), (2, 3), backend=name)
+    with pytest.raises(ValueError, match="at most N = 3"):
+        hier.kept_row_map(idx, (1, 3), backend=name)
+    with pytest.raises(ValueError, match="grid must be positive"):
+        hier.kept_row_map(idx[:, :0], (0, 3), backend=name)
+
+
+def test_a_given_row_map_is_checked(backend):
+    name, device = backend
+    x, v = torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 4, 5, device=device)
+    idx = _unique_indices(2, 12, 4).to(device)
+    row_of = hier.kept_row_map(idx, (3, 4), backend=name)
+    with pytest.raises(TypeError, match="row_of must be int32"):
+        hier.scatter_rows(v, idx, like=x, row_of=row_of.long(), backend=name)
+    with pytest.raises(ValueError, match=r"row_of must be \(B, N\) = \(2, 12\)"):
+        hier.scatter_back(x, idx, v, row_of=row_of[:, :-1], backend=name)
+    with pytest.raises(ValueError, match="row_of must be"):
+        hier.masked_residual(x, idx, v, row_of=row_of[:1], backend=name)
+    with pytest.raises(TypeError, match="row_of must be a torch.Tensor"):
+        hier.scatter_rows(v, idx, like=x, row_of=[0] * 12, backend=name)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+def test_triton_dense_kernels_follow_the_given_map_and_mask_entries_past_k(backend):
+    """The kernels read the caller's map (not one rebuilt from the indices); an entry outside
+    [0, k) reads as a pruned position (no value row past k is read)."""
+    _, device = backend
+    impl = _impl(backend)
+    gen = torch.Generator().manual_seed(13)
+    x = _x("nchw", 2, 6, torch.float32, device, gen, h=3, w=4)
+    idx, other = (_indices(2, 12, 5, device, gen) for _ in range(2))
+    v = _values(2, 5, 6, torch.float32, device, gen)
+    row_of = reference.kept_row_map(other, 12)
+    xr, vr, otr = x.cpu(), v.cpu(), other.cpu()
+    _same(impl.scatter_rows(v, idx, x.shape, row_of=row_of),
+          reference.scatter_rows(vr, otr, x.shape), device)
+    _same(impl.scatter_back(x, idx, v, False, row_of=row_of),
+          reference.scatter_back(xr, otr, vr), device)
+    _same(impl.masked_residual(x, idx, v, None, row_of=row_of),
+          reference.masked_residual(xr, otr, vr, None), device)
+    for bad in (-7, 5, 2**31 - 1):
+        row_of = torch.full((2, 12), bad, dtype=torch.int32, device=device)
+        _same(impl.scatter_rows(v, idx, x.shape, row_of=row_of), torch.zeros(xr.shape), device)
+        _same(impl.scatter_back(x, idx, v, False, row_of=row_of), xr.contiguous(), device)
+        _same(impl.masked_residual(x, idx, v, None, row_of=row_of), torch.zeros(xr.shape),
+              device)
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton only: block and split overrides, launches
 
 
@@ -331,7 +436,7 @@ def test_triton_tiny_blocks_and_channel_chunks(backend, layout, monkeypatch):
     """Blocks smaller than k, N and C, several channel chunks per row block: every mask used."""
     from papr_kernels.ops.triton import common
     _, device = backend
-    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_J=4, BLOCK_C=4))
+    monkeypatch.setattr(common, "BLOCK_OVERRIDE", dict(BLOCK_R=4, BLOCK_P=4, BLOCK_C=4, BLOCK_M=4))
     monkeypatch.setattr(common, "SPLIT_OVERRIDE", (1, 3))   # rows: one program per block, 3 chunks
     gen = torch.Generator().manual_seed(9)
     x = _x(layout, 3, 11, torch.float16, device, gen, h=5, w=3)
@@ -344,7 +449,8 @@ def test_triton_empty_batch_and_k_zero_do_not_launch(backend, monkeypatch):
     from papr_kernels.ops.triton import rows as tr
     _, device = backend
     launches = {"n": 0}
-    for kernel in (tr._gather_kernel, tr._scatter_dense_kernel, tr._scatter_add_inplace_kernel):
+    for kernel in (tr._gather_kernel, tr._kept_row_map_kernel, tr._scatter_dense_kernel,
+                   tr._scatter_add_inplace_kernel):
         def counting(*args, _original=kernel.run, **kwargs):
             launches["n"] += 1
             return _original(*args, **kwargs)
@@ -358,7 +464,7 @@ def test_triton_empty_batch_and_k_zero_do_not_launch(backend, monkeypatch):
     x = _x("4d", 1, 6, torch.float16, device, gen, h=3, w=4)
     _check_all(_impl(backend), x, _indices(1, 12, 2, device, gen),
                _values(1, 2, 6, torch.float16, device, gen))
-    assert launches["n"] == 4   # one launch per op otherwise
+    assert launches["n"] == 6   # one per op, and a map for each dense op given none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,11 +527,16 @@ def test_public_ops_match_reference(backend, layout, dtype):
     idx = _unique_indices(2, 12, 7, seed=2).to(device)
     ref_x, ref_idx, ref_values = x.cpu(), idx.cpu(), values.cpu()
 
+    row_of = hier.kept_row_map(idx, _grid(x), backend=name)
+
     _same(hier.gather_rows(x, idx, backend=name), reference.gather_rows(ref_x, ref_idx), device)
-    _same(hier.scatter_rows(values, idx, like=x, backend=name),
-          reference.scatter_rows(ref_values, ref_idx, ref_x.shape), device)
+    expected_rows = reference.scatter_rows(ref_values, ref_idx, ref_x.shape)
+    _same(hier.scatter_rows(values, idx, like=x, backend=name), expected_rows, device)
+    _same(hier.scatter_rows(values, idx, like=x, row_of=row_of, backend=name), expected_rows,
+          device)
     expected_back = reference.scatter_back(ref_x, ref_idx, ref_values)
     _same(hier.scatter_back(x, idx, values, backend=name), expected_back, device)
+    _same(hier.scatter_back(x, idx, values, row_of=row_of, backend=name), expected_back, device)
     assert torch.equal(x.cpu(), ref_x)                                  # not written
     target = x.clone() if layout != "NCHW-permuted" else (
         x.permute(0, 3, 1, 2).clone().permute(0, 2, 3, 1))              # keep the strides
@@ -502,7 +613,8 @@ def test_gradients_match_reference(backend):
         x = x0.to(dev).requires_grad_()
         v = v0.to(dev).requires_grad_()
         i = idx.to(dev)
-        y = hier.scatter_back(x, i, hier.gather_rows(x, i, **kw) * v, **kw)
+        row_of = hier.kept_row_map(i, (3, 4), **kw)
+        y = hier.scatter_back(x, i, hier.gather_rows(x, i, **kw) * v, row_of=row_of, **kw)
         y = y + hier.scatter_rows(v, i, like=x, **kw)
         grads[which] = [t.cpu() for t in torch.autograd.grad(y, (x, v), g.to(dev))]
     for got, expected in zip(grads["backend"], grads["reference"]):
@@ -546,9 +658,10 @@ def test_compile_fullgraph_matches_eager(backend, compiler):
     name, device = backend
 
     def block(x, idx, v):
+        row_of = hier.kept_row_map(idx, _grid(x), backend=name)
         rows = hier.gather_rows(x, idx, backend=name)
         out = hier.scatter_back(x, idx, rows * 2.0 + v, backend=name)
-        dense = hier.scatter_rows(v, idx, like=x, backend=name)
+        dense = hier.scatter_rows(v, idx, like=x, row_of=row_of, backend=name)
         y = out.clone()
         hier.scatter_back(y, idx, v, inplace=True, backend=name)
         return out, dense, y

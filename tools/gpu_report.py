@@ -80,7 +80,8 @@ def _specialize(fn, values, constexprs):
         value = values[name]
         if isinstance(value, str):   # a pointer: a small tensor of that dtype (16-aligned)
             value = torch.empty(8, dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16",
-                                                         "fp32": "float32", "i64": "int64"}[value]))
+                                                         "fp32": "float32", "i64": "int64",
+                                                         "i32": "int32"}[value]))
         ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
         signature[name] = ty
         if ty == "constexpr":
@@ -266,18 +267,24 @@ def row_jobs():
                               KEEP=k, num_chunks=1, chans_per_prog=c)
                 rows = dict(num_blocks=-(-k // blocks["BLOCK_R"]))
                 vals = dict(s_vb=k * c, s_vj=c, s_vc=1)
+                dense = dict(map_ptr="i32", s_mb=n, s_mp=1, num_blocks=-(-n // blocks["BLOCK_P"]),
+                             **{a: v for a, v in common.items() if a not in ("s_ib", "s_ij")})
                 grid, upcast = layout != "bnc", dtype == "fp16"
                 label = f"{dtype} {layout} {h}x{w}x{c}"
+                if layout == "nhwc":      # the map does not depend on x's layout
+                    yield ("kept_row_map", f"{h}x{w}", tr._kept_row_map_kernel,
+                           dict(idx_ptr="i64", map_ptr="i32", s_ib=k, s_ij=1, N=n, KEEP=k,
+                                num_blocks=-(-k // blocks["BLOCK_M"])),
+                           dict(BLOCK_M=blocks["BLOCK_M"]))
                 yield ("gather", label, tr._gather_kernel,
                        dict(x_ptr=dtype, idx_ptr="i64", out_ptr=dtype, **common, **rows),
                        dict(GRID=grid, BLOCK_R=blocks["BLOCK_R"], BLOCK_C=blocks["BLOCK_C"]))
                 for has_x in (False, True):
                     yield ("scatter_back (dense)" if has_x else "scatter_rows (dense)", label,
                            tr._scatter_dense_kernel,
-                           dict(x_ptr=dtype, idx_ptr="i64", v_ptr=dtype, out_ptr=dtype,
-                                num_blocks=-(-n // blocks["BLOCK_P"]), **common, **vals),
+                           dict(x_ptr=dtype, v_ptr=dtype, out_ptr=dtype, **dense, **vals),
                            dict(HAS_X=has_x, UPCAST=upcast, GRID=grid, BLOCK_P=blocks["BLOCK_P"],
-                                BLOCK_J=blocks["BLOCK_J"], BLOCK_C=blocks["BLOCK_C"]))
+                                BLOCK_C=blocks["BLOCK_C"]))
                 yield ("scatter_back (inplace)", label, tr._scatter_add_inplace_kernel,
                        dict(x_ptr=dtype, idx_ptr="i64", v_ptr=dtype, **common, **rows, **vals),
                        dict(UPCAST=upcast, GRID=grid, BLOCK_R=blocks["BLOCK_R"],
@@ -292,11 +299,10 @@ def row_jobs():
                             BLOCK_R=norm_r, BLOCK_C=norm_c))
                 shortcut = {f"s_s{a[-1]}": v for a, v in common.items() if a.startswith("s_x")}
                 yield ("masked_residual", label, tr._masked_residual_kernel,
-                       dict(s_ptr=dtype, idx_ptr="i64", v_ptr=dtype, g_ptr=dtype, out_ptr=dtype,
-                            num_blocks=-(-n // blocks["BLOCK_P"]), **vals, **shortcut,
-                            **{a: v for a, v in common.items() if not a.startswith("s_x")}),
+                       dict(s_ptr=dtype, v_ptr=dtype, g_ptr=dtype, out_ptr=dtype, **vals, **shortcut,
+                            **{a: v for a, v in dense.items() if not a.startswith("s_x")}),
                        dict(HAS_GAMMA=True, UPCAST=upcast, GRID=grid, BLOCK_P=blocks["BLOCK_P"],
-                            BLOCK_J=blocks["BLOCK_J"], BLOCK_C=blocks["BLOCK_C"]))
+                            BLOCK_C=blocks["BLOCK_C"]))
 
 
 def compile_row_kernel(fn, sig, attrs, consts):

@@ -5,9 +5,10 @@ reduced once to their float64 channel mean (`hierarchical.proposal_map`), kept f
 each pruned stage, after its downsampling, selects the top int(H*W*z) positions of its own
 (H, W) grid from that map (`hierarchical.select`: SPEC's scores and total order, the same
 positions as from the features) once, in ascending order (the branch is per position, so the
-order does not change the output, and neighbouring kept rows are neighbouring positions), and
-all its blocks use them through their `_papr_forward(x, indices)`. With z = 1 every position is
-kept and the original forward runs: the output is the unpatched model's.
+order does not change the output, and neighbouring kept rows are neighbouring positions), maps
+each position to its kept row once (`hierarchical.kept_row_map`, for the ops that write every
+position), and all its blocks use both through their `_papr_forward(x, indices, row_of)`.
+With z = 1 every position is kept and the original forward runs: the output is the unpatched model's.
 """
 import functools
 import numbers
@@ -59,12 +60,14 @@ class PrunedStage(Patched):
 
     def forward(self, x):
         x = self.downsample(x)
-        indices = self._papr_indices(self._papr_grid(x))   # once for all blocks
+        grid = self._papr_grid(x)
+        indices = self._papr_indices(grid)                  # once for all blocks
         if indices is not None:
             x = self._papr_layout(x)
+            row_of = hierarchical.kept_row_map(indices, grid)
         for block in self.blocks:
-            run = block if indices is None else functools.partial(block._papr_forward,
-                                                                  indices=indices)
+            run = block if indices is None else functools.partial(
+                block._papr_forward, indices=indices, row_of=row_of)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(run, x, use_reentrant=False)
             else:

@@ -26,7 +26,7 @@ class PaPrConvNeXtStage(PrunedStage):
 
 
 class PaPrConvNeXtBlock(Patched):
-    def _papr_forward(self, x, indices):
+    def _papr_forward(self, x, indices, row_of):
         shortcut = self.shortcut(x).permute(0, 2, 3, 1)              # dense, viewed (B, H, W, C)
         y = self.conv_dw(x).permute(0, 2, 3, 1)                      # channels-last: contiguous
         rows = _stages.gather_norm(self.norm, y, indices, channels_first=self.use_conv_mlp)
@@ -37,7 +37,8 @@ class PaPrConvNeXtBlock(Patched):
         gamma = self.gamma
         if self.training:           # drop_path acts (eval: identity): scale here, as timm does
             rows, gamma = self.drop_path(rows if gamma is None else rows * gamma), None
-        return hierarchical.masked_residual(shortcut, indices, rows, gamma).permute(0, 3, 1, 2)
+        out = hierarchical.masked_residual(shortcut, indices, rows, gamma, row_of=row_of)
+        return out.permute(0, 3, 1, 2)
 
 
 def _check(model: ConvNeXt, state) -> None:

@@ -17,14 +17,15 @@ class PaPrSwinStage(PrunedStage):
 
 
 class PaPrSwinBlock(Patched):
-    def _papr_forward(self, x, indices):
+    def _papr_forward(self, x, indices, row_of):
         x = x + self.drop_path1(self._attn(self.norm1(x)))           # dense: (B, H, W, C)
         rows = _stages.gather_norm(self.norm2, x, indices)            # (B, k, C), normalized
         delta = self.drop_path2(self.mlp(rows))
         if delta.dtype != x.dtype:        # autocast: promote as the dense `x + delta` would
             dtype = torch.promote_types(x.dtype, delta.dtype)
             x, delta = x.to(dtype), delta.to(dtype)
-        return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta))
+        return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta),
+                                         row_of=row_of)
 
 
 def _can_write_inplace(*tensors) -> bool:

@@ -29,7 +29,7 @@ except Exception as exc:  # pragma: no cover - triton is pinned with torch
 #   SPLIT_OVERRIDE = (item chunks, channel chunks) per batch row, instead of the SM-based split
 #                    (the row kernels always run one program per block of items: they take the
 #                    channel chunks only);
-#   BLOCK_OVERRIDE = tile sizes of the row kernels (BLOCK_R, BLOCK_P, BLOCK_J, BLOCK_C).
+#   BLOCK_OVERRIDE = tile sizes of the row kernels (BLOCK_R, BLOCK_P, BLOCK_C).
 SPLIT_OVERRIDE: Optional[Tuple[int, int]] = None
 BLOCK_OVERRIDE: Optional[dict] = None
 

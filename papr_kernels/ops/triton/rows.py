@@ -11,8 +11,14 @@ kernels skip the division then: GRID = False). Every address is built in int64 (
 column and channel each cast before the multiply by their stride), so tensors past 2^31 elements
 work. indices is (B, k) int64 (any strides), unique per row, in [0, N). Outside that contract
 the kernels stay in bounds: an index outside [0, N) is masked off (nothing read or written
-there), and a position named by several indices is left as if not kept by the dense kernel.
+there); a position named by several indices gets one of their rows in the dense kernels.
 values is (B, k, C), any strides.
+
+The dense kernels (every output position written once) read the kept-row map instead of the
+indices: row_of (B, N) int32 (any strides), row_of[b, p] = j where indices[b, j] == p, else -1
+(`_kept_row_map_kernel` after a -1 fill, the map of `reference.kept_row_map`; built once per
+stage by the caller, or here once per call). An entry outside [0, k) reads as a pruned
+position, so no map can send a read out of bounds.
 
 Kernels (the grid is 1-D and flattened: batch x row/position blocks x channel chunks, so no axis
 meets CUDA's 65535 limit on grid y/z; every program loops over its channel chunk in BLOCK_C steps):
@@ -25,17 +31,14 @@ meets CUDA's 65535 limit on grid y/z; every program loops over its channel chunk
 `_scatter_dense_kernel`
                       scatter_rows (HAS_X = False) and out-of-place scatter_back (HAS_X = True),
                       one fused pass over the whole output: each program owns BLOCK_P output
-                      positions, finds for each position the j with indices[b, j] == p by a
-                      [BLOCK_P, BLOCK_J] compare-and-sum over the k indices (no inverse map, no
-                      atomics), then writes every element of its positions exactly once:
+                      positions, looks each one's kept row j up in row_of (one int32 load),
+                      then writes every element of its positions exactly once:
                           HAS_X = False: values[b, j] where kept, 0 elsewhere (the zero-fill is
                                          fused: no torch.zeros launch);
                           HAS_X = True:  x[b, p] + values[b, j] where kept, x[b, p] elsewhere
                                          (the copy is bit-exact: -0.0 stays -0.0, no `+ 0`).
                       Traffic: writes B*N*C*e; reads B*k*C*e of values, B*N*C*e of x when HAS_X
-                      (x is read once: no clone pass), and the k indices per program (B*k*8
-                      from DRAM once, the re-reads of the other programs of a row hit L2).
-                      Compute: B*N*k int32 compares (fine at Swin sizes; O(N*k) per image).
+                      (x is read once: no clone pass), and B*N*4 of row_of.
 
 `_scatter_add_inplace_kernel`
                       in-place scatter_back: x[b, indices[b, j]] += values[b, j], through x's
@@ -47,12 +50,14 @@ once (round to nearest even) to the dtype; fp32 adds in fp32, fp64 in fp64.
 dtypes: fp16, bf16, fp32, fp64 (gather and scatter_rows only move bits: any dtype).
 
 B = 0, k = 0 (and C = 0) launch nothing. Launchers are registered as torch.library custom ops
-(papr_kernels::triton_gather_rows, _scatter_rows, _scatter_back, and the mutating
+(papr_kernels::triton_gather_rows, _scatter_rows, _scatter_back (these two take row_of, not
+indices), and the mutating
 _scatter_back_ with mutates_args=("x",)) with fake implementations, so torch.compile(fullgraph=
 True) traces through them without a graph break. Interpreted launches (CPU tensors under
 TRITON_INTERPRET=1) hold the interpreter lock, CUDA launches run on the tensors' device and its
 current stream (common.launch_guard).
 """
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -60,8 +65,11 @@ import torch
 from . import common
 from .common import launch_guard, next_pow2, tl, triton
 
-__all__ = ["gather_rows", "scatter_rows", "scatter_back", "gather_layer_norm",
-           "masked_residual"]
+__all__ = ["kept_row_map", "gather_rows", "scatter_rows", "scatter_back", "gather_layer_norm",
+           "masked_residual", "ROW_MAP_OPS"]
+
+# The plain functions that take the kept-row map (`row_of=`, papr_kernels.hierarchical).
+ROW_MAP_OPS = ("scatter_rows", "scatter_back", "masked_residual")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +102,14 @@ if triton is not None:
         pos = tl.load(idx_ptr + b * s_ib + j.to(tl.int64) * s_ij, mask=jmask, other=0)
         ok = jmask & (pos >= 0) & (pos < N)
         return b, j, chunk, ok, tl.where(ok, pos, 0).to(tl.int32)
+
+    @triton.jit
+    def _kept_row_map_kernel(idx_ptr, map_ptr, s_ib, s_ij, N, KEEP, num_blocks,
+                             BLOCK_M: tl.constexpr):
+        """row_of[b, indices[b, j]] = j for this program's BLOCK_M kept rows (row_of is filled
+        with -1 before); an index outside [0, N) writes nothing."""
+        b, j, _, ok, p = _kept_rows(idx_ptr, s_ib, s_ij, N, KEEP, num_blocks, 1, BLOCK_M)
+        tl.store(map_ptr + b * N + p.to(tl.int64), j, mask=ok)
 
     @triton.jit
     def _gather_kernel(
@@ -160,34 +176,26 @@ if triton is not None:
         return a * v
 
     @triton.jit
-    def _kept_row_of(p, pmask, idx_row, s_ij, N, KEEP, BLOCK_J: tl.constexpr):
-        """For positions p: the kept row j with indices[j] == p (0 if none) and whether there is
-        exactly one, found by comparing with all k indices (no inverse map, no atomics)."""
-        offs_j = tl.arange(0, BLOCK_J)
-        row = tl.zeros(p.shape, dtype=tl.int32)
-        found = tl.zeros(p.shape, dtype=tl.int32)
-        for j0 in range(0, KEEP, BLOCK_J):
-            j = j0 + offs_j
-            kept = tl.load(idx_row + j.to(tl.int64) * s_ij, mask=j < KEEP, other=-1)
-            kept = tl.where((kept >= 0) & (kept < N), kept, -1).to(tl.int32)
-            hit = kept[None, :] == p[:, None]
-            row += tl.sum(tl.where(hit, j[None, :], 0), axis=1)
-            found += tl.sum(hit.to(tl.int32), axis=1)
-        return row, pmask & (found == 1)   # several hits: duplicate indices, outside the contract
+    def _kept_row_at(p, pmask, map_row, s_mp, KEEP):
+        """For positions p: their kept row j (row_of[p], one load) and whether p is kept; a map
+        entry outside [0, KEEP) reads as not kept, so no value row past KEEP is ever read."""
+        row = tl.load(map_row + p.to(tl.int64) * s_mp, mask=pmask, other=-1)
+        kept_p = pmask & (row >= 0) & (row < KEEP)
+        return tl.where(kept_p, row, 0), kept_p
 
     @triton.jit
     def _scatter_dense_kernel(
-        x_ptr, idx_ptr, v_ptr, out_ptr,
-        s_xb, s_xh, s_xw, s_xc, s_ib, s_ij, s_vb, s_vj, s_vc,
+        x_ptr, map_ptr, v_ptr, out_ptr,
+        s_xb, s_xh, s_xw, s_xc, s_mb, s_mp, s_vb, s_vj, s_vc,
         N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
         HAS_X: tl.constexpr, UPCAST: tl.constexpr, GRID: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         b, blk, chunk = _split_pid(num_blocks, num_chunks)
         p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < N
-        row, kept_p = _kept_row_of(p, pmask, idx_ptr + b * s_ib, s_ij, N, KEEP, BLOCK_J)
-        v_row = v_ptr + b * s_vb + tl.where(kept_p, row, 0).to(tl.int64) * s_vj
+        row, kept_p = _kept_row_at(p, pmask, map_ptr + b * s_mb, s_mp, KEEP)
+        v_row = v_ptr + b * s_vb + row.to(tl.int64) * s_vj
         if HAS_X:
             x_pos = x_ptr + b * s_xb + _position_offset(tl.where(pmask, p, 0), W, s_xh, s_xw, GRID)
         dst = out_ptr + (b * N + p.to(tl.int64)) * C
@@ -258,17 +266,17 @@ if triton is not None:
 
     @triton.jit
     def _masked_residual_kernel(
-        s_ptr, idx_ptr, v_ptr, g_ptr, out_ptr,
-        s_sb, s_sh, s_sw, s_sc, s_ib, s_ij, s_vb, s_vj, s_vc,
+        s_ptr, map_ptr, v_ptr, g_ptr, out_ptr,
+        s_sb, s_sh, s_sw, s_sc, s_mb, s_mp, s_vb, s_vj, s_vc,
         N, W, C, KEEP, num_blocks, num_chunks, chans_per_prog,
         HAS_GAMMA: tl.constexpr, UPCAST: tl.constexpr, GRID: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         b, blk, chunk = _split_pid(num_blocks, num_chunks)
         p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
         pmask = p < N
-        row, kept_p = _kept_row_of(p, pmask, idx_ptr + b * s_ib, s_ij, N, KEEP, BLOCK_J)
-        v_row = v_ptr + b * s_vb + tl.where(kept_p, row, 0).to(tl.int64) * s_vj
+        row, kept_p = _kept_row_at(p, pmask, map_ptr + b * s_mb, s_mp, KEEP)
+        v_row = v_ptr + b * s_vb + row.to(tl.int64) * s_vj
         s_pos = s_ptr + b * s_sb + _position_offset(tl.where(kept_p, p, 0), W, s_sh, s_sw, GRID)
         dst = out_ptr + (b * N + p.to(tl.int64)) * C
         c_lo = chunk * chans_per_prog
@@ -289,13 +297,14 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-# GPU tiles. Rows x channels for the gather / in-place add, positions x indices for the lookup.
+# GPU tiles: kept rows x channels (gather, in-place add), positions x channels (dense kernels),
+# kept rows of the map (one int each).
 BLOCK_R = 16
 BLOCK_P = 32
-BLOCK_J = 128
 BLOCK_C = 64
+BLOCK_M = 1024
 # The interpreter runs programs one after another, op by op in numpy: few, big programs.
-_INTERP_BLOCKS = dict(BLOCK_R=256, BLOCK_P=256, BLOCK_J=1024, BLOCK_C=256)
+_INTERP_BLOCKS = dict(BLOCK_R=256, BLOCK_P=256, BLOCK_C=256, BLOCK_M=1024)
 # Tests force tiny blocks / several channel chunks through common.BLOCK_OVERRIDE / SPLIT_OVERRIDE.
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -304,7 +313,7 @@ _UPCAST = (torch.float16, torch.bfloat16)
 def block_sizes(channels: int, interpreted: bool = False) -> dict:
     """Tile sizes for a launch (also used for ahead-of-time compiles)."""
     blocks = dict(_INTERP_BLOCKS if interpreted else
-                  dict(BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C))
+                  dict(BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M))
     if common.BLOCK_OVERRIDE is not None:
         blocks.update(common.BLOCK_OVERRIDE)
     blocks["BLOCK_C"] = max(1, min(blocks["BLOCK_C"], next_pow2(channels)))
@@ -331,6 +340,21 @@ def _plan(batch: int, count: int, channels: int, block: int, blocks: dict, sms: 
     return (programs,), num_blocks, chunks, chans_per
 
 
+def _launch_kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """reference.kept_row_map in two launches: the -1 fill and one scatter of the k rows."""
+    batch, keep = indices.shape
+    row_of = torch.full((batch, num_positions), -1, dtype=torch.int32, device=indices.device)
+    if row_of.numel() == 0 or keep == 0:
+        return row_of
+    block = block_sizes(1, common.interpreted(indices.device))["BLOCK_M"]
+    num_blocks = -(-keep // block)
+    with launch_guard(indices.device):
+        _kept_row_map_kernel[(batch * num_blocks,)](
+            indices, row_of, indices.stride(0), indices.stride(1), num_positions, keep,
+            num_blocks, BLOCK_M=block)
+    return row_of
+
+
 def _launch_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     batch, keep, channels = x.shape[0], indices.shape[1], x.shape[-1]
     out = torch.empty(batch, keep, channels, dtype=x.dtype, device=x.device)
@@ -348,10 +372,10 @@ def _launch_gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _launch_dense(x: Optional[torch.Tensor], indices: torch.Tensor, values: torch.Tensor,
+def _launch_dense(x: Optional[torch.Tensor], row_of: torch.Tensor, values: torch.Tensor,
                   shape: Sequence[int]) -> torch.Tensor:
     """scatter_rows (x None) or out-of-place scatter_back: one pass writing the whole output."""
-    batch, keep, channels = shape[0], indices.shape[1], shape[-1]
+    batch, keep, channels = shape[0], values.shape[1], shape[-1]
     ref = values if x is None else x
     if x is None and keep == 0:
         return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
@@ -367,11 +391,11 @@ def _launch_dense(x: Optional[torch.Tensor], indices: torch.Tensor, values: torc
                                                 common.multiprocessors(ref.device))
     with launch_guard(ref.device):
         _scatter_dense_kernel[grid](
-            src, indices, values, out, sb, sh, sw, sc, indices.stride(0), indices.stride(1),
+            src, row_of, values, out, sb, sh, sw, sc, row_of.stride(0), row_of.stride(1),
             values.stride(0), values.stride(1), values.stride(2),
             n, w, channels, keep, num_blocks, chunks, chans_per,
             HAS_X=x is not None, UPCAST=ref.dtype in _UPCAST, GRID=grid_4d,
-            BLOCK_P=blocks["BLOCK_P"], BLOCK_J=blocks["BLOCK_J"], BLOCK_C=blocks["BLOCK_C"])
+            BLOCK_P=blocks["BLOCK_P"], BLOCK_C=blocks["BLOCK_C"])
     return out
 
 
@@ -436,11 +460,11 @@ def _no_fp_fusion(device: torch.device) -> dict:
     return {} if common.interpreted(device) else dict(enable_fp_fusion=False)
 
 
-def _launch_masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+def _launch_masked_residual(shortcut: torch.Tensor, row_of: torch.Tensor, values: torch.Tensor,
                             gamma: Optional[torch.Tensor]) -> torch.Tensor:
     """ConvNeXt's block output in one pass: every position written once, the shortcut read at
     the kept positions only."""
-    batch, keep, channels = shortcut.shape[0], indices.shape[1], shortcut.shape[-1]
+    batch, keep, channels = shortcut.shape[0], values.shape[1], shortcut.shape[-1]
     out = torch.empty(shortcut.shape, dtype=shortcut.dtype, device=shortcut.device)
     if out.numel() == 0:
         return out
@@ -450,12 +474,12 @@ def _launch_masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, value
                                                 common.multiprocessors(out.device))
     with launch_guard(out.device):
         _masked_residual_kernel[grid](
-            shortcut, indices, values, shortcut if gamma is None else gamma, out,
-            sb, sh, sw, sc, indices.stride(0), indices.stride(1),
+            shortcut, row_of, values, shortcut if gamma is None else gamma, out,
+            sb, sh, sw, sc, row_of.stride(0), row_of.stride(1),
             values.stride(0), values.stride(1), values.stride(2),
             n, w, channels, keep, num_blocks, chunks, chans_per,
             HAS_GAMMA=gamma is not None, UPCAST=out.dtype in _UPCAST, GRID=grid_4d,
-            BLOCK_P=blocks["BLOCK_P"], BLOCK_J=blocks["BLOCK_J"], BLOCK_C=blocks["BLOCK_C"],
+            BLOCK_P=blocks["BLOCK_P"], BLOCK_C=blocks["BLOCK_C"],
             **_no_fp_fusion(out.device))
     return out
 
@@ -463,6 +487,16 @@ def _launch_masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, value
 # ----------------------------------------------------------------------------------------------
 # torch.library wrapping: opaque custom ops with fake implementations (no graph break)
 # ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("papr_kernels::triton_kept_row_map", mutates_args=())
+def triton_kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    return _launch_kept_row_map(indices, num_positions)
+
+
+@triton_kept_row_map.register_fake
+def _(indices, num_positions):
+    return indices.new_empty(indices.shape[0], num_positions, dtype=torch.int32)
+
+
 @torch.library.custom_op("papr_kernels::triton_gather_rows", mutates_args=())
 def triton_gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return _launch_gather(x, indices)
@@ -474,24 +508,24 @@ def _(x, indices):
 
 
 @torch.library.custom_op("papr_kernels::triton_scatter_rows", mutates_args=())
-def triton_scatter_rows(values: torch.Tensor, indices: torch.Tensor,
+def triton_scatter_rows(values: torch.Tensor, row_of: torch.Tensor,
                         shape: List[int]) -> torch.Tensor:
-    return _launch_dense(None, indices, values, shape)
+    return _launch_dense(None, row_of, values, shape)
 
 
 @triton_scatter_rows.register_fake
-def _(values, indices, shape):
+def _(values, row_of, shape):
     return values.new_empty(shape)
 
 
 @torch.library.custom_op("papr_kernels::triton_scatter_back", mutates_args=())
-def triton_scatter_back(x: torch.Tensor, indices: torch.Tensor,
+def triton_scatter_back(x: torch.Tensor, row_of: torch.Tensor,
                         values: torch.Tensor) -> torch.Tensor:
-    return _launch_dense(x, indices, values, x.shape)
+    return _launch_dense(x, row_of, values, x.shape)
 
 
 @triton_scatter_back.register_fake
-def _(x, indices, values):
+def _(x, row_of, values):
     return x.new_empty(x.shape)   # contiguous, as the kernel's output
 
 
@@ -518,13 +552,13 @@ def _(x, indices, weight, bias, eps):
 
 
 @torch.library.custom_op("papr_kernels::triton_masked_residual", mutates_args=())
-def triton_masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+def triton_masked_residual(shortcut: torch.Tensor, row_of: torch.Tensor, values: torch.Tensor,
                            gamma: Optional[torch.Tensor]) -> torch.Tensor:
-    return _launch_masked_residual(shortcut, indices, values, gamma)
+    return _launch_masked_residual(shortcut, row_of, values, gamma)
 
 
 @triton_masked_residual.register_fake
-def _(shortcut, indices, values, gamma):
+def _(shortcut, row_of, values, gamma):
     return shortcut.new_empty(shortcut.shape)   # contiguous, as the kernel's output
 
 
@@ -536,20 +570,36 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return triton_gather_rows(x, indices)
 
 
-def scatter_rows(values: torch.Tensor, indices: torch.Tensor, shape) -> torch.Tensor:
-    """A new contiguous tensor of `shape`, zero except rows indices[b, j] = values[b, j]."""
-    return triton_scatter_rows(values, indices, [int(s) for s in shape])
+def kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """(B, N) int32: row_of[b, p] = j where indices[b, j] == p, else -1 (reference.kept_row_map,
+    the same map)."""
+    return triton_kept_row_map(indices, num_positions)
+
+
+def _row_map(row_of: Optional[torch.Tensor], indices: torch.Tensor, shape) -> torch.Tensor:
+    """The caller's kept-row map of `indices`, or one built for this call."""
+    if row_of is not None:
+        return row_of
+    return kept_row_map(indices, math.prod(shape[1:-1]))
+
+
+def scatter_rows(values: torch.Tensor, indices: torch.Tensor, shape,
+                 row_of: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A new contiguous tensor of `shape`, zero except rows indices[b, j] = values[b, j].
+    `row_of`: `reference.kept_row_map` of indices, built here when None."""
+    shape = [int(s) for s in shape]
+    return triton_scatter_rows(values, _row_map(row_of, indices, shape), shape)
 
 
 def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                 inplace: bool = False) -> torch.Tensor:
+                 inplace: bool = False, row_of: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x with values[b, j] added at positions indices[b, j] (torch's rounding of a + b).
-    inplace=False: a new contiguous tensor; inplace=True: written into x (its strides), x
-    returned."""
+    inplace=False: a new contiguous tensor (`row_of` as for scatter_rows); inplace=True: written
+    into x (its strides), x returned."""
     if inplace:
         triton_scatter_back_(x, indices, values)
         return x
-    return triton_scatter_back(x, indices, values)
+    return triton_scatter_back(x, _row_map(row_of, indices, x.shape), values)
 
 
 def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[torch.Tensor],
@@ -559,7 +609,9 @@ def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[t
 
 
 def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
-                    gamma: Optional[torch.Tensor]) -> torch.Tensor:
+                    gamma: Optional[torch.Tensor], row_of: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
     """values * gamma + shortcut at `indices`, zero elsewhere: a new contiguous tensor of
-    shortcut's shape."""
-    return triton_masked_residual(shortcut, indices, values, gamma)
+    shortcut's shape (`row_of` as for scatter_rows)."""
+    return triton_masked_residual(shortcut, _row_map(row_of, indices, shortcut.shape), values,
+                                  gamma)
