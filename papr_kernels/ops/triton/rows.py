@@ -184,6 +184,20 @@ if triton is not None:
         return tl.where(kept_p, row, 0), kept_p
 
     @triton.jit
+    def _dense_tile(map_ptr, s_mb, s_mp, v_ptr, s_vb, s_vj, N, C, KEEP, num_blocks, num_chunks,
+                    chans_per_prog, BLOCK_P: tl.constexpr):
+        """The tile of a dense-output kernel (one batch row, BLOCK_P positions, a channel range):
+        (b, positions p, p < N, kept, their value rows, offsets of their output rows, c_lo, c_hi)."""
+        b, blk, chunk = _split_pid(num_blocks, num_chunks)
+        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = p < N
+        row, kept_p = _kept_row_at(p, pmask, map_ptr + b * s_mb, s_mp, KEEP)
+        v_row = v_ptr + b * s_vb + row.to(tl.int64) * s_vj
+        dst_off = (b * N + p.to(tl.int64)) * C
+        c_lo = chunk * chans_per_prog
+        return b, p, pmask, kept_p, v_row, dst_off, c_lo, tl.minimum(c_lo + chans_per_prog, C)
+
+    @triton.jit
     def _scatter_dense_kernel(
         x_ptr, map_ptr, v_ptr, out_ptr,
         s_xb, s_xh, s_xw, s_xc, s_mb, s_mp, s_vb, s_vj, s_vc,
@@ -191,16 +205,12 @@ if triton is not None:
         HAS_X: tl.constexpr, UPCAST: tl.constexpr, GRID: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        b, blk, chunk = _split_pid(num_blocks, num_chunks)
-        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < N
-        row, kept_p = _kept_row_at(p, pmask, map_ptr + b * s_mb, s_mp, KEEP)
-        v_row = v_ptr + b * s_vb + row.to(tl.int64) * s_vj
+        b, p, pmask, kept_p, v_row, dst_off, c_lo, c_hi = _dense_tile(
+            map_ptr, s_mb, s_mp, v_ptr, s_vb, s_vj, N, C, KEEP, num_blocks, num_chunks,
+            chans_per_prog, BLOCK_P)
         if HAS_X:
             x_pos = x_ptr + b * s_xb + _position_offset(tl.where(pmask, p, 0), W, s_xh, s_xw, GRID)
-        dst = out_ptr + (b * N + p.to(tl.int64)) * C
-        c_lo = chunk * chans_per_prog
-        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        dst = out_ptr + dst_off
         for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < c_hi
@@ -272,15 +282,11 @@ if triton is not None:
         HAS_GAMMA: tl.constexpr, UPCAST: tl.constexpr, GRID: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        b, blk, chunk = _split_pid(num_blocks, num_chunks)
-        p = blk * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = p < N
-        row, kept_p = _kept_row_at(p, pmask, map_ptr + b * s_mb, s_mp, KEEP)
-        v_row = v_ptr + b * s_vb + row.to(tl.int64) * s_vj
+        b, p, pmask, kept_p, v_row, dst_off, c_lo, c_hi = _dense_tile(
+            map_ptr, s_mb, s_mp, v_ptr, s_vb, s_vj, N, C, KEEP, num_blocks, num_chunks,
+            chans_per_prog, BLOCK_P)
         s_pos = s_ptr + b * s_sb + _position_offset(tl.where(kept_p, p, 0), W, s_sh, s_sw, GRID)
-        dst = out_ptr + (b * N + p.to(tl.int64)) * C
-        c_lo = chunk * chans_per_prog
-        c_hi = tl.minimum(c_lo + chans_per_prog, C)
+        dst = out_ptr + dst_off
         for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < c_hi
