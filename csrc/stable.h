@@ -14,8 +14,8 @@
 
 #include <algorithm>
 #include <array>
-#include <initializer_list>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <ostream>
 #include <sstream>
@@ -53,8 +53,8 @@ template <typename... Parts>
   throw std::runtime_error(os.str());
 }
 
-#define PAPR_CHECK(cond, ...)      \
-  do {                             \
+#define PAPR_CHECK(cond, ...)                \
+  do {                                       \
     if (!(cond)) ::papr::fail(__VA_ARGS__); \
   } while (0)
 
