@@ -38,7 +38,6 @@ out-of-place `scatter_back`, `masked_residual`) take the stage's `row_of` (optio
 Triton kernels then look each position's kept row up instead of building the map per call;
 the other backends ignore it.
 """
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -151,7 +150,7 @@ def scatter_rows(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor
     spec.check_rows("like", like)
     spec.check_values(values, indices, like, "like")
     spec.check_indices(indices, like, "like")
-    _check_row_map(row_of, like)
+    spec.check_row_map(row_of, like)
     impl = backends.resolve(backend, like.device.type, backends.ROW_OPS)
     return _ScatterRows.apply(values, indices, like, impl, row_of)
 
@@ -169,7 +168,7 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *
     spec.check_rows("x", x)
     spec.check_values(values, indices, x, "x")
     spec.check_indices(indices, x, "x")
-    _check_row_map(row_of, x)
+    spec.check_row_map(row_of, x)
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
     if inplace:
         if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
@@ -215,21 +214,6 @@ def _shape_only(indices, grid) -> torch.Tensor:
     batch = indices.shape[0] if is_tensor and indices.dim() == 2 else 0
     device = indices.device if is_tensor else None
     return torch.zeros((), device=device).expand(batch, *grid, 1)
-
-
-def _check_row_map(row_of: Optional[torch.Tensor], like: torch.Tensor) -> None:
-    """A given map is int32 (B, N) on like's device; its entries are the caller's (the kernels
-    read an entry outside [0, k) as a pruned position)."""
-    if row_of is None:
-        return
-    expected = (like.shape[0], math.prod(like.shape[1:-1]))
-    if not isinstance(row_of, torch.Tensor):
-        raise TypeError(f"row_of must be a torch.Tensor or None, got {type(row_of).__name__}")
-    if row_of.dtype != torch.int32:
-        raise TypeError(f"row_of must be int32 (kept_row_map), got {row_of.dtype}")
-    if tuple(row_of.shape) != expected or row_of.device != like.device:
-        raise ValueError(f"row_of must be (B, N) = {expected} on {like.device} (kept_row_map), "
-                         f"got shape {spec.shape_str(row_of)} on {row_of.device}")
 
 
 def _records(*tensors) -> bool:
@@ -289,7 +273,7 @@ def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch
     given, is `kept_row_map(indices, grid)`."""
     spec.check_rows("shortcut", shortcut)
     spec.check_indices(indices, shortcut, "shortcut")
-    _check_row_map(row_of, shortcut)
+    spec.check_row_map(row_of, shortcut)
     impl = backends.resolve(backend, shortcut.device.type, backends.ROW_OPS)
     kernel = _fused_kernel(impl, "masked_residual", shortcut, values, params=(gamma,))
     if kernel is None:

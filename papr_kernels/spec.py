@@ -240,6 +240,21 @@ def check_select_args(f, grid, z, align_corners, order) -> Plan:
                 check_order(order), identity=keep == num_positions)
 
 
+def check_row_map(row_of: Optional[torch.Tensor], like: torch.Tensor) -> None:
+    """A given map is int32 (B, N) on like's device; its entries are the caller's (the kernels
+    read an entry outside [0, k) as a pruned position)."""
+    if row_of is None:
+        return
+    expected = (like.shape[0], math.prod(like.shape[1:-1]))
+    if not isinstance(row_of, torch.Tensor):
+        raise TypeError(f"row_of must be a torch.Tensor or None, got {type(row_of).__name__}")
+    if row_of.dtype != torch.int32:
+        raise TypeError(f"row_of must be int32 (kept_row_map), got {row_of.dtype}")
+    if tuple(row_of.shape) != expected or row_of.device != like.device:
+        raise ValueError(f"row_of must be (B, N) = {expected} on {like.device} (kept_row_map), "
+                         f"got shape {shape_str(row_of)} on {row_of.device}")
+
+
 def check_rows(name: str, x) -> int:
     """Row-op tensor (B, N, C) or channels-last (B, H, W, C); returns N."""
     if not isinstance(x, torch.Tensor):
