@@ -116,7 +116,8 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
             tests and demos: the selected tokens are then noise.
         dtype: run the proposal in this dtype whatever the images' (None: follow the images).
         compiled: run the network through `torch.compile` (True, or a dict of its arguments,
-            e.g. `{"mode": "max-autotune"}`): on a GPU the proposal is a large share of a pruned
+            e.g. `{"mode": "max-autotune"}`, or `{"mode": "reduce-overhead"}` for CUDA graphs of
+            the proposal at fixed shapes): on a GPU the proposal is a large share of a pruned
             model's time, and compiling it is the lever that does not change its output's meaning.
         **timm_kwargs: further `timm.create_model` arguments, e.g.
             `pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors")` to load a local
