@@ -58,13 +58,18 @@ class PrunedStage(Patched):
         """x in the memory layout the blocks' row ops read best (as is by default)."""
         return x
 
+    def _papr_reads_row_map(self) -> bool:
+        """Whether the blocks' ops read `row_of` (built once per stage only then)."""
+        return True
+
     def forward(self, x):
         x = self.downsample(x)
         grid = self._papr_grid(x)
         indices = self._papr_indices(grid)                  # once for all blocks
         if indices is not None:
             x = self._papr_layout(x)
-            row_of = hierarchical.kept_row_map(indices, grid)
+            row_of = hierarchical.kept_row_map(indices, grid) if self._papr_reads_row_map() \
+                else None
         for block in self.blocks:
             run = block if indices is None else functools.partial(
                 block._papr_forward, indices=indices, row_of=row_of)

@@ -15,6 +15,11 @@ class PaPrSwinStage(PrunedStage):
     def _papr_grid(self, x):
         return int(x.shape[1]), int(x.shape[2])       # (B, H, W, C)
 
+    def _papr_reads_row_map(self) -> bool:
+        # Without grad the blocks add back in place (no map read); the out-of-place add of a
+        # recorded forward reads it.
+        return torch.is_grad_enabled()
+
 
 class PaPrSwinBlock(Patched):
     def _papr_forward(self, x, indices, row_of):
