@@ -1,26 +1,16 @@
 // Torch glue of the CUDA kernels (compiled by the host compiler, so the .cu stays free of torch
 // headers): checks, allocation of outputs and workspaces, the current stream, registration.
-// Stable ABI only (csrc/stable.h, stream.h).
+// Stable ABI only (csrc/stable.h, glue.h).
 #include <optional>
 
 #include "../papr_core.h"
 #include "../ops/prune_args.h"
 #include "../stable.h"
 #include "prune_kernels.h"
-#include "stream.h"
+#include "glue.h"
 
 namespace papr {
 namespace {
-
-int ftype_of(ScalarType t) {
-  switch (t) {
-    case ScalarType::Half: return kF16;
-    case ScalarType::BFloat16: return kBF16;
-    case ScalarType::Float: return kF32;
-    case ScalarType::Double: return kF64;
-    default: fail("papr_kernels: f must be float16, bfloat16, float32 or float64");
-  }
-}
 
 std::tuple<Tensor, Tensor> prune_forward_cuda(const Tensor& x_in, const Tensor& f_in, int64_t P,
                                               std::vector<int64_t> grid, int64_t keep,
@@ -44,7 +34,7 @@ std::tuple<Tensor, Tensor> prune_forward_cuda(const Tensor& x_in, const Tensor& 
   p.x_stride_n = x.stride(1) * es;
   p.token_bytes = s.C * es;
   p.f = f.const_data_ptr();
-  p.f_type = ftype_of(f.scalar_type());
+  p.f_type = ftype_of(f, "f");
   // score_at splits a patch index with 32-bit divisions.
   PAPR_CHECK(s.N <= INT32_MAX, "papr_kernels: the cuda kernel ranks at most 2^31 - 1 patches, "
               "got ", s.N);

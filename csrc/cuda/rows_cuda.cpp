@@ -1,23 +1,13 @@
 // Torch glue of the row-op CUDA kernels (rows_kernels.cu, free of torch headers): checks,
-// output allocation, the current stream, registration. Stable ABI only (csrc/stable.h, stream.h).
+// output allocation, the current stream, registration. Stable ABI only (csrc/stable.h, glue.h).
 #include "../papr_core.h"
 #include "../ops/rows_args.h"
 #include "../stable.h"
 #include "rows_kernels.h"
-#include "stream.h"
+#include "glue.h"
 
 namespace papr {
 namespace {
-
-int rows_ftype(ScalarType t) {
-  switch (t) {
-    case ScalarType::Half: return kF16;
-    case ScalarType::BFloat16: return kBF16;
-    case ScalarType::Float: return kF32;
-    case ScalarType::Double: return kF64;
-    default: fail("papr_kernels: unsupported dtype ", t);
-  }
-}
 
 // Pointer of a tensor the kernel only reads (const_data_ptr: no copy-on-write materialisation);
 // non-const because the params struct serves both directions.
@@ -39,7 +29,7 @@ cuda::RowsParams make_params(const Tensor& grid, const Tensor& rows, const Tenso
   p.indices = indices.const_data_ptr<int64_t>();
   p.B = s.B; p.H = s.H; p.W = s.W; p.C = s.C; p.k = s.k;
   p.elem_bytes = static_cast<int>(es);
-  p.f_type = rows_ftype(grid.scalar_type());
+  p.f_type = ftype_of(grid, out_is_grid ? "out" : "x");
   return p;
 }
 
