@@ -10,7 +10,7 @@
 #      B = 64/256, eager (unpruned, bound, PaPr z = 0.7/0.5/0.3, proposal alone; under 4 minutes;
 #      issue 17: Swin-T / ConvNeXt-T at z = 0.65/0.5 in bf16 and fp32),
 #      and `e2e-compile`: its torch.compile cases for ViT-B at B = 256, z = 0.5 (a separate step:
-#      compiling is slow). They write $OUT/bench-e2e-gpu{,-hierarchical,-compile}.{json,csv,md}.
+#      compiling is slow). They write $OUT/bench-e2e-gpu{,-hierarchical,-cp,-compile}.{json,log,csv,md}.
 #      `e2e-cp`: ViT-B eager with the proposal compiled (Proposal(compiled=True)) beside the plain
 #      eager rows (about 3 minutes).
 #   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [e2e] [e2e-cp] [e2e-compile]
@@ -92,32 +92,27 @@ timeout 300 $BENCH benchmarks/test_prune.py --benchmark-json="$OUT/bench-compile
 echo "compile bench rc=$? in $((SECONDS - start)) s"
 fi
 # Issue 12: side by side in one process each; 10 rounds per case (CUDA-event medians).
-if step e2e; then
-start=$SECONDS
-# Two runs (a run writes its JSON only when it completes): the ViTs, then Swin-T and ConvNeXt-T.
-timeout 170 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and vit_ and not cp" \
-    --benchmark-json="$OUT/bench-e2e-gpu.json" >"$OUT/bench-e2e-gpu.log" 2>&1
-echo "e2e-gpu eager ViT bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu.log"
-timeout 150 $BENCH benchmarks/test_e2e.py -k "test_e2e_gpu and eager and not vit_" \
-    --benchmark-json="$OUT/bench-e2e-gpu-hierarchical.json" >>"$OUT/bench-e2e-gpu.log" 2>&1
-echo "e2e-gpu eager Swin/ConvNeXt bench rc=$? in $((SECONDS - start)) s"
-tail -3 "$OUT/bench-e2e-gpu.log"
+# e2e_run NAME SECONDS KEXPR: the test_e2e.py cases matching KEXPR into $OUT/NAME.json (a run
+# writes its JSON only when it completes) and NAME.log; prints its exit status and log tail.
+e2e_run() {
+    local start=$SECONDS
+    timeout "$2" $BENCH benchmarks/test_e2e.py -k "$3" --benchmark-json="$OUT/$1.json" \
+        >"$OUT/$1.log" 2>&1
+    echo "$1 rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/$1.log"
+}
+if step e2e; then   # two runs: the ViTs, then Swin-T and ConvNeXt-T
+e2e_run bench-e2e-gpu 170 "test_e2e_gpu and eager and vit_ and not cp"
+e2e_run bench-e2e-gpu-hierarchical 150 "test_e2e_gpu and eager and not vit_"
 fi
 # The compiled-proposal lever (Proposal(compiled=True), ViT-B eager, B = 64 and 256): two compiles
 # of MobileOne-S0, so a step of its own.
 if step e2e-cp; then
-start=$SECONDS
-timeout 240 $BENCH benchmarks/test_e2e.py --benchmark-json="$OUT/bench-e2e-gpu-cp.json" \
-    -k "test_e2e_gpu and eager and vit_base_patch16_224 and (unpruned or bound-z0.5 or z0.5 or proposal)" \
-    >"$OUT/bench-e2e-gpu-cp.log" 2>&1
-echo "e2e-gpu compiled-proposal bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu-cp.log"
+e2e_run bench-e2e-gpu-cp 240 \
+    "test_e2e_gpu and eager and vit_base_patch16_224 and (unpruned or z0.5 or proposal)"
 fi
 if step e2e-compile; then
-start=$SECONDS
-timeout 280 $BENCH benchmarks/test_e2e.py --benchmark-json="$OUT/bench-e2e-gpu-compile.json" \
-    -k "test_e2e_gpu and compile and vit_base_patch16_224 and B256 and (unpruned or z0.5 or proposal)" \
-    >"$OUT/bench-e2e-gpu-compile.log" 2>&1
-echo "e2e-gpu compile bench rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/bench-e2e-gpu-compile.log"
+e2e_run bench-e2e-gpu-compile 280 \
+    "test_e2e_gpu and compile and vit_base_patch16_224 and B256 and (unpruned or z0.5 or proposal)"
 fi
 for j in "$OUT"/bench-e2e-gpu*.json; do
     [ -f "$j" ] || continue
