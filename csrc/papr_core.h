@@ -170,17 +170,25 @@ PAPR_HD void linear_taps(int64_t in, int64_t out, bool align_corners, int64_t i,
 
 // Score of output (oy, ox) from the float64 channel mean m (h, w), rounded once to float:
 // torch's nested Interpolate<2, ..., 4>, outer dimension H: out = t0*wy0; out += t1*wy1; ...
-// with t_j = sum over x taps in the same form.
+// with t_a = cubic_row(row iy[a] of m) in the same form. Separable: t_a depends on (iy[a], ox)
+// only, so the CPU computes each once per source row and output column (bit for bit the same).
+PAPR_HD double cubic_row(const double* r, const int64_t ix[4], const double wx[4]) {
+  double t = r[ix[0]] * wx[0];
+  for (int b = 1; b < 4; ++b) t += r[ix[b]] * wx[b];
+  return t;
+}
+
+PAPR_HD float cubic_combine(const double t[4], const double wy[4]) {
+  double out = t[0] * wy[0];
+  for (int a = 1; a < 4; ++a) out += t[a] * wy[a];
+  return static_cast<float>(out);
+}
+
 PAPR_HD float bicubic_at(const double* m, int64_t w_in, const int64_t iy[4], const double wy[4],
                          const int64_t ix[4], const double wx[4]) {
-  double out = 0.0;
-  for (int a = 0; a < 4; ++a) {
-    const double* r = m + iy[a] * w_in;
-    double t = r[ix[0]] * wx[0];
-    for (int b = 1; b < 4; ++b) t += r[ix[b]] * wx[b];
-    if (a == 0) out = t * wy[0]; else out += t * wy[a];
-  }
-  return static_cast<float>(out);
+  double t[4];
+  for (int a = 0; a < 4; ++a) t[a] = cubic_row(m + iy[a] * w_in, ix, wx);
+  return cubic_combine(t, wy);
 }
 
 // Trilinear: torch's Interpolate<n, ..., 2> specialisation: t0 * w0 + t1 * w1 at every level.

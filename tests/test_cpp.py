@@ -112,6 +112,19 @@ def test_half_features_with_subnormals_inf_and_nan():
         assert_matches_reference(x, f, 0.5, out, idx, align_corners=ac)
 
 
+# The fp32/bf16/fp16 channel mean runs in blocks of 48 positions with a 1-51 position tail block
+# (AVX2 where the CPU has it): every tail length, maps smaller than one register and several blocks.
+@pytest.mark.parametrize("f_size", [(1, 1), (1, 2), (1, 3), (2, 2), (1, 5), (7, 7), (4, 12), (1, 51),
+                                    (4, 13), (1, 53), (10, 10), (14, 14), (13, 17)])
+@pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_proposal_map_size_matches_the_reference(f_size, f_dtype):
+    for integers in (True, False):
+        x, f = _inputs(batch=3, n=1 + 6 * 6, proposal=37, f_size=f_size, f_dtype=f_dtype,
+                       integers=integers, seed=sum(f_size))
+        out, idx = _prune(x, f, 0.9)
+        assert_matches_reference(x, f, 0.9, out, idx, exact_indices=integers)
+
+
 def test_large_grid_64x64():
     x, f = _inputs(batch=2, n=1 + 64 * 64, channels=8, f_size=(16, 16))
     for z in (0.1, 0.5, 0.9):
