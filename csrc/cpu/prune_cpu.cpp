@@ -181,9 +181,16 @@ void select_row(uint64_t* keys, int64_t N, int64_t k, bool spatial, int64_t* out
   }
 }
 
+// Called with a batch row as soon as its indices are written, on the thread that chose them.
+using RowDone = std::function<void(int64_t)>;
+
+// Indices of every batch row. Returns whether row_done ran for each row: it does when rows are
+// spread over threads (one thread chooses a row and goes on with its copy, so one thread's copy
+// overlaps the other's channel mean); it does not in the few-rows path, which splits each row's
+// mean over positions, and the caller then copies all rows at once.
 template <typename T>
-void select_rows(const Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
-                 int64_t* indices) {
+bool select_rows(const Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
+                 int64_t* indices, const RowDone& row_done) {
   const Taps taps = make_taps(s, align_corners);
   const T* fp = reinterpret_cast<const T*>(f.const_data_ptr());
   const int64_t f_row = s.K * s.S;
@@ -197,9 +204,10 @@ void select_rows(const Tensor& f, const ForwardShape& s, bool align_corners, boo
         mean_of_row(fp + b * f_row, s.K, s.S, 0, s.S, mean.data());
         row_keys(mean.data(), s, taps, rows.data(), keys.data());
         select_row(keys.data(), s.N, s.k, spatial, indices + b * s.k);
+        row_done(b);
       }
     });
-    return;
+    return true;
   }
   // Few rows (B = 1 latency): the channel mean, the bulk of the work, split over positions. The
   // result does not depend on the thread count (each position's sum is computed whole).
@@ -213,23 +221,48 @@ void select_rows(const Tensor& f, const ForwardShape& s, bool align_corners, boo
     row_keys(mean.data(), s, taps, rows.data(), keys.data());
     select_row(keys.data(), s.N, s.k, spatial, indices + b * s.k);
   }
+  return false;
 }
 
-void compute_indices(const Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
-                     int64_t* indices) {
+bool compute_indices(const Tensor& f, const ForwardShape& s, bool align_corners, bool spatial,
+                     int64_t* indices, const RowDone& row_done) {
   switch (f.scalar_type()) {
-    case ScalarType::Float: return select_rows<float>(f, s, align_corners, spatial, indices);
-    case ScalarType::Double: return select_rows<double>(f, s, align_corners, spatial, indices);
-    case ScalarType::Half: return select_rows<f16>(f, s, align_corners, spatial, indices);
-    case ScalarType::BFloat16: return select_rows<bf16>(f, s, align_corners, spatial, indices);
+    case ScalarType::Float: return select_rows<float>(f, s, align_corners, spatial, indices, row_done);
+    case ScalarType::Double: return select_rows<double>(f, s, align_corners, spatial, indices, row_done);
+    case ScalarType::Half: return select_rows<f16>(f, s, align_corners, spatial, indices, row_done);
+    case ScalarType::BFloat16: return select_rows<bf16>(f, s, align_corners, spatial, indices, row_done);
     default: fail("papr_kernels: f must be float16, bfloat16, float32 or float64");
   }
+  return false;
 }
-
 
 int64_t copy_grain(int64_t token_bytes) {
   return std::max<int64_t>(1, kCopyGrainBytes / std::max<int64_t>(1, token_bytes));
 }
+
+// Output tokens [t0, t1) (flat over batch rows): prefix tokens, then kept patches in index order.
+struct TokenGather {
+  const char* x;
+  char* out;
+  const int64_t* idx;
+  int64_t P, k, token_bytes, sb, sn;
+
+  const char* source(int64_t t) const {
+    const int64_t rows_out = P + k, b = t / rows_out;
+    return x + b * sb + gather_source(t - b * rows_out, P, idx + b * k) * sn;
+  }
+
+  void operator()(int64_t t0, int64_t t1) const {
+    const int64_t prefetch_bytes = std::min<int64_t>(kPrefetchLines * 64, token_bytes);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + 1 < t1) {  // the next row's head: kept rows come in rank order, not address order
+        const char* next = source(t + 1);
+        for (int64_t l = 0; l < prefetch_bytes; l += 64) __builtin_prefetch(next + l);
+      }
+      std::memcpy(out + t * token_bytes, source(t), token_bytes);
+    }
+  }
+};
 
 std::tuple<Tensor, Tensor> prune_forward_cpu(const Tensor& x_in, const Tensor& f_in, int64_t P,
                                              std::vector<int64_t> grid, int64_t keep,
@@ -241,27 +274,17 @@ std::tuple<Tensor, Tensor> prune_forward_cpu(const Tensor& x_in, const Tensor& f
   Tensor indices = empty_on(x, {s.B, s.k}, ScalarType::Long);
   if (s.B == 0) return {out, indices};
   int64_t* idx = indices.mutable_data_ptr<int64_t>();
-  compute_indices(f, s, align_corners, spatial, idx);
-
   const int64_t es = x.element_size();
-  const int64_t token_bytes = s.C * es;
-  const int64_t sb = x.stride(0) * es, sn = x.stride(1) * es;
-  const char* xp = static_cast<const char*>(x.const_data_ptr());
-  char* op = static_cast<char*>(out.mutable_data_ptr());
+  const TokenGather gather{static_cast<const char*>(x.const_data_ptr()),
+                           static_cast<char*>(out.mutable_data_ptr()), idx, P, s.k, s.C * es,
+                           x.stride(0) * es, x.stride(1) * es};
   const int64_t rows_out = P + s.k;
-  const int64_t prefetch_bytes = std::min<int64_t>(kPrefetchLines * 64, token_bytes);
-  torch::stable::parallel_for(0, s.B * rows_out, copy_grain(token_bytes), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / rows_out, j = t - b * rows_out;
-      const int64_t src = gather_source(j, P, idx + b * s.k);
-      if (t + 1 < t1) {  // the next row's head: kept rows come in rank order, not address order
-        const int64_t b1 = (t + 1) / rows_out, j1 = t + 1 - b1 * rows_out;
-        const char* next = xp + b1 * sb + gather_source(j1, P, idx + b1 * s.k) * sn;
-        for (int64_t l = 0; l < prefetch_bytes; l += 64) __builtin_prefetch(next + l);
-      }
-      std::memcpy(op + t * token_bytes, xp + b * sb + src * sn, token_bytes);
-    }
+  const bool copied = compute_indices(f, s, align_corners, spatial, idx, [&](int64_t b) {
+    gather(b * rows_out, (b + 1) * rows_out);
   });
+  if (!copied)
+    torch::stable::parallel_for(0, s.B * rows_out, copy_grain(gather.token_bytes),
+                                [&](int64_t t0, int64_t t1) { gather(t0, t1); });
   return {out, indices};
 }
 
