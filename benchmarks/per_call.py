@@ -15,7 +15,13 @@ neighbour slows all of them alike; short blocks and many rounds keep the median 
 
 --threads 1 takes OpenMP out: on a shared box, a parallel region whose second thread is
 descheduled waits a whole time slice at its barrier, which swamps a ~20 us call.
+
+glibc is told to keep freed memory (mallopt: no mmap per block, no trim; --fresh-pages keeps
+its defaults): otherwise a B = 64 output (19 MB) is sometimes a fresh mmap whose first touch
+page-faults on every call, for whichever provider the allocator's history picks, and on a VM
+those faults (several ms) swamp the copies being compared.
 """
+import ctypes
 import argparse
 import os
 import statistics
@@ -140,6 +146,14 @@ def table(results: dict, stat=median) -> str:
     return "\n".join(lines)
 
 
+def keep_freed_memory() -> None:
+    """mallopt(M_MMAP_THRESHOLD, 1 GiB) and mallopt(M_TRIM_THRESHOLD, 4 GiB) in this process."""
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, ctypes.c_int(2 ** 31 - 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
@@ -147,13 +161,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--kernel-parts", action="store_true",
                         help="also time the C++ op's parts against ATen (see kernel_parts)")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="keep glibc's malloc defaults (see the module docstring)")
     args = parser.parse_args()
+    if not args.fresh_pages:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = papr_kernels.backends.pick(None, "cpu")
     print(f"papr_kernels from {os.path.dirname(papr_kernels.__file__)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prune backend: "
-          f"{backend}; ViT-B/16-224 fp32, z = {Z}; median of {args.rounds} interleaved rounds\n")
+          f"{backend}; ViT-B/16-224 fp32, z = {Z}; median of {args.rounds} interleaved rounds; "
+          f"malloc: {'defaults' if args.fresh_pages else 'freed memory kept'}\n")
     results = {b: measure(b, args.rounds) for b in args.batches}
     print("Medians:\n\n" + table(results) + "\n\n10th percentiles:\n\n" + table(results, p10))
     if args.kernel_parts:
