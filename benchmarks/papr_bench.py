@@ -114,8 +114,9 @@ def user_prune(x: torch.Tensor, f: torch.Tensor, z: float, num_prefix_tokens: in
     batch, num_tokens, channels = x.shape
     num_patches = num_tokens - num_prefix_tokens
     side = int(num_patches ** 0.5)
+    mode = "bicubic" if f.dim() == 4 else "trilinear"   # video: (B, K, t, h, w)
     scores = F.interpolate(f.mean(dim=1, keepdim=True), size=grid or (side, side),
-                           mode="bicubic", align_corners=True).flatten(1)
+                           mode=mode, align_corners=True).flatten(1)
     keep = min(max(int(num_tokens * z), 1), num_patches)
     indices = scores.topk(keep, dim=1).indices
     patches = x[:, num_prefix_tokens:].gather(1, indices[..., None].expand(-1, -1, channels))
