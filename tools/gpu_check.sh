@@ -13,7 +13,10 @@
 #      compiling is slow). They write $OUT/bench-e2e-gpu{,-hierarchical,-cp,-compile}.{json,log,csv,md}.
 #      `e2e-cp`: ViT-B eager with the proposal compiled (Proposal(compiled=True)) beside the plain
 #      eager rows (about 3 minutes).
-#   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [e2e] [e2e-cp] [e2e-compile]
+#   5. (issue 14) `percall`: benchmarks/per_call_gpu.py, host and GPU time per call of every
+#      backend against the copy floor, into $OUT/per-call-gpu.md.
+#   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [percall]
+#          [e2e] [e2e-cp] [e2e-compile]
 # Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
 # provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most. The issue-12
 # run: `bash tools/gpu_check.sh build e2e` (about 5 minutes), then `bash tools/gpu_check.sh
@@ -90,6 +93,13 @@ timeout 300 $BENCH benchmarks/test_prune.py --benchmark-json="$OUT/bench-compile
     -k "test_prune and vit-b16-224- and (B64- or B1024-) and fwd- and (compile or eager)" \
     >>"$OUT/bench.log" 2>&1
 echo "compile bench rc=$? in $((SECONDS - start)) s"
+fi
+# Issue 14: host and GPU (CUDA graph) time per call of every backend, the floor and the user's
+# eager code, forward and forward+backward, bf16 and fp32, B = 1/64/256/1024 (about a minute).
+if step percall; then
+start=$SECONDS
+timeout 200 $PY benchmarks/per_call_gpu.py >"$OUT/per-call-gpu.md" 2>"$OUT/per-call-gpu.log"
+echo "per-call rc=$? in $((SECONDS - start)) s"; cat "$OUT/per-call-gpu.md"
 fi
 # Issue 12: side by side in one process each; 10 rounds per case (CUDA-event medians).
 # e2e_run NAME SECONDS KEXPR: the test_e2e.py cases matching KEXPR into $OUT/NAME.json (a run
