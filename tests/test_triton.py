@@ -179,6 +179,48 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_eager_calls_launch_without_the_custom_op(monkeypatch, launches):
+    """Plain eager skips the custom ops' dispatch (common.call): the kernels still run once each
+    and the result is the reference's."""
+    def not_called(*args):
+        raise AssertionError("custom op called in plain eager")
+    monkeypatch.setattr(tp, "triton_prune_forward", not_called)
+    monkeypatch.setattr(tp, "triton_prune_backward", not_called)
+    x = torch.randn(2, 17, 4, device=DEVICE, requires_grad=True)
+    f = torch.randn(2, 3, 2, 2, device=DEVICE)
+    out, idx = papr_kernels.prune(x, f, 0.5, backend="triton", return_indices=True)
+    out.backward(torch.ones_like(out))
+    assert launches == {"fwd": 1, "bwd": 1}
+    assert_matches_reference(x.detach(), f, 0.5, out.detach(), idx)
+    expected = reference.scatter(torch.ones_like(out), idx, 17, 1)
+    assert torch.equal(x.grad, expected)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_launchers_run_bare_only_where_nothing_records_the_call():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    x = torch.randn(3)
+
+    def scaled(t):   # 1 where the launcher may run bare, 2 where the custom op must be used
+        return t * (1 if common.untraced(t) else 2)
+
+    assert torch.equal(scaled(x), x)
+    assert torch.equal(scaled(torch.nn.Parameter(x)), x)
+    assert not common.untraced(x.as_subclass(_Subclass))
+    with FakeTensorMode():
+        assert not common.untraced(torch.empty(3))
+    with TorchFunctionMode():
+        assert not common.untraced(x)
+    assert torch.equal(torch.vmap(scaled)(x[None]), 2 * x[None])
+    assert torch.equal(torch.jit.trace(scaled, x, check_trace=False)(x), 2 * x)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(scaled, fullgraph=True, backend="eager")(x), 2 * x)
+
+
 def test_compile_fullgraph_no_graph_break():
     torch._dynamo.reset()
     x = torch.randn(2, 17, 4, device=DEVICE)

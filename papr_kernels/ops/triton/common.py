@@ -11,9 +11,10 @@ interpreted launches take a process-wide lock. GPU launches never take it.
 """
 import os
 import threading
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     import triton
@@ -96,3 +97,27 @@ def launch_guard(device: torch.device):
     """Context for a launch on `device`'s tensors: that device made current on CUDA (its current
     stream is the launch stream), the interpreter lock on CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else _INTERPRETER_LOCK
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def untraced(*tensors: torch.Tensor) -> bool:
+    """True when a launcher may run without its custom op: plain tensors in eager mode, nothing
+    recording or transforming the call (torch.compile and export, jit.trace, a Python dispatch
+    mode such as FakeTensorMode or make_fx's, a torch function mode, vmap/grad transforms)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or _get_current_dispatch_mode() is not None
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active()) and \
+        all(type(t) in _PLAIN for t in tensors)
+
+
+def call(op: Callable, launch: Callable, *args):
+    """`op(*args)`, a functional custom op whose body is `launch(*args)`: in plain eager the
+    launcher itself (the custom op's dispatch costs ~12 us a call on CPU, for nothing there);
+    wherever a call is recorded or transformed, the custom op (torch.compile sees an opaque op
+    with a fake kernel)."""
+    if untraced(*(a for a in args if isinstance(a, torch.Tensor))):
+        return launch(*args)
+    return op(*args)

@@ -68,6 +68,7 @@ Duplicate indices (only reachable by calling torch.ops.papr_kernels.triton_prune
 directly: prune's indices are unique) stay in bounds: a patch named by several indices gets a zero
 gradient row (as if pruned), an index outside [0, N) names no patch.
 """
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -445,31 +446,44 @@ def fallback_reason(f: torch.Tensor, num_patches: int) -> Optional[str]:
     return None
 
 
-def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, grid: List[int],
-                    keep: int, align_corners: bool, spatial: bool):
-    batch, n, channels = x.shape
-    P, N = num_prefix_tokens, n - num_prefix_tokens
-    out = torch.empty(batch, P + keep, channels, dtype=x.dtype, device=x.device)
-    indices = torch.empty(batch, keep, dtype=torch.int64, device=x.device)
-    if batch == 0:
-        return out, indices
-    f = f.contiguous()
-    video = f.dim() == 5
-    src = tuple(f.shape[2:]) if video else (1,) + tuple(f.shape[2:])
+@functools.lru_cache(maxsize=256)
+def _forward_launch(batch: int, num_tokens: int, channels: int, num_prefix_tokens: int,
+                    keep: int, f_shape: Tuple[int, ...], grid: Tuple[int, ...],
+                    align_corners: bool, spatial: bool, device: torch.device, overrides: tuple):
+    """(launch grid, the kernel's scalar arguments after the strides, num_warps, constexprs) of a
+    forward problem: computed once per signature (the scales' bit splitting, the split over SMs
+    and the constexprs cost ~10 us of Python a call). `overrides`: the test overrides in force."""
+    P, N, K = num_prefix_tokens, num_tokens - num_prefix_tokens, f_shape[0]
+    video = len(f_shape) == 4
+    src = tuple(f_shape[1:]) if video else (1,) + tuple(f_shape[1:])
     dst = tuple(grid) if video else (1,) + tuple(grid)
     scales = [bits for i, o in zip(src, dst) for bits in _split_bits(_scale(i, o, align_corners))]
     rows = P + keep
     row_chunks, chan_chunks = common.split(batch, rows, channels, BLOCK_R, BLOCK_C,
-                                           common.multiprocessors(x.device))
+                                           common.multiprocessors(device))
     rows_per = -(-rows // row_chunks)
     chans_per = -(-channels // chan_chunks)
     meta = fwd_constexprs(N, math.prod(src), video, align_corners, spatial,
-                          common.interpreted(x.device))
+                          common.interpreted(device))
+    scalars = (channels, K, math.prod(src), N, P, keep, *src, *dst, *scales, rows_per, chans_per)
+    return (batch, -(-rows // rows_per), -(-channels // chans_per)), scalars, \
+        fwd_num_warps(N), meta
+
+
+def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, grid: List[int],
+                    keep: int, align_corners: bool, spatial: bool):
+    batch, n, channels = x.shape
+    out = torch.empty(batch, num_prefix_tokens + keep, channels, dtype=x.dtype, device=x.device)
+    indices = torch.empty(batch, keep, dtype=torch.int64, device=x.device)
+    if batch == 0:
+        return out, indices
+    f = f.contiguous()
+    launch, scalars, num_warps, meta = _forward_launch(
+        batch, n, channels, num_prefix_tokens, keep, tuple(f.shape[1:]), tuple(grid),
+        align_corners, spatial, x.device, (CHUNK_OVERRIDE, common.SPLIT_OVERRIDE))
     with launch_guard(x.device):
-        _prune_fwd_kernel[(batch, -(-rows // rows_per), -(-channels // chans_per))](
-            x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
-            channels, f.shape[1], math.prod(src), N, P, keep,
-            *src, *dst, *scales, rows_per, chans_per, num_warps=fwd_num_warps(N), **meta)
+        _prune_fwd_kernel[launch](x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
+                                  *scalars, num_warps=num_warps, **meta)
     return out, indices
 
 
@@ -533,12 +547,13 @@ def _(grad_out, indices, num_tokens, num_prefix_tokens):
 def forward(x: torch.Tensor, f: torch.Tensor, plan):
     if fallback_reason(f, plan.num_patches) is not None:
         return fallback_backend(x.device.type).forward(x, f, plan)
-    return triton_prune_forward(x, f, plan.num_prefix_tokens, list(plan.grid), plan.keep,
-                                plan.align_corners, plan.order == "spatial")
+    return common.call(triton_prune_forward, _launch_forward, x, f, plan.num_prefix_tokens,
+                       list(plan.grid), plan.keep, plan.align_corners, plan.order == "spatial")
 
 
 def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
     if plan.num_patches > MAX_PATCHES:   # the compare-per-token backward is O(N * k): hand over
         return fallback_backend(grad_out.device.type).backward(grad_out, indices, plan)
-    return triton_prune_backward(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
+    return common.call(triton_prune_backward, _launch_backward, grad_out, indices,
+                       plan.num_tokens, plan.num_prefix_tokens)
 

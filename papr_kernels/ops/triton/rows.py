@@ -516,6 +516,10 @@ def _(x, indices):
 @torch.library.custom_op("papr_kernels::triton_scatter_rows", mutates_args=())
 def triton_scatter_rows(values: torch.Tensor, row_of: torch.Tensor,
                         shape: List[int]) -> torch.Tensor:
+    return _launch_scatter_rows(values, row_of, shape)
+
+
+def _launch_scatter_rows(values: torch.Tensor, row_of: torch.Tensor, shape: List[int]):
     return _launch_dense(None, row_of, values, shape)
 
 
@@ -527,6 +531,10 @@ def _(values, row_of, shape):
 @torch.library.custom_op("papr_kernels::triton_scatter_back", mutates_args=())
 def triton_scatter_back(x: torch.Tensor, row_of: torch.Tensor,
                         values: torch.Tensor) -> torch.Tensor:
+    return _launch_scatter_back(x, row_of, values)
+
+
+def _launch_scatter_back(x: torch.Tensor, row_of: torch.Tensor, values: torch.Tensor):
     return _launch_dense(x, row_of, values, x.shape)
 
 
@@ -573,13 +581,13 @@ def _(shortcut, row_of, values, gamma):
 # ----------------------------------------------------------------------------------------------
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """out[b, j] = x at position indices[b, j]: a new contiguous (B, k, C) tensor."""
-    return triton_gather_rows(x, indices)
+    return common.call(triton_gather_rows, _launch_gather, x, indices)
 
 
 def kept_row_map(indices: torch.Tensor, num_positions: int) -> torch.Tensor:
     """(B, N) int32: row_of[b, p] = j where indices[b, j] == p, else -1 (reference.kept_row_map,
     the same map)."""
-    return triton_kept_row_map(indices, num_positions)
+    return common.call(triton_kept_row_map, _launch_kept_row_map, indices, num_positions)
 
 
 def _row_map(row_of: Optional[torch.Tensor], indices: torch.Tensor, shape) -> torch.Tensor:
@@ -594,7 +602,8 @@ def scatter_rows(values: torch.Tensor, indices: torch.Tensor, shape,
     """A new contiguous tensor of `shape`, zero except rows indices[b, j] = values[b, j].
     `row_of`: `reference.kept_row_map` of indices, built here when None."""
     shape = [int(s) for s in shape]
-    return triton_scatter_rows(values, _row_map(row_of, indices, shape), shape)
+    return common.call(triton_scatter_rows, _launch_scatter_rows, values,
+                       _row_map(row_of, indices, shape), shape)
 
 
 def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
@@ -605,13 +614,15 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
     if inplace:
         triton_scatter_back_(x, indices, values)
         return x
-    return triton_scatter_back(x, _row_map(row_of, indices, x.shape), values)
+    return common.call(triton_scatter_back, _launch_scatter_back, x,
+                       _row_map(row_of, indices, x.shape), values)
 
 
 def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """LayerNorm over the channels of x's rows at `indices`: a new contiguous (B, k, C)."""
-    return triton_gather_layer_norm(x, indices, weight, bias, eps)
+    return common.call(triton_gather_layer_norm, _launch_gather_layer_norm, x, indices, weight,
+                       bias, eps)
 
 
 def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
@@ -619,5 +630,5 @@ def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch
                     ) -> torch.Tensor:
     """values * gamma + shortcut at `indices`, zero elsewhere: a new contiguous tensor of
     shortcut's shape (`row_of` as for scatter_rows)."""
-    return triton_masked_residual(shortcut, _row_map(row_of, indices, shortcut.shape), values,
-                                  gamma)
+    return common.call(triton_masked_residual, _launch_masked_residual, shortcut,
+                       _row_map(row_of, indices, shortcut.shape), values, gamma)
