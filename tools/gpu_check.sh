@@ -18,9 +18,11 @@
 #   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [percall]
 #          [e2e] [e2e-cp] [e2e-compile]
 # Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
-# provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most. The issue-12
-# run: `bash tools/gpu_check.sh build e2e` (about 5 minutes), then `bash tools/gpu_check.sh
-# e2e-compile` (about 4 minutes).
+# provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most.
+# A session's 15 device minutes (machine start included) fit two calls, most important first:
+#   1. `wheel tests percall` (run with carry ["dist"] after `make wheel`; about 6 minutes):
+#      issues 13, 15, 16 (suite + memcheck on CUDA, the wheel on the GPU's torch) and 14's table;
+#   2. `e2e` (about 5 minutes): issues 12 and 17; then `e2e-cp`, `e2e-compile` in a later session.
 set -u
 STEPS=" ${*:-build tests bench} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }

@@ -9,6 +9,7 @@ run under the interpreter (TRITON_INTERPRET=1), which keeps the launch grid and 
 process-global state: two threads launching at once corrupt each other ("x >= grid_dim[0]"), so
 interpreted launches take a process-wide lock. GPU launches never take it.
 """
+import functools
 import os
 import threading
 from typing import Callable, Optional, Tuple
@@ -61,6 +62,7 @@ def interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+@functools.lru_cache(maxsize=None)
 def multiprocessors(device: torch.device) -> int:
     """SM count of a CUDA device; 0 for interpreted launches (one program per batch row)."""
     if interpreted(device):
