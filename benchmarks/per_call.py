@@ -1,6 +1,7 @@
 """Per-call cost of `prune` on CPU (issue 14): the ratio table, measured in one process.
 
     PYTHONPATH=. python benchmarks/per_call.py [--batches 1 8 64] [--rounds 201] [--threads N]
+                                              [--kernel-parts] [--triton-python]
 
 (PYTHONPATH=. measures this checkout; without it Python imports the installed papr_kernels.)
 
@@ -125,6 +126,41 @@ def measure_parts(batch: int, rounds: int) -> str:
                        for name, t in times.items()])
 
 
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: `kernel[grid](...)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def triton_python_path(rounds: int) -> str:
+    """Host cost of `prune(backend="triton")` without its kernels (both replaced by _NoLaunch),
+    B = 1: what the Python path from `prune` to the launch costs, measurable without a GPU
+    (Triton's own launcher is not in it). Forward, and forward + backward with x needing grad."""
+    os.environ["TRITON_INTERPRET"] = "1"   # triton "runs" on CPU tensors: nothing is launched
+    from papr_kernels.ops.triton import prune as triton_prune
+    shape = pb.SHAPES[pb.HEADLINE]
+    x, f = pb.inputs(shape, torch.float32, 1, "cpu")
+    x_grad = x.detach().clone().requires_grad_(True)
+    kept = shape.prefix + papr_kernels.keep_count(shape.num_tokens, Z, shape.prefix)
+    grad = torch.ones(1, kept, shape.channels)
+    saved = triton_prune._prune_fwd_kernel, triton_prune._prune_bwd_kernel
+    triton_prune._prune_fwd_kernel = triton_prune._prune_bwd_kernel = _NoLaunch()
+    try:
+        times = _interleaved({
+            "forward": lambda: papr_kernels.prune(x, f, Z, backend="triton"),
+            "forward + backward": lambda: papr_kernels.prune(x_grad, f, Z, backend="triton")
+            .backward(grad),
+            "cpp forward (kernels run)": lambda: papr_kernels.prune(x, f, Z, backend="cpp"),
+        }, rounds)
+    finally:
+        triton_prune._prune_fwd_kernel, triton_prune._prune_bwd_kernel = saved
+    return "\n".join(["| prune(backend=\"triton\"), kernels not launched, B = 1 | median | "
+                      "10th percentile |", "|---|---|---|"] +
+                     [f"| {name} | {_us(median(t))} | {_us(p10(t))} |"
+                      for name, t in times.items()])
+
+
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us"
 
@@ -161,6 +197,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--kernel-parts", action="store_true",
                         help="also time the C++ op's parts against ATen (see kernel_parts)")
+    parser.add_argument("--triton-python", action="store_true",
+                        help="also time the Python path of the triton backend, kernels stubbed")
     parser.add_argument("--fresh-pages", action="store_true",
                         help="keep glibc's malloc defaults (see the module docstring)")
     args = parser.parse_args()
@@ -178,6 +216,8 @@ def main() -> None:
     if args.kernel_parts:
         for batch in args.batches:
             print("\n" + measure_parts(batch, args.rounds))
+    if args.triton_python:
+        print("\n" + triton_python_path(args.rounds))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 import per_call_gpu  # noqa: E402
+from conftest import requires  # noqa: E402
 
 
 def test_per_call_gpu_dry_run_times_every_provider_and_reports_the_targets():
@@ -26,3 +27,16 @@ def test_per_call_gpu_dry_run_times_every_provider_and_reports_the_targets():
     targets = per_call_gpu.targets(results).splitlines()[2]
     host_us = per_call_gpu._med(times["auto"]["host"]) * 1e6
     assert targets.startswith(f"| fp32 | 2 | {host_us:.1f} us (")
+
+
+@requires("cpp", "cpu")
+@requires("triton", "cpu")
+def test_per_call_triton_python_path_restores_the_kernels():
+    import per_call
+    from papr_kernels.ops.triton import prune as triton_prune
+    kernels = triton_prune._prune_fwd_kernel, triton_prune._prune_bwd_kernel
+    lines = per_call.triton_python_path(rounds=1).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| forward", "| forward + backward", "| cpp forward (kernels run)"]
+    assert all(float(line.split(" | ")[1].split()[0]) > 0 for line in lines[2:])
+    assert (triton_prune._prune_fwd_kernel, triton_prune._prune_bwd_kernel) == kernels
