@@ -125,6 +125,69 @@ def test_every_proposal_map_size_matches_the_reference(f_size, f_dtype):
         assert_matches_reference(x, f, 0.9, out, idx, exact_indices=integers)
 
 
+def channel_order_map(dtype, reverse: bool):
+    """f (1, 4, 8, 8) at the token grid, where bicubic is the identity. Position 0: channels
+    [1, 0, 0, 0] (mean 1/4). Positions 1 and 63: [1, 2^-24, 2^-53, 2^-53], added in channel
+    order a float64 mean of exactly 1/4 + 2^-26, a float32 tie that rounds to 1/4; reversed, the
+    two 2^-53 add up first and the mean rounds up to 1/4 + 2^-25, one float32 ULP more."""
+    f = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+    f[0, 0, 0, 0] = 1.0
+    column = torch.tensor([1.0, 2.0 ** -24, 2.0 ** -53, 2.0 ** -53], dtype=torch.float64)
+    for position in (1, 63):
+        f[0, :, position // 8, position % 8] = column
+    return (f.flip(1) if reverse else f).to(dtype)
+
+
+@pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_channels_are_summed_in_order_as_by_the_reference(f_dtype):
+    """`cpp` adds each position's channels 0, 1, ..., K-1 in order, as torch's CPU mean does
+    (and the CUDA kernel): on a float32 rounding tie the order decides the ranking."""
+    x = torch.randn(1, 65, 4)
+    for reverse, expected in ((False, [0, 1, 63]), (True, [1, 63, 0])):
+        f = channel_order_map(f_dtype, reverse)
+        want = reference.prune(x, f, 0.05, grid=(8, 8), return_indices=True)[1]
+        assert want[0].tolist() == expected   # the case tells the two orders apart
+        assert torch.equal(_prune(x, f, 0.05, grid=(8, 8))[1], want)
+
+
+def simd_cases():
+    """Indices of `cpp` on random, integer and constant maps of every f dtype and several sizes
+    (what test_simd_and_portable_means_choose_the_same_tokens runs in two processes)."""
+    results = []
+    for f_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for f_size in ((7, 7), (1, 51), (12, 12), (13, 17)):
+            for kind in ("random", "integers", "constant"):
+                x, f = _inputs(batch=2, n=1 + 8 * 8, channels=4, proposal=33, f_size=f_size,
+                               f_dtype=f_dtype, integers=kind == "integers", seed=len(results))
+                if kind == "constant":
+                    f = torch.full_like(f, 0.3)
+                results.append(_prune(x, f, 0.9, grid=(8, 8))[1])
+        if f_dtype != torch.float16:   # 2^-53 is 0 in fp16
+            for reverse in (False, True):
+                f = channel_order_map(f_dtype, reverse)
+                results.append(_prune(torch.zeros(1, 65, 4), f, 0.9, grid=(8, 8))[1])
+    return results
+
+
+def test_simd_and_portable_means_choose_the_same_tokens(tmp_path):
+    """The AVX2 channel mean (picked at run time) and the portable loop (forced by
+    PAPR_KERNELS_NO_SIMD=1 in a fresh process) add each position's channels in the same order,
+    so they give the same scores bit for bit: the same indices everywhere."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "portable.pt"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_cpp; "
+            "torch.save(test_cpp.simd_cases(), sys.argv[2])")
+    env = dict(os.environ, PAPR_KERNELS_NO_SIMD="1")
+    subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(out)], env=env,
+                   check=True, timeout=300)
+    portable, here = torch.load(out), simd_cases()
+    assert len(portable) == len(here) == 40
+    for i, (a, b) in enumerate(zip(portable, here)):
+        assert torch.equal(a, b), (i, a, b)
+
+
 def test_large_grid_64x64():
     x, f = _inputs(batch=2, n=1 + 64 * 64, channels=8, f_size=(16, 16))
     for z in (0.1, 0.5, 0.9):

@@ -5,6 +5,7 @@
 // Threads: torch::stable::parallel_for, i.e. torch's own pool and torch.set_num_threads.
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <type_traits>
@@ -123,8 +124,10 @@ void row_mean(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, doub
 #undef PAPR_AVX2
 }  // namespace avx2
 
+// PAPR_KERNELS_NO_SIMD=1 (read once) forces the portable loop: tests compare the two paths.
 bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                          std::getenv("PAPR_KERNELS_NO_SIMD") == nullptr;
   return yes;
 }
 #endif
