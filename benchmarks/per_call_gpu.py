@@ -181,9 +181,13 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "no GPU (dry run)"
     print(f"{gpu}; torch {torch.__version__}; ViT-B/16-224, z = {Z}; auto backend: {auto_name}; "
           f"medians of {args.rounds} interleaved rounds; microseconds per call\n")
-    results = {(d, b): measure(pb.DTYPES[d], b, args.rounds, args.device)
-               for d in args.dtypes for b in args.batches}
-    print(table(results, auto_name) + "\n\n" + targets(results))
+    results = {}
+    for d in args.dtypes:
+        for b in args.batches:   # each row as soon as it is measured: a timeout keeps them
+            results[(d, b)] = measure(pb.DTYPES[d], b, args.rounds, args.device)
+            print("measured: " + table({(d, b): results[(d, b)]}, auto_name).splitlines()[2],
+                  flush=True)
+    print("\n" + table(results, auto_name) + "\n\n" + targets(results))
 
 
 if __name__ == "__main__":
