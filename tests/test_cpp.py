@@ -125,6 +125,33 @@ def test_every_proposal_map_size_matches_the_reference(f_size, f_dtype):
         assert_matches_reference(x, f, 0.9, out, idx, exact_indices=integers)
 
 
+@pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_channels_last_features_are_read_as_they_are(f_dtype):
+    """f from a channels_last proposal ((S, K) rows, channels innermost) is transposed row by row
+    inside the kernel instead of copied to NCHW first: the same indices and tokens as contiguous
+    f, for images (channels_last), video (channels_last_3d), one and several rows, and a row large
+    enough for the path that splits one row's mean over threads."""
+    cases = [((3, 40, 7, 7), (14, 14), torch.channels_last),
+             ((1, 40, 5, 9), (14, 14), torch.channels_last),
+             ((2, 12, 4, 6, 6), (4, 6, 6), torch.channels_last_3d),
+             ((1, 6000, 7, 7), (14, 14), torch.channels_last)]   # 1.2-2.4 MB rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        for shape, grid, layout in cases:
+            gen = torch.Generator().manual_seed(len(shape))
+            f = torch.randn(shape, generator=gen).to(f_dtype)
+            x = torch.randn(shape[0], 1 + int(torch.tensor(grid).prod()), 4, generator=gen)
+            f_nhwc = f.contiguous(memory_format=layout)
+            assert not f_nhwc.is_contiguous()
+            for order in ("score", "spatial"):
+                want = _prune(x, f, 0.5, grid=grid, order=order)
+                got = _prune(x, f_nhwc, 0.5, grid=grid, order=order)
+                assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def channel_order_map(dtype, reverse: bool):
     """f (1, 4, 8, 8) at the token grid, where bicubic is the identity. Position 0: channels
     [1, 0, 0, 0] (mean 1/4). Positions 1 and 63: [1, 2^-24, 2^-53, 2^-53], added in channel
