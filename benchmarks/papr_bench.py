@@ -7,6 +7,7 @@ import functools
 import platform
 import re
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -167,6 +168,23 @@ def inputs(shape: Shape, dtype: torch.dtype, batch: int, device: str):
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def time_per_call(fn: Callable, calls: int, device: str = "cpu") -> float:
+    """Wall seconds per call of `calls` calls issued back to back (synchronised before and after
+    on CUDA: what a Python loop sees)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def calls_per_block(fn: Callable, target_s: float, device: str = "cpu") -> int:
+    """How many calls of fn (one timed) fill a block of `target_s` seconds: blocks long enough
+    for the clock, short enough that many interleaved rounds fit."""
+    return max(1, int(target_s / max(time_per_call(fn, 1, device), 1e-7)))
 
 
 class Timed:

@@ -27,7 +27,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -37,20 +36,6 @@ import papr_bench as pb  # noqa: E402
 import papr_kernels  # noqa: E402
 
 Z = 0.5
-
-
-def _block_size(fn, target_s=5e-4) -> int:
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    return max(1, int(target_s / max(once, 1e-7)))
-
-
-def _time_per_call(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def providers(batch: int):
@@ -80,11 +65,11 @@ def _interleaved(fns: dict, rounds: int) -> dict:
     for fn in fns.values():  # warm-up: compile, allocator, caches
         for _ in range(3):
             fn()
-    calls = {name: _block_size(fn) for name, fn in fns.items()}
+    calls = {name: pb.calls_per_block(fn, 5e-4) for name, fn in fns.items()}
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(_time_per_call(fn, calls[name]))
+            times[name].append(pb.time_per_call(fn, calls[name]))
     return {name: sorted(t) for name, t in times.items()}
 
 

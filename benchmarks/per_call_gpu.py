@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, Optional
 
 import torch
@@ -57,19 +56,6 @@ def with_backward(name: str, fn: Callable) -> Callable:
             return pb.floor_bwd(grad, SHAPE.num_tokens)
         fn(x, f).backward(grad)
     return run
-
-
-def host_time(fn: Callable, calls: int, device: str) -> float:
-    pb.sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    pb.sync(device)
-    return (time.perf_counter() - start) / calls
-
-
-def calls_per_block(fn: Callable, device: str, target_s: float = 2e-3) -> int:
-    return max(1, int(target_s / max(host_time(fn, 1, device), 1e-7)))
 
 
 class GraphTimer:
@@ -115,13 +101,14 @@ def measure(dtype: torch.dtype, batch: int, rounds: int, device: str) -> Dict[st
                 print(f"B = {batch} {dtype}: no CUDA graph of {name}: {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
                 torch.cuda.synchronize()
-    calls = {name: (calls_per_block(fwd[name], device), calls_per_block(both[name], device))
+    calls = {name: (pb.calls_per_block(fwd[name], 2e-3, device),
+                    pb.calls_per_block(both[name], 2e-3, device))
              for name in fwd}
     times = {name: {"host": [], "gpu": [] if graphs[name] else None, "fwdbwd": []} for name in fwd}
     for _ in range(rounds):
         for name in fwd:
-            times[name]["host"].append(host_time(fwd[name], calls[name][0], device))
-            times[name]["fwdbwd"].append(host_time(both[name], calls[name][1], device))
+            times[name]["host"].append(pb.time_per_call(fwd[name], calls[name][0], device))
+            times[name]["fwdbwd"].append(pb.time_per_call(both[name], calls[name][1], device))
             if graphs[name]:
                 times[name]["gpu"].append(graphs[name].time())
     return times
