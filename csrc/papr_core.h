@@ -3,7 +3,7 @@
 //
 // SPEC.md, "Semantics" 1 and 3, in four steps:
 //   1. + 2. scores in float64, rounded once to float32: the channel mean of f.double() (summed
-//      channel by channel in double, then divided by K like torch.mean), resized to the token grid
+//      in one fixed order, `channel_sum`, then divided by K like torch.mean), resized to the token grid
 //      with PyTorch's CPU upsample formulas in double (area_pixel_compute_scale<double>, cubic
 //      coefficients in double): bicubic (A = -0.75, clamped taps) for 4-D f, trilinear for 5-D f,
 //      both align_corners modes, the operation order of aten/src/ATen/native/cpu/UpSampleKernel.cpp
@@ -78,17 +78,41 @@ PAPR_HD double to_double(double v) { return v; }
 PAPR_HD double to_double(bf16 v) { return static_cast<double>(to_float(v)); }
 PAPR_HD double to_double(f16 v) { return static_cast<double>(to_float(v)); }
 
-// Sum of channels [k0, k1) at spatial positions [s0, s0 + len) of one row of f (K, S) contiguous,
-// in float64, channel by channel (the same order at every position: a per-channel-constant map
-// gives one sum everywhere).
+// The one summation order of the float64 channel sum, on every backend (cpp, cuda, triton): the
+// channels are dealt to kChannelLanes interleaved partial sums, lane j adding channels j,
+// j + kChannelLanes, j + 2 kChannelLanes, ... in order from 0.0, and the partial sums are then
+// added in lane order to 0.0. A GPU runs the lanes in parallel (16 independent chains per
+// position); a CPU runs them one after another. One order means bit-identical means, so the
+// same scores and the same tokens on CPU and GPU, ties included. For K <= kChannelLanes it is
+// plain channel order (what torch's CPU mean does for small K).
+constexpr int kChannelLanes = 16;
+
+// Sum of the K channels at spatial positions [s0, s0 + len) of one row of f (K, S) contiguous,
+// in float64, in the order above (the same at every position: a per-channel-constant map gives
+// one sum everywhere). `lane` is scratch of len doubles.
 template <typename T>
-PAPR_HD void channel_sum(const T* f_row, int64_t S, int64_t k0, int64_t k1, int64_t s0, int len,
-                         double* acc) {
+PAPR_HD void channel_sum(const T* f_row, int64_t K, int64_t S, int64_t s0, int len, double* acc,
+                         double* lane) {
   for (int j = 0; j < len; ++j) acc[j] = 0.0;
-  for (int64_t k = k0; k < k1; ++k) {
-    const T* p = f_row + k * S + s0;
-    for (int j = 0; j < len; ++j) acc[j] += to_double(p[j]);
+  for (int64_t l = 0; l < kChannelLanes && l < K; ++l) {
+    for (int j = 0; j < len; ++j) lane[j] = 0.0;
+    for (int64_t k = l; k < K; k += kChannelLanes) {
+      const T* p = f_row + k * S + s0;
+      for (int j = 0; j < len; ++j) lane[j] += to_double(p[j]);
+    }
+    for (int j = 0; j < len; ++j) acc[j] += lane[j];
   }
+}
+
+// The same sum for one position of positions-major f (its K channels contiguous, as in
+// channels_last f): lane j is channels j, j + 16, ... in order, the lanes then added in order.
+template <typename T>
+PAPR_HD double position_channel_sum(const T* channels, int64_t K) {
+  double lane[kChannelLanes] = {};
+  for (int64_t k = 0; k < K; ++k) lane[k % kChannelLanes] += to_double(channels[k]);
+  double sum = 0.0;
+  for (int j = 0; j < kChannelLanes && j < K; ++j) sum += lane[j];
+  return sum;
 }
 
 // torch CPU mean = sum (float64) .div_(K)

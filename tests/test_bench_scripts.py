@@ -4,6 +4,7 @@ forward + backward, and the tables built from the timings."""
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
@@ -12,8 +13,9 @@ import per_call_gpu  # noqa: E402
 from conftest import requires  # noqa: E402
 
 
-def test_per_call_gpu_dry_run_times_every_provider_and_reports_the_targets():
-    times = per_call_gpu.measure(torch.float32, 2, rounds=2, device="cpu")
+@pytest.mark.parametrize("f_layout", ["contiguous", "channels_last"])
+def test_per_call_gpu_dry_run_times_every_provider_and_reports_the_targets(f_layout):
+    times = per_call_gpu.measure(torch.float32, 2, rounds=2, device="cpu", f_layout=f_layout)
     assert set(times) == {"floor", "user eager", "auto"}   # cuda / triton: on a GPU only
     for t in times.values():
         assert len(t["host"]) == 2 and min(t["host"]) > 0

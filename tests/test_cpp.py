@@ -12,6 +12,7 @@ from papr_kernels.ops import extension
 from papr_kernels.testing import assert_matches_reference
 
 from conftest import requires
+from lane_order import lane_order_ranking, rounding_map
 
 pytestmark = requires("cpp", "cpu")
 
@@ -125,12 +126,15 @@ def test_every_proposal_map_size_matches_the_reference(f_size, f_dtype):
         assert_matches_reference(x, f, 0.9, out, idx, exact_indices=integers)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_channels_last_features_are_read_as_they_are(f_dtype):
-    """f from a channels_last proposal ((S, K) rows, channels innermost) is transposed row by row
-    inside the kernel instead of copied to NCHW first: the same indices and tokens as contiguous
-    f, for images (channels_last), video (channels_last_3d), one and several rows, and a row large
-    enough for the path that splits one row's mean over threads."""
+def test_channels_last_features_are_read_as_they_are(backend, f_dtype):
+    """f from a channels_last proposal ((S, K) rows, channels innermost) is read as it is instead
+    of copied to NCHW first (cpp: each row transposed inside the kernel; cuda: the mean kernel's
+    threads laid over channels, same summation order): the same indices and tokens as contiguous
+    f, bit for bit, for images (channels_last), video (channels_last_3d), one and several rows,
+    and a row large enough for the CPU path that splits one row's mean over threads."""
+    device = "cuda" if backend == "cuda" else "cpu"
     cases = [((3, 40, 7, 7), (14, 14), torch.channels_last),
              ((1, 40, 5, 9), (14, 14), torch.channels_last),
              ((2, 12, 4, 6, 6), (4, 6, 6), torch.channels_last_3d),
@@ -140,13 +144,14 @@ def test_channels_last_features_are_read_as_they_are(f_dtype):
         torch.set_num_threads(max(2, threads))
         for shape, grid, layout in cases:
             gen = torch.Generator().manual_seed(len(shape))
-            f = torch.randn(shape, generator=gen).to(f_dtype)
+            f = torch.randn(shape, generator=gen).to(f_dtype).to(device)
             x = torch.randn(shape[0], 1 + int(torch.tensor(grid).prod()), 4, generator=gen)
+            x = x.to(device)
             f_nhwc = f.contiguous(memory_format=layout)
             assert not f_nhwc.is_contiguous()
             for order in ("score", "spatial"):
-                want = _prune(x, f, 0.5, grid=grid, order=order)
-                got = _prune(x, f_nhwc, 0.5, grid=grid, order=order)
+                want = _prune(x, f, 0.5, grid=grid, order=order, backend=backend)
+                got = _prune(x, f_nhwc, 0.5, grid=grid, order=order, backend=backend)
                 assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     finally:
         torch.set_num_threads(threads)
@@ -177,6 +182,22 @@ def test_channels_are_summed_in_order_as_by_the_reference(f_dtype):
         assert torch.equal(_prune(x, f, 0.05, grid=(8, 8))[1], want)
 
 
+@pytest.mark.parametrize("channels", [3, 16, 21, 64, 67, 130])
+@pytest.mark.parametrize("f_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_mean_is_summed_in_lane_order(channels, f_dtype, layout):
+    """Every K (below, at and past one 16-channel step, with tails), both layouts (the AVX2 paths
+    for (K, S) and (S, K) rows and the portable loop under PAPR_KERNELS_NO_SIMD=1, through
+    simd_cases), on maps where the summation order decides most float32 means: the ranking of
+    the lane order written out in Python, exactly. (Summed channel by channel, 0..K-1, the
+    rankings differ.)"""
+    f = rounding_map(2, channels, (5, 6), f_dtype, seed=channels).contiguous(memory_format=layout)
+    x = torch.randn(2, 1 + 30, 4)
+    idx = _prune(x, f, 0.97, grid=(5, 6))[1]
+    want = lane_order_ranking(f)
+    assert torch.equal(idx, want[:, :idx.shape[1]])
+
+
 def simd_cases():
     """Indices of `cpp` on random, integer and constant maps of every f dtype and several sizes
     (what test_simd_and_portable_means_choose_the_same_tokens runs in two processes)."""
@@ -193,6 +214,11 @@ def simd_cases():
             for reverse in (False, True):
                 f = channel_order_map(f_dtype, reverse)
                 results.append(_prune(torch.zeros(1, 65, 4), f, 0.9, grid=(8, 8))[1])
+            for channels in (21, 130):
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    f = rounding_map(2, channels, (5, 6), f_dtype, seed=channels)
+                    results.append(_prune(torch.zeros(2, 31, 4), f.contiguous(memory_format=layout),
+                                          0.97, grid=(5, 6))[1])
     return results
 
 
@@ -210,7 +236,7 @@ def test_simd_and_portable_means_choose_the_same_tokens(tmp_path):
     subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(out)], env=env,
                    check=True, timeout=300)
     portable, here = torch.load(out), simd_cases()
-    assert len(portable) == len(here) == 40
+    assert len(portable) == len(here) == 48
     for i, (a, b) in enumerate(zip(portable, here)):
         assert torch.equal(a, b), (i, a, b)
 

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import papr_kernels
-from papr_kernels import reference
+from papr_kernels import backends, reference
 from papr_kernels.testing import assert_matches_reference
+
+from conftest import backend_params
+from lane_order import lane_order_map, rounding_map
 
 
 def _features(batch, seed=0, size=7):
@@ -121,3 +124,57 @@ def test_many_calls_leave_memory_flat(backend):
     calls(1_000, backward=True)
     growth = _rss_mib() - before
     assert growth < 20, f"resident memory grew by {growth:.1f} MiB over the calls"
+
+
+FAST_BACKENDS = backend_params("cpp", "cuda", "triton")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fast_backends_sum_channels_in_one_order(backend, dtype, layout):
+    """cpp, cuda and triton add f's channels in papr_core.h's channel_sum order (16 interleaved
+    lanes), so their float64 means are equal bit for bit and they keep the same tokens on CPU and
+    GPU even where the order decides a float32 rounding (the reference, torch's mean, may differ
+    there by one ULP, which SPEC allows)."""
+    name, device = backend
+    f = lane_order_map(dtype).contiguous(memory_format=layout).to(device)
+    x = torch.randn(1, 65, 4).to(device)
+    for order, expected in (("score", [1, 63, 0]), ("spatial", [0, 1, 63])):
+        idx = papr_kernels.prune(x, f, 0.05, grid=(8, 8), order=order, return_indices=True,
+                                 backend=name)[1]
+        assert idx[0].tolist() == expected, (name, order)
+
+
+def _problems():
+    """(x, f, grid): random maps, and maps where the summation order decides the float32 means,
+    contiguous and channels_last."""
+    gen = torch.Generator().manual_seed(11)
+    for f_shape, grid in (((3, 1024, 7, 7), (14, 14)), ((2, 40, 5, 9), (16, 12)),
+                          ((2, 17, 12, 12), (24, 24)), ((2, 24, 3, 4, 4), (6, 7, 7))):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            f = torch.randn(f_shape, generator=gen).to(dtype)
+            x = torch.randn(f_shape[0], 1 + int(torch.tensor(grid).prod()), 8, generator=gen)
+            yield x, f, grid
+    for channels, grid in ((67, (5, 6)), (130, (9, 11))):
+        for dtype in (torch.float32, torch.bfloat16):
+            f = rounding_map(2, channels, (5, 6), dtype, seed=channels)
+            x = torch.randn(2, 1 + grid[0] * grid[1], 8, generator=gen)
+            yield x, f, grid
+            yield x, f.contiguous(memory_format=torch.channels_last), grid
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_fast_backends_keep_the_cpu_kernel_s_tokens(backend):
+    """No ULP exception between the compiled backends: every one, on every device, returns the
+    `cpp` kernel's indices exactly, on random maps and on maps where only the summation order
+    decides, for both orders and both align_corners settings."""
+    name, device = backend
+    if backends.unavailable_reason("cpp", "cpu") is not None:
+        pytest.skip("the cpp kernel is the yardstick")
+    for x, f, grid in _problems():
+        for align in (True, False):
+            kwargs = dict(grid=grid, align_corners=align, return_indices=True)
+            want = papr_kernels.prune(x, f, 0.9, backend="cpp", **kwargs)[1]
+            got = papr_kernels.prune(x.to(device), f.to(device), 0.9, backend=name, **kwargs)[1]
+            assert torch.equal(got.cpu(), want), (name, tuple(f.shape), f.dtype, align)

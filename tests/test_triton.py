@@ -101,6 +101,50 @@ def test_video_trilinear_and_non_contiguous_x():
         assert_matches_reference(x, f, 0.5, out, idx, **kwargs)
 
 
+def _f_layouts():
+    """f in the layouts a user passes: (name, f, read without a copy)."""
+    gen = torch.Generator().manual_seed(5)
+    image = torch.randn(2, 24, 5, 6, generator=gen).to(DEVICE)
+    video = torch.randn(2, 12, 3, 4, 5, generator=gen).to(DEVICE)
+    return [
+        ("contiguous", image, True),
+        ("channels_last", image.contiguous(memory_format=torch.channels_last), True),
+        ("channels_last_3d", video.contiguous(memory_format=torch.channels_last_3d), True),
+        ("sliced_channels", torch.randn(2, 48, 5, 6, generator=gen).to(DEVICE)[:, ::2], True),
+        ("one_column", torch.randn(2, 24, 5, 1, generator=gen).to(DEVICE)
+         .contiguous(memory_format=torch.channels_last), True),
+        ("expanded_channels", image[:, :1].expand(-1, 24, -1, -1), True),
+        ("transposed_map", image.transpose(2, 3), False),     # positions not one strided dim
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_f_layouts())))
+def test_features_are_read_through_their_strides(monkeypatch, split, case):
+    """f laid out channels_last (what the proposal returns), sliced or expanded reaches the
+    kernel as it is, its strides passed; f whose positions are no single strided dimension is
+    copied first. Either way: the indices and tokens of contiguous f."""
+    name, f, in_place = _f_layouts()[case]
+    seen = []
+    original = tp._prune_fwd_kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tp._prune_fwd_kernel, "run", spy)
+    split(2, 2)
+    video = f.dim() == 5
+    grid = (3, 4, 5) if video else (7, 6)
+    x = torch.randn(2, 1 + (60 if video else 42), 8, device=DEVICE)
+    for order in ("score", "spatial"):
+        want = _prune(x, f.contiguous(), 0.5, grid=grid, order=order)
+        seen.clear()
+        got = _prune(x, f, 0.5, grid=grid, order=order)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), name
+        assert_matches_reference(x, f, 0.5, *got, grid=grid, order=order)
+        assert (seen[0].data_ptr() == f.data_ptr()) == in_place, name
+
+
 @pytest.mark.parametrize("chunk", [1, 8])
 @pytest.mark.parametrize("order", ["score", "spatial"])
 def test_scores_chunk_by_chunk_match_reference(monkeypatch, chunk, order):

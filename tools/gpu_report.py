@@ -8,7 +8,8 @@ Sections (each prints its table; one shared ending lists every FAIL and sets the
 triton: the prune kernels (papr_kernels/ops/triton/prune.py), compiled ahead of time for sm_80
 and sm_90 per distinct kernel specialization.
 Configs (issue 3): N in (196, 576, 1568, 3136) patches (+1 class token, z = 0.5), C in (384, 768,
-1024, 1280), K in (1024, 2048), dtype in (fp16, bf16, fp32) for x and f, order score/spatial.
+1024, 1280), K in (1024, 2048), dtype in (fp16, bf16, fp32) for x and f, order score/spatial,
+f contiguous (nchw) and channels_last (nhwc: read through its strides, channels innermost).
 For each config the launcher's real arguments (a B = 64 launch on a 132-SM H100) go through
 Triton's own specialization (`native_specialize_impl`: ints equal to 1 become constexprs, ints and
 pointers divisible by 16 get tt.divisibility), so the compiled code is what the JIT would build;
@@ -36,6 +37,7 @@ import contextlib
 import glob
 import importlib.util
 import io
+import itertools
 import math
 import multiprocessing as mp
 import os
@@ -58,6 +60,15 @@ PROBLEMS = [(196, (7, 7), (14, 14)), (576, (12, 12), (24, 24)),
 CHANNELS = (384, 768, 1024, 1280)
 PROPOSAL_CHANNELS = (1024, 2048)
 PREFIX, Z, BATCH, SMS = 1, 0.5, 64, 132
+# f as torch.randn gives it (positions innermost) and as a channels_last proposal returns it
+# (channels innermost): the forward reads either without a copy (prune.flat_strides)
+F_LAYOUTS = ("nchw", "nhwc")
+
+
+def _f_strides(layout, channels, positions):
+    if layout == "nchw":
+        return dict(stride_fb=channels * positions, stride_fk=positions, stride_fs=1)
+    return dict(stride_fb=channels * positions, stride_fk=1, stride_fs=channels)
 
 
 def _split(rows, channels, block_rows):
@@ -101,13 +112,14 @@ def build_jobs(dtypes):
             dst = grid if video else (1,) + grid
             keep = int((n + PREFIX) * Z) - PREFIX
             for spatial in (False, True):
-                for c in CHANNELS:
-                    for k in PROPOSAL_CHANNELS:
+                for c, k, f_layout in itertools.product(CHANNELS, PROPOSAL_CHANNELS,
+                                                        F_LAYOUTS):
                         rows_per, chans_per = _split(PREFIX + keep, c, tp.BLOCK_R)
                         scales = [bits for i, o in zip(src, dst)
                                   for bits in tp._split_bits(tp._scale(i, o, True))]
                         values = dict(x_ptr=dtype, f_ptr=dtype, out_ptr=dtype, idx_ptr="i64",
                                       stride_xb=(n + PREFIX) * c, stride_xn=c, stride_xc=1,
+                                      **_f_strides(f_layout, k, math.prod(src)),
                                       C=c, K=k, S=math.prod(src), N=n, P=PREFIX, KEEP=keep,
                                       in_t=src[0], in_h=src[1], in_w=src[2], out_t=dst[0],
                                       out_h=dst[1], out_w=dst[2], st_hi_bits=scales[0],
@@ -119,7 +131,7 @@ def build_jobs(dtypes):
                         sig, attrs, consts = _specialize(tp._prune_fwd_kernel, values, meta)
                         warps = tp.fwd_num_warps(n)
                         label = (f"N={n} S={math.prod(src)} {'video' if video else 'image'} "
-                                 f"{'spatial' if spatial else 'score'} {dtype} w{warps}")
+                                 f"{'spatial' if spatial else 'score'} {dtype} f {f_layout} w{warps}")
                         key = ("fwd", repr(sig), repr(sorted(attrs.items())),
                                repr(sorted(consts.items())), warps)
                         job = jobs.setdefault(key, dict(kind="fwd", sig=sig, attrs=attrs,
@@ -127,7 +139,7 @@ def build_jobs(dtypes):
                                                         configs=[]))
                         job["configs"].append((c, k))
                         # backward: C and the token count; K, order and f do not enter it
-                        if spatial or k != PROPOSAL_CHANNELS[0]:
+                        if spatial or k != PROPOSAL_CHANNELS[0] or f_layout != F_LAYOUTS[0]:
                             continue
                         nt = n + PREFIX
                         toks_per, bchans_per = _split(nt, c, tp.BLOCK_T)
@@ -177,7 +189,8 @@ def compile_job(args):
         src = triton.compiler.ASTSource(fn=fn, signature=dict(job["sig"]),
                                         constexprs=dict(job["consts"]), attrs=job["attrs"])
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": job["warps"]})
+                                  options={"num_warps": job["warps"],
+                                           "enable_fp_fusion": job["kind"] != "fwd"})
     seconds = time.time() - start
     if not re.search(r"Used \d+ registers", log.getvalue()):
         raise RuntimeError(f"no ptxas -v log captured for {job['label']} sm_{arch}")

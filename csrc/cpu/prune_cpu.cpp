@@ -56,20 +56,27 @@ Taps make_taps(const ForwardShape& s, bool align_corners) {
 // Channel mean of positions [s0, s1) of one row: the header's fp64 channel_sum, tile by tile.
 template <typename T>
 inline __attribute__((always_inline)) void row_mean(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, double* mean) {
-  double acc[kSpatialTile];
+  double acc[kSpatialTile], lane[kSpatialTile];
   for (int64_t t = s0; t < s1; t += kSpatialTile) {
     const int len = static_cast<int>(std::min<int64_t>(kSpatialTile, s1 - t));
-    channel_sum(f_row, S, 0, K, t, len, acc);
+    channel_sum(f_row, K, S, t, len, acc, lane);
     for (int j = 0; j < len; ++j) mean[t + j] = mean_from_sum(acc[j], K);
   }
 }
 
+// The same for positions-major rows (S, K): position by position, channels contiguous.
+template <typename T>
+void row_mean_positions_major(const T* f_row, int64_t K, int64_t s0, int64_t s1, double* mean) {
+  for (int64_t t = s0; t < s1; ++t) mean[t] = mean_from_sum(position_channel_sum(f_row + t * K, K), K);
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PAPR_AVX2_MEAN 1
-// The same sums with AVX2: 4 positions per register, up to 13 registers of sums held across the
-// whole channel loop (f is read once per 48 positions). Converting f to double is the bound
-// (~4 elements a cycle); a loop over a sums array in memory runs at half that. Each position's
-// sum still adds channel 0, 1, ..., K-1 in order, so the results equal row_mean's bit for bit.
+// The same sums with AVX2: 4 positions per register, up to 13 registers of one lane's partial
+// sums held across that lane's channels (f is read once per 48 positions); the lane totals live
+// in memory (touched once per lane). Converting f to double is the bound (~4 elements a cycle);
+// a loop over a sums array in memory runs at half that. The additions are channel_sum's, in its
+// order, so the results equal row_mean's bit for bit.
 namespace avx2 {
 #define PAPR_AVX2 __attribute__((target("avx2,f16c"), always_inline)) inline
 
@@ -89,22 +96,53 @@ PAPR_AVX2 __m256d widen_part(const T* p, int lanes) {
                         lanes > 2 ? to_double(p[2]) : 0.0, 0.0);
 }
 
-// Positions [s0, s0 + 4 * V + tail), tail < 4.
+// Positions [s0, s0 + 4 * V + tail), tail < 4. The 16 lanes' partial sums of the block live in
+// an L1-resident array; a lane's value is loaded once per kLaneSteps of its rows (16 rows apart:
+// kLaneSteps ascending streams the prefetchers follow), so the array costs 2 memory operations
+// per kLaneSteps additions. (Lane by lane, one stream 16 rows apart, was 2-4x slower at B = 64.)
+constexpr int64_t kLaneSteps = 4;
+
+// Rows [k0, k0 + steps * 16) into the lanes of positions [0, 4 * V + tail) from `base`: lane l
+// adds rows k0 + l, k0 + l + 16, ... in order.
+template <int V, typename T>
+PAPR_AVX2 void add_lane_rows(const T* base, int64_t S, int tail, int64_t k0, int64_t steps,
+                             int64_t lanes_used, double (*lanes)[4 * (V + 1)]) {
+  for (int64_t l = 0; l < lanes_used; ++l) {
+    double* lane = lanes[l];
+    const T* p = base + (k0 + l) * S;
+    for (int v = 0; v < V + (tail ? 1 : 0); ++v) {
+      __m256d acc = _mm256_load_pd(lane + 4 * v);
+      for (int64_t i = 0; i < steps; ++i) {
+        const T* row = p + i * kChannelLanes * S + 4 * v;
+        acc = _mm256_add_pd(acc, v < V ? widen4(row) : widen_part(row, tail));
+      }
+      _mm256_store_pd(lane + 4 * v, acc);
+    }
+  }
+}
+
 template <int V, typename T>
 __attribute__((target("avx2,f16c"))) void mean_block(const T* f_row, int64_t K, int64_t S,
                                                      int64_t s0, int tail, double* mean) {
-  __m256d acc[V + 1];
-  for (int v = 0; v <= V; ++v) acc[v] = _mm256_setzero_pd();
-  const T* p = f_row + s0;
-  for (int64_t k = 0; k < K; ++k, p += S) {
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_add_pd(acc[v], widen4(p + 4 * v));
-    if (tail) acc[V] = _mm256_add_pd(acc[V], widen_part(p + 4 * V, tail));
-  }
+  alignas(32) double lanes[kChannelLanes][4 * (V + 1)] = {};
+  const T* base = f_row + s0;
+  constexpr int64_t block = kLaneSteps * kChannelLanes;
+  int64_t k0 = 0;
+  for (; k0 + block <= K; k0 += block)
+    add_lane_rows<V>(base, S, tail, k0, kLaneSteps, kChannelLanes, lanes);
+  for (; k0 + kChannelLanes <= K; k0 += kChannelLanes)
+    add_lane_rows<V>(base, S, tail, k0, 1, kChannelLanes, lanes);
+  if (k0 < K) add_lane_rows<V>(base, S, tail, k0, 1, K - k0, lanes);
   const __m256d count = _mm256_set1_pd(static_cast<double>(K));  // mean_from_sum: sum / K
-  for (int v = 0; v < V; ++v) _mm256_storeu_pd(mean + s0 + 4 * v, _mm256_div_pd(acc[v], count));
-  double last[4];
-  _mm256_storeu_pd(last, _mm256_div_pd(acc[V], count));
-  for (int j = 0; j < tail; ++j) mean[s0 + 4 * V + j] = last[j];
+  for (int v = 0; v <= V; ++v) {
+    __m256d total = _mm256_setzero_pd();
+    for (int64_t l = 0; l < kChannelLanes && l < K; ++l)
+      total = _mm256_add_pd(total, _mm256_load_pd(lanes[l] + 4 * v));
+    alignas(32) double out[4];
+    _mm256_store_pd(out, _mm256_div_pd(total, count));
+    const int n = v < V ? 4 : tail;
+    for (int j = 0; j < n; ++j) mean[s0 + 4 * v + j] = out[j];
+  }
 }
 
 constexpr int kMaxRegs = 12;
@@ -121,6 +159,38 @@ void row_mean(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, doub
   for (; s1 - t >= 4 * kMaxRegs + 4; t += 4 * kMaxRegs) mean_block<kMaxRegs>(f_row, K, S, t, 0, mean);
   mean_tail_block(f_row, K, S, t, s1 - t, mean, std::make_index_sequence<kMaxRegs + 1>{});
 }
+// Positions-major rows (S, K), positions [s0, s0 + P): a position's 16 lanes are 4 registers
+// (channels c .. c + 15 of one 16-channel step, contiguous), P positions at once (12 registers
+// for P = 3); the tail channels (K % 16) and the sum over lanes are scalar, in lane order.
+template <int P, typename T>
+__attribute__((target("avx2,f16c"))) void mean_block_positions_major(const T* f_row, int64_t K,
+                                                                     int64_t s0, double* mean) {
+  __m256d lane[P][4];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < 4; ++q) lane[p][q] = _mm256_setzero_pd();
+  const int64_t whole = K - K % kChannelLanes;
+  const T* at = f_row + s0 * K;
+  for (int64_t c = 0; c < whole; c += kChannelLanes)
+    for (int p = 0; p < P; ++p)
+      for (int q = 0; q < 4; ++q)
+        lane[p][q] = _mm256_add_pd(lane[p][q], widen4(at + p * K + c + 4 * q));
+  for (int p = 0; p < P; ++p) {
+    alignas(32) double sums[kChannelLanes];
+    for (int q = 0; q < 4; ++q) _mm256_store_pd(sums + 4 * q, lane[p][q]);
+    for (int64_t c = whole; c < K; ++c) sums[c - whole] += to_double(at[p * K + c]);
+    double sum = 0.0;
+    for (int j = 0; j < kChannelLanes && j < K; ++j) sum += sums[j];
+    mean[s0 + p] = mean_from_sum(sum, K);
+  }
+}
+
+template <typename T>
+void row_mean_positions_major(const T* f_row, int64_t K, int64_t s0, int64_t s1, double* mean) {
+  int64_t t = s0;
+  for (; s1 - t >= 3; t += 3) mean_block_positions_major<3>(f_row, K, t, mean);
+  if (s1 - t == 2) mean_block_positions_major<2>(f_row, K, t, mean);
+  if (s1 - t == 1) mean_block_positions_major<1>(f_row, K, t, mean);
+}
 #undef PAPR_AVX2
 }  // namespace avx2
 
@@ -132,48 +202,25 @@ bool has_avx2() {
 }
 #endif
 
+// Channel mean of positions [s0, s1) of batch row f_row: (K, S) contiguous, or (S, K) when
+// positions_major; every path adds in channel_sum's order.
 template <typename T>
-void mean_of_row(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, double* mean) {
+void mean_of_row(const T* f_row, int64_t K, int64_t S, bool positions_major, int64_t s0,
+                 int64_t s1, double* mean) {
 #ifdef PAPR_AVX2_MEAN
   if constexpr (!std::is_same_v<T, double>) {
-    if (has_avx2()) return avx2::row_mean(f_row, K, S, s0, s1, mean);
+    if (has_avx2()) {
+      if (positions_major) return avx2::row_mean_positions_major(f_row, K, s0, s1, mean);
+      return avx2::row_mean(f_row, K, S, s0, s1, mean);
+    }
   }
 #endif
+  if (positions_major) return row_mean_positions_major(f_row, K, s0, s1, mean);
   row_mean(f_row, K, S, s0, s1, mean);
 }
 
 // Scratch of row_keys: one value per (source row, output column) of a 2-D map.
 int64_t rows_size(const ForwardShape& s) { return s.dims == 2 ? s.in[0] * s.out[1] : 0; }
-
-// f laid out positions-major: each batch row an (S, K) matrix, channels innermost (what a
-// channels_last / channels_last_3d proposal network returns). Such f is used as it is: each row is
-// transposed into a thread's buffer (~10x cheaper than ATen's copy of the whole tensor to NCHW).
-bool positions_major(const Tensor& f) {
-  const int64_t K = f.size(1);
-  int64_t expected = K, S = 1;
-  for (int64_t d = f.dim() - 1; d >= 2; --d) {
-    if (f.size(d) != 1 && f.stride(d) != expected) return false;
-    expected *= f.size(d);
-    S *= f.size(d);
-  }
-  return K > 1 && S > 1 && f.stride(1) == 1 && (f.size(0) == 1 || f.stride(0) == expected);
-}
-
-// Row `src` (S, K) -> `dst` (K, S), in tiles of 8 positions x 64 channels: positions lie K
-// elements apart (a multiple of 4 KB for K = 1024 fp32), so more of them at once would map to
-// one L1 set and evict each other.
-template <typename T>
-void transpose_row(const T* src, int64_t K, int64_t S, T* dst) {
-  constexpr int64_t kTileS = 8, kTileK = 64;
-  for (int64_t s0 = 0; s0 < S; s0 += kTileS) {
-    const int64_t s1 = std::min(S, s0 + kTileS);
-    for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-      const int64_t k1 = std::min(K, k0 + kTileK);
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t s = s0; s < s1; ++s) dst[k * S + s] = src[s * K + k];
-    }
-  }
-}
 
 // Keys of one row from its channel mean. Bicubic runs separably: `rows` holds cubic_row of every
 // (source row, output column), then each output combines four of them (the header's order).
@@ -229,21 +276,13 @@ bool select_rows(const Tensor& f, const ForwardShape& s, bool align_corners, boo
   const int64_t f_row = s.K * s.S;
   const int64_t row_bytes = f_row * static_cast<int64_t>(sizeof(T));
   const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
-  const bool transposed = positions_major(f);   // else f is contiguous (K, S) rows
-  // Row b of f as (K, S): in place, or transposed into `buffer`.
-  const auto channel_rows = [&](int64_t b, std::vector<T>& buffer) -> const T* {
-    if (!transposed) return fp + b * f_row;
-    buffer.resize(f_row);
-    transpose_row(fp + b * f_row, s.K, s.S, buffer.data());
-    return buffer.data();
-  };
+  const bool by_position = positions_major(f);   // (S, K) rows, else (K, S) rows
   if (s.B >= threads || row_bytes < kMeanParallelBytes) {  // one thread per row
     torch::stable::parallel_for(0, s.B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<double> mean(s.S), rows(rows_size(s));
       std::vector<uint64_t> keys(s.N);
-      std::vector<T> buffer;
       for (int64_t b = b0; b < b1; ++b) {
-        mean_of_row(channel_rows(b, buffer), s.K, s.S, 0, s.S, mean.data());
+        mean_of_row(fp + b * f_row, s.K, s.S, by_position, 0, s.S, mean.data());
         row_keys(mean.data(), s, taps, rows.data(), keys.data());
         select_row(keys.data(), s.N, s.k, spatial, indices + b * s.k);
         row_done(b);
@@ -255,12 +294,10 @@ bool select_rows(const Tensor& f, const ForwardShape& s, bool align_corners, boo
   // result does not depend on the thread count (each position's sum is computed whole).
   std::vector<double> mean(s.S), rows(rows_size(s));
   std::vector<uint64_t> keys(s.N);
-  std::vector<T> buffer;
   const int64_t grain = std::max<int64_t>(8, (s.S + threads - 1) / threads);
   for (int64_t b = 0; b < s.B; ++b) {
-    const T* row = channel_rows(b, buffer);
     torch::stable::parallel_for(0, s.S, grain, [&](int64_t s0, int64_t s1) {
-      mean_of_row(row, s.K, s.S, s0, s1, mean.data());
+      mean_of_row(fp + b * f_row, s.K, s.S, by_position, s0, s1, mean.data());
     });
     row_keys(mean.data(), s, taps, rows.data(), keys.data());
     select_row(keys.data(), s.N, s.k, spatial, indices + b * s.k);
@@ -313,7 +350,7 @@ std::tuple<Tensor, Tensor> prune_forward_cpu(const Tensor& x_in, const Tensor& f
                                              bool align_corners, bool spatial) {
   const ForwardShape s = check_forward(x_in, f_in, P, grid, keep);
   const Tensor x = tokens_contiguous(x_in);
-  const Tensor f = positions_major(f_in) ? f_in : as_contiguous(f_in);
+  const Tensor f = features_as_read(f_in);
   Tensor out = empty_on(x, {s.B, P + s.k, s.C});
   Tensor indices = empty_on(x, {s.B, s.k}, ScalarType::Long);
   if (s.B == 0) return {out, indices};

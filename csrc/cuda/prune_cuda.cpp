@@ -18,7 +18,7 @@ std::tuple<Tensor, Tensor> prune_forward_cuda(const Tensor& x_in, const Tensor& 
   const ForwardShape s = check_forward(x_in, f_in, P, grid, keep);
   const DeviceGuard guard(x_in.get_device_index());
   const Tensor x = tokens_contiguous(x_in);
-  const Tensor f = as_contiguous(f_in);
+  const Tensor f = features_as_read(f_in);
   Tensor out = empty_on(x, {s.B, P + s.k, s.C});
   Tensor indices = empty_on(x, {s.B, s.k}, ScalarType::Long);
   if (s.B == 0) return {out, indices};
@@ -35,6 +35,7 @@ std::tuple<Tensor, Tensor> prune_forward_cuda(const Tensor& x_in, const Tensor& 
   p.token_bytes = s.C * es;
   p.f = f.const_data_ptr();
   p.f_type = ftype_of(f, "f");
+  p.f_positions_major = positions_major(f);
   // score_at splits a patch index with 32-bit divisions.
   PAPR_CHECK(s.N <= INT32_MAX, "papr_kernels: the cuda kernel ranks at most 2^31 - 1 patches, "
               "got ", s.N);

@@ -1,6 +1,6 @@
 // CUDA kernels of papr_kernels::prune_forward / prune_backward on top of csrc/papr_core.h (the
 // same per-row arithmetic as the CPU kernel; built with --fmad=false so scores match it bitwise).
-//   mean_kernel    grid (S tiles, B): float64 channel mean, K split over threadIdx.y
+//   mean_kernel    grid (S tiles, B): float64 channel mean, K dealt to channel_sum's 16 lanes
 //   select_kernel  N <= kSortMinKeys: one block per row, keys in shared memory, rank by counting
 //   keys_kernel    N >  kSortMinKeys: keys to global memory in an order-preserving int64 form;
 //                  the torch glue (prune_cuda.cpp) sorts them (torch.sort, a segmented radix
@@ -18,7 +18,7 @@ namespace papr {
 namespace cuda {
 namespace {
 
-constexpr int kMeanTx = 32, kMeanTy = 16;
+constexpr int kMeanTx = 32, kMeanTy = kChannelLanes;   // positions x lanes of channel_sum's order
 constexpr int kSelectThreads = 512;
 constexpr int kKeyThreads = 256;
 constexpr int kCopyThreads = 128, kTokensPerBlock = 4;
@@ -26,25 +26,45 @@ constexpr int kCopyThreads = 128, kTokensPerBlock = 4;
 // is faster. 2048 keys = 16 KiB of shared memory, below the 48 KiB default (no opt-in needed).
 constexpr int64_t kSortMinKeys = 2048;
 
-template <typename T>
+unsigned grid_rows(int64_t B) { return static_cast<unsigned>(B < 65535 ? B : 65535); }
+
+// Thread (j, t) of a block: lane j of papr_core.h's channel_sum order (channels j, j + 16,
+// j + 32, ... in order) at position t of the block's tile; the 16 lanes are then added in order
+// j = 0, 1, ... So the mean is the CPU kernel's bit for bit, whatever f's layout: only the thread
+// layout follows f, for coalescing: threads along positions for contiguous (K, S) rows, along
+// channels for positions-major (S, K) rows (channels_last f).
+template <typename T, bool kPositionsMajor>
 __global__ void mean_kernel(const T* __restrict__ f, int64_t B, int64_t K, int64_t S, double* __restrict__ mean) {
   __shared__ double part[kMeanTy][kMeanTx];
-  const int64_t s = static_cast<int64_t>(blockIdx.x) * kMeanTx + threadIdx.x;
+  const int j = kPositionsMajor ? threadIdx.x : threadIdx.y;
+  const int t = kPositionsMajor ? threadIdx.y : threadIdx.x;
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kMeanTx + t;
+  const int64_t channel_stride = kPositionsMajor ? 1 : S, position_stride = kPositionsMajor ? K : 1;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     double acc = 0.0;
     if (s < S) {
-      const T* row = f + b * K * S;
-      for (int64_t c = threadIdx.y; c < K; c += kMeanTy) acc += to_double(row[c * S + s]);
+      const T* at = f + b * K * S + s * position_stride;
+      for (int64_t c = j; c < K; c += kMeanTy) acc += to_double(at[c * channel_stride]);
     }
-    part[threadIdx.y][threadIdx.x] = acc;
+    part[j][t] = acc;
     __syncthreads();
-    if (threadIdx.y == 0 && s < S) {
+    if (j == 0 && s < S) {
       double total = 0.0;
-      for (int j = 0; j < kMeanTy; ++j) total += part[j][threadIdx.x];  // fixed order: deterministic
+      for (int i = 0; i < kMeanTy; ++i) total += part[i][t];  // fixed order: deterministic
       mean[b * S + s] = mean_from_sum(total, K);
     }
     __syncthreads();
   }
+}
+
+template <typename T>
+void launch_mean(const ForwardParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.S + kMeanTx - 1) / kMeanTx), grid_rows(p.B));
+  const T* f = static_cast<const T*>(p.f);
+  if (p.f_positions_major)
+    mean_kernel<T, true><<<grid, dim3(kMeanTy, kMeanTx), 0, stream>>>(f, p.B, p.K, p.S, p.mean);
+  else
+    mean_kernel<T, false><<<grid, dim3(kMeanTx, kMeanTy), 0, stream>>>(f, p.B, p.K, p.S, p.mean);
 }
 
 // Float32 score of patch i: float64 resize of the float64 channel mean m, rounded once.
@@ -193,7 +213,6 @@ int vector_bytes(uint64_t a, uint64_t b, int64_t c, int64_t d, int64_t e) {
     default: KERNEL<uint8_t><<<GRID, kCopyThreads, 0, STREAM>>>(PARAMS); break;  \
   }
 
-unsigned grid_rows(int64_t B) { return static_cast<unsigned>(B < 65535 ? B : 65535); }
 
 }  // namespace
 
@@ -201,13 +220,11 @@ bool select_by_sort(int64_t N) { return N > kSortMinKeys; }
 
 cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
-  const dim3 mgrid(static_cast<unsigned>((p.S + kMeanTx - 1) / kMeanTx), grid_rows(p.B));
-  const dim3 mblock(kMeanTx, kMeanTy);
   switch (p.f_type) {
-    case kF16: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const f16*>(p.f), p.B, p.K, p.S, p.mean); break;
-    case kBF16: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const bf16*>(p.f), p.B, p.K, p.S, p.mean); break;
-    case kF32: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const float*>(p.f), p.B, p.K, p.S, p.mean); break;
-    default: mean_kernel<<<mgrid, mblock, 0, stream>>>(static_cast<const double*>(p.f), p.B, p.K, p.S, p.mean); break;
+    case kF16: launch_mean<f16>(p, stream); break;
+    case kBF16: launch_mean<bf16>(p, stream); break;
+    case kF32: launch_mean<float>(p, stream); break;
+    default: launch_mean<double>(p, stream); break;
   }
   if (!select_by_sort(p.N)) {
     select_kernel<<<static_cast<unsigned>(p.B), kSelectThreads, 0, stream>>>(p);

@@ -10,8 +10,9 @@ namespace cuda {
 struct ForwardParams {
   const char* x;            // tokens, byte strides below, unit channel stride
   int64_t x_stride_b, x_stride_n, token_bytes;
-  const void* f;            // (B, K, S) contiguous
+  const void* f;            // (B, K, S) contiguous, or (B, S, K) when f_positions_major
   int f_type;               // papr::FType
+  bool f_positions_major;
   int64_t B, P, N, k, K, S;
   int dims;                 // 2: bicubic, 3: trilinear
   int64_t in[3], out[3];

@@ -92,6 +92,12 @@ def split(batch: int, items: int, channels: int, block_items: int, block_c: int,
     return item_chunks, chan_chunks
 
 
+def no_fp_fusion(device: torch.device) -> dict:
+    """Launch options keeping `a * b + c` two roundings (no FMA contraction), as in torch's CPU
+    code and the extension's kernels (nvcc --fmad=false)."""
+    return {} if interpreted(device) else dict(enable_fp_fusion=False)
+
+
 _INTERPRETER_LOCK = threading.Lock()
 
 

@@ -1,9 +1,11 @@
 """The "triton" backend: PaPr pruning as one fused Triton kernel forward and one backward.
 
 Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks). Every program
-    1. averages the K channels of f[b] over the source grid S = h*w (or t*h*w) in float64
-       (a [BLOCK_K, BLOCK_S] float64 tile accumulated over K, summed once, divided by K: torch's
-       CPU mean is sum / K too),
+    1. averages the K channels of f[b] over the source grid S = h*w (or t*h*w) in float64, in
+       the one summation order of every compiled backend (papr_core.h's channel_sum: a [16,
+       BLOCK_S] tile whose row j accumulates channels j, j + 16, ..., the rows then added in
+       order), divided by K as torch's mean does; f is read through its strides, so the
+       channels_last f a proposal network returns needs no copy to NCHW first (`flat_strides`),
     2. resizes that map to the N patch scores in float64 with PyTorch's upsample arithmetic for
        double input, step by step: bicubic (A = -0.75, clamped taps, x taps first, then y) for
        4-D f, trilinear (w, h, t) for 5-D f, both align_corners; the scales are
@@ -11,7 +13,9 @@ Forward, ONE launch of `_prune_fwd_kernel`, grid (B, row_chunks, channel_chunks)
        int64 bits (a float argument would reach the kernel as fp32); the tap index is floorf of
        the source coordinate, as ATen's guard_index_and_lambda does. Then each score is rounded
        ONCE to float32 (SPEC semantics 1): summation-order differences of a few float64 ULP
-       vanish in that rounding, and constant regions of f tie exactly. The scores are computed
+       vanish in that rounding, and constant regions of f tie exactly. Launched without FMA
+       contraction (enable_fp_fusion=False), so the float64 operations are the cpp and cuda
+       kernels' and the scores equal theirs bit for bit. The scores are computed
        CHUNK patches per iteration of a runtime loop (CHUNK = 32 * num_warps: one score per thread
        at a time), each chunk's keys (step 3) merged into a [N / CHUNK, CHUNK] tile: only one
        chunk's float64 temporaries are live, where the whole-N version spilled (sm_90, N = 3136:
@@ -79,7 +83,9 @@ from ... import backends
 from . import common
 from .common import launch_guard, next_pow2, tl, triton
 
-MAX_SOURCE = 4096          # largest f spatial size (h*w or t*h*w) the kernel holds in registers
+MAX_SOURCE = 1024          # largest f spatial size (h*w or t*h*w): its float64 mean lives in registers
+LANES = 16                 # papr_core.h's kChannelLanes: the channel mean's summation order
+S_CHUNK = 64               # source positions per [LANES, S_CHUNK] tile of the channel mean
 MAX_PATCHES = 4096         # largest N whose sort fits one program's registers (gpu_report compiles it)
 _INT64_MIN = -(1 << 63)
 
@@ -90,6 +96,7 @@ _INT64_MIN = -(1 << 63)
 if triton is not None:
 
     _INT64_MIN_C = tl.constexpr(_INT64_MIN)
+    LANES_C = tl.constexpr(LANES)
 
     @triton.jit
     def _cubic1(x):
@@ -240,13 +247,13 @@ if triton is not None:
     @triton.jit
     def _prune_fwd_kernel(
         x_ptr, f_ptr, out_ptr, idx_ptr,
-        stride_xb, stride_xn, stride_xc,
+        stride_xb, stride_xn, stride_xc, stride_fb, stride_fk, stride_fs,
         C, K, S, N, P, KEEP,
         in_t, in_h, in_w, out_t, out_h, out_w,
         st_hi_bits, st_lo_bits, sh_hi_bits, sh_lo_bits, sw_hi_bits, sw_lo_bits,
         rows_per_prog, chans_per_prog,
         SPATIAL: tl.constexpr, ALIGN: tl.constexpr, VIDEO: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, LOG_N: tl.constexpr,
+        BLOCK_S: tl.constexpr, S_CHUNK: tl.constexpr, LOG_N: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
     ):
         NP2: tl.constexpr = 1 << LOG_N
@@ -254,17 +261,31 @@ if triton is not None:
         pid_r = tl.program_id(1)
         pid_c = tl.program_id(2)
 
-        # 1. channel mean of f[b] over the S source positions, float64 (sum, then / K)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_k = tl.arange(0, BLOCK_K)
-        f_row = f_ptr + b * K * S
-        acc = tl.zeros((BLOCK_K, BLOCK_S), dtype=tl.float64)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            mask = (kk[:, None] < K) & (offs_s[None, :] < S)
-            ptrs = f_row + kk[:, None].to(tl.int64) * S + offs_s[None, :]
-            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
-        m = tl.sum(acc, axis=0) / K
+        # 1. channel mean of f[b] over the S source positions, float64, in papr_core.h's
+        # channel_sum order: row j of a [LANES, S_CHUNK] tile is lane j (channels j, j + 16,
+        # ... in order), then the lanes are added in order (each masked sum adds one value and
+        # zeros: exact), then / K. The CPU and CUDA kernels do the same additions. Positions go
+        # S_CHUNK at a time (a bounded tile: one [16, S] tile spilled at S >= 144), each chunk's
+        # means merged into a [S / S_CHUNK, S_CHUNK] tile, as the keys are below.
+        NSCHUNK: tl.constexpr = BLOCK_S // S_CHUNK
+        offs_k = tl.arange(0, LANES_C)
+        f_row = f_ptr + b * stride_fb
+        srow = tl.arange(0, NSCHUNK)[:, None]
+        m2 = tl.zeros((NSCHUNK, S_CHUNK), dtype=tl.float64)
+        for sc in range(NSCHUNK):
+            offs_s = sc * S_CHUNK + tl.arange(0, S_CHUNK)
+            f_pos = offs_s.to(tl.int64)[None, :] * stride_fs
+            acc = tl.zeros((LANES_C, S_CHUNK), dtype=tl.float64)
+            for k0 in range(0, K, LANES_C):
+                kk = k0 + offs_k
+                mask = (kk[:, None] < K) & (offs_s[None, :] < S)
+                ptrs = f_row + kk[:, None].to(tl.int64) * stride_fk + f_pos
+                acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
+            total = tl.zeros((S_CHUNK,), dtype=tl.float64)
+            for lane in tl.static_range(LANES_C):
+                total += tl.sum(tl.where(offs_k[:, None] == lane, acc, 0.0), axis=0)
+            m2 = tl.where(srow == sc, (total / K)[None, :], m2)
+        m = tl.reshape(m2, (BLOCK_S,))
 
         # 2. + 3. resize to the patch grid in float64, CHUNK patches at a time (a runtime loop:
         # only one chunk's float64 temporaries are live), each score rounded ONCE to float32
@@ -414,8 +435,7 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
     log_n = max(1, (num_patches - 1).bit_length())
     chunk = CHUNK_OVERRIDE or 32 * fwd_num_warps(num_patches)   # one float64 score per thread
     return dict(SPATIAL=spatial, ALIGN=align, VIDEO=video, BLOCK_S=block_s,
-                BLOCK_K=max(1, min(64, 1024 // block_s)),   # float64 tile: 1024 elements
-                LOG_N=log_n, CHUNK=min(1 << log_n, chunk),
+                S_CHUNK=min(block_s, S_CHUNK), LOG_N=log_n, CHUNK=min(1 << log_n, chunk),
                 BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
 
 
@@ -465,9 +485,28 @@ def _forward_launch(batch: int, num_tokens: int, channels: int, num_prefix_token
     chans_per = -(-channels // chan_chunks)
     meta = fwd_constexprs(N, math.prod(src), video, align_corners, spatial,
                           common.interpreted(device))
+    meta.update(common.no_fp_fusion(device))   # the float64 scores: cpp's and cuda's operations
     scalars = (channels, K, math.prod(src), N, P, keep, *src, *dst, *scales, rows_per, chans_per)
     return (batch, -(-rows // rows_per), -(-channels // chans_per)), scalars, \
         fwd_num_warps(N), meta
+
+
+def flat_strides(f: torch.Tensor) -> Optional[Tuple[int, int, int]]:
+    """(batch, channel, position) strides of f seen as (B, K, S), S its spatial dims flattened
+    row-major, when they are one strided dimension: contiguous f (position stride 1) and
+    channels_last / channels_last_3d f from a proposal network (channel stride 1, position stride
+    K) are read as they are, without a copy; None otherwise (the launcher copies)."""
+    position = None
+    for size, stride in zip(reversed(f.shape[2:]), reversed(f.stride()[2:])):
+        if size == 1:
+            continue
+        if position is None:
+            position, expected = stride, stride * size
+        elif stride != expected:
+            return None
+        else:
+            expected *= size
+    return f.stride(0), f.stride(1), 1 if position is None else position
 
 
 def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, grid: List[int],
@@ -477,13 +516,16 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     indices = torch.empty(batch, keep, dtype=torch.int64, device=x.device)
     if batch == 0:
         return out, indices
-    f = f.contiguous()
+    f_strides = flat_strides(f)
+    if f_strides is None:
+        f = f.contiguous()
+        f_strides = flat_strides(f)
     launch, scalars, num_warps, meta = _forward_launch(
         batch, n, channels, num_prefix_tokens, keep, tuple(f.shape[1:]), tuple(grid),
         align_corners, spatial, x.device, (CHUNK_OVERRIDE, common.SPLIT_OVERRIDE))
     with launch_guard(x.device):
         _prune_fwd_kernel[launch](x, f, out, indices, x.stride(0), x.stride(1), x.stride(2),
-                                  *scalars, num_warps=num_warps, **meta)
+                                  *f_strides, *scalars, num_warps=num_warps, **meta)
     return out, indices
 
 

@@ -461,11 +461,6 @@ def _launch_gather_layer_norm(x: torch.Tensor, indices: torch.Tensor,
     return out
 
 
-def _no_fp_fusion(device: torch.device) -> dict:
-    """Launch options keeping `a * b + c` two roundings as in torch (no FMA contraction)."""
-    return {} if common.interpreted(device) else dict(enable_fp_fusion=False)
-
-
 def _launch_masked_residual(shortcut: torch.Tensor, row_of: torch.Tensor, values: torch.Tensor,
                             gamma: Optional[torch.Tensor]) -> torch.Tensor:
     """ConvNeXt's block output in one pass: every position written once, the shortcut read at
@@ -486,7 +481,7 @@ def _launch_masked_residual(shortcut: torch.Tensor, row_of: torch.Tensor, values
             n, w, channels, keep, num_blocks, chunks, chans_per,
             HAS_GAMMA=gamma is not None, UPCAST=out.dtype in _UPCAST, GRID=grid_4d,
             BLOCK_P=blocks["BLOCK_P"], BLOCK_C=blocks["BLOCK_C"],
-            **_no_fp_fusion(out.device))
+            **common.no_fp_fusion(out.device))
     return out
 
 
