@@ -163,6 +163,15 @@ def inputs(shape: Shape, dtype: torch.dtype, batch: int, device: str):
     return _INPUT_CACHE[key]
 
 
+F_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def with_f_layout(f: torch.Tensor, layout: str) -> torch.Tensor:
+    """f in `layout`: "contiguous" (torch.randn's), or "channels_last" (what papr_kernels'
+    proposal returns for an image network)."""
+    return f.contiguous(memory_format=F_LAYOUTS[layout])
+
+
 # ---------------------------------------------------------------------------------------- timing
 
 def sync(device: str) -> None:

@@ -38,10 +38,11 @@ import papr_kernels  # noqa: E402
 Z = 0.5
 
 
-def providers(batch: int):
-    """{name: fn()} for ViT-B/16-224 fp32 at `batch`."""
+def providers(batch: int, f_layout: str = "contiguous"):
+    """{name: fn()} for ViT-B/16-224 fp32 at `batch`, f in `f_layout`."""
     shape = pb.SHAPES[pb.HEADLINE]
     x, f = pb.inputs(shape, torch.float32, batch, "cpu")
+    f = pb.with_f_layout(f, f_layout)
     kept_tokens = shape.prefix + papr_kernels.keep_count(shape.num_tokens, Z, shape.prefix)
     user = pb.compiled_user_prune()
     fns = {
@@ -56,9 +57,9 @@ def providers(batch: int):
     return fns
 
 
-def measure(batch: int, rounds: int) -> dict:
+def measure(batch: int, rounds: int, f_layout: str = "contiguous") -> dict:
     """{provider: sorted seconds per call of each round}, interleaved rounds."""
-    return _interleaved(providers(batch), rounds)
+    return _interleaved(providers(batch, f_layout), rounds)
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
@@ -186,6 +187,8 @@ def main() -> None:
                         help="also time the Python path of the triton backend, kernels stubbed")
     parser.add_argument("--fresh-pages", action="store_true",
                         help="keep glibc's malloc defaults (see the module docstring)")
+    parser.add_argument("--f-layout", default="contiguous", choices=list(pb.F_LAYOUTS),
+                        help="f's memory format (the proposal returns channels_last)")
     args = parser.parse_args()
     if not args.fresh_pages:
         keep_freed_memory()
@@ -194,9 +197,10 @@ def main() -> None:
     backend = papr_kernels.backends.pick(None, "cpu")
     print(f"papr_kernels from {os.path.dirname(papr_kernels.__file__)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, prune backend: "
-          f"{backend}; ViT-B/16-224 fp32, z = {Z}; median of {args.rounds} interleaved rounds; "
+          f"{backend}; ViT-B/16-224 fp32, f {args.f_layout}, z = {Z}; median of {args.rounds} "
+          f"interleaved rounds; "
           f"malloc: {'defaults' if args.fresh_pages else 'freed memory kept'}\n")
-    results = {b: measure(b, args.rounds) for b in args.batches}
+    results = {b: measure(b, args.rounds, args.f_layout) for b in args.batches}
     print("Medians:\n\n" + table(results) + "\n\n10th percentiles:\n\n" + table(results, p10))
     if args.kernel_parts:
         for batch in args.batches:

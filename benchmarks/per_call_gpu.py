@@ -2,8 +2,10 @@
 
     PYTHONPATH=. python benchmarks/per_call_gpu.py [--batches 1 64 256 1024] [--dtypes bf16 fp32]
                                                   [--rounds 11] [--device cuda]
+                                                  [--f-layout contiguous|channels_last]
 
-ViT-B/16-224 (x B x 197 x 768, f B x 1024 x 7 x 7), z = 0.5. For each dtype and B, interleaved
+ViT-B/16-224 (x B x 197 x 768, f B x 1024 x 7 x 7, contiguous or channels_last as the proposal
+returns it: both kernels read either layout without a copy), z = 0.5. For each dtype and B, interleaved
 round by round in one process, for the floor (`papr_bench.floor_fwd`: a clone of the
 output-sized block plus one read of f), the PaPr a user writes in eager PyTorch
 (`papr_bench.user_prune`), `prune` on each CUDA backend and `prune` with the automatic choice:
@@ -84,9 +86,11 @@ class GraphTimer:
         return start.elapsed_time(end) * 1e-3 / GRAPH_CALLS
 
 
-def measure(dtype: torch.dtype, batch: int, rounds: int, device: str) -> Dict[str, Dict]:
+def measure(dtype: torch.dtype, batch: int, rounds: int, device: str,
+            f_layout: str = "contiguous") -> Dict[str, Dict]:
     """{provider: {"host": [s], "gpu": [s] or None, "fwdbwd": [s]}}, rounds interleaved."""
     x, f = pb.inputs(SHAPE, dtype, batch, device)
+    f = pb.with_f_layout(f, f_layout)
     x_grad = x.detach().clone().requires_grad_(True)
     grad = torch.ones(batch, KEPT_TOKENS, SHAPE.channels, dtype=dtype, device=device)
     fwd, both, graphs = {}, {}, {}
@@ -161,17 +165,19 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(pb.DTYPES))
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--f-layout", default="contiguous", choices=list(pb.F_LAYOUTS))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("per_call_gpu.py: no CUDA device here (--device cpu: a dry run)")
     auto_name = papr_kernels.backends.pick(None, args.device)
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "no GPU (dry run)"
-    print(f"{gpu}; torch {torch.__version__}; ViT-B/16-224, z = {Z}; auto backend: {auto_name}; "
+    print(f"{gpu}; torch {torch.__version__}; ViT-B/16-224, f {args.f_layout}, z = {Z}; "
+          f"auto backend: {auto_name}; "
           f"medians of {args.rounds} interleaved rounds; microseconds per call\n")
     results = {}
     for d in args.dtypes:
         for b in args.batches:   # each row as soon as it is measured: a timeout keeps them
-            results[(d, b)] = measure(pb.DTYPES[d], b, args.rounds, args.device)
+            results[(d, b)] = measure(pb.DTYPES[d], b, args.rounds, args.device, args.f_layout)
             print("measured: " + table({(d, b): results[(d, b)]}, auto_name).splitlines()[2],
                   flush=True)
     print("\n" + table(results, auto_name) + "\n\n" + targets(results))

@@ -102,6 +102,10 @@ if step percall; then
 start=$SECONDS
 timeout 200 $PY benchmarks/per_call_gpu.py >"$OUT/per-call-gpu.md" 2>"$OUT/per-call-gpu.log"
 echo "per-call rc=$? in $((SECONDS - start)) s"; cat "$OUT/per-call-gpu.md"
+# f as the proposal hands it over (channels_last): read without a copy since 2026-11-30
+timeout 80 $PY benchmarks/per_call_gpu.py --f-layout channels_last --dtypes bf16 \
+    --batches 64 256 >>"$OUT/per-call-gpu.md" 2>>"$OUT/per-call-gpu.log"
+echo "per-call channels_last rc=$? in $((SECONDS - start)) s"; tail -12 "$OUT/per-call-gpu.md"
 fi
 # Issue 12: side by side in one process each; 10 rounds per case (CUDA-event medians).
 # e2e_run NAME SECONDS KEXPR: the test_e2e.py cases matching KEXPR into $OUT/NAME.json (a run
