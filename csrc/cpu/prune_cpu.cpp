@@ -72,11 +72,8 @@ void row_mean_positions_major(const T* f_row, int64_t K, int64_t s0, int64_t s1,
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define PAPR_AVX2_MEAN 1
-// The same sums with AVX2: 4 positions per register, up to 13 registers of one lane's partial
-// sums held across that lane's channels (f is read once per 48 positions); the lane totals live
-// in memory (touched once per lane). Converting f to double is the bound (~4 elements a cycle);
-// a loop over a sums array in memory runs at half that. The additions are channel_sum's, in its
-// order, so the results equal row_mean's bit for bit.
+// The same sums with AVX2: the additions are channel_sum's, in its order, so the results equal
+// row_mean's bit for bit. Converting f to double is the bound (~4 elements a cycle).
 namespace avx2 {
 #define PAPR_AVX2 __attribute__((target("avx2,f16c"), always_inline)) inline
 
@@ -100,23 +97,27 @@ PAPR_AVX2 __m256d widen_part(const T* p, int lanes) {
 // an L1-resident array; a lane's value is loaded once per kLaneSteps of its rows (16 rows apart:
 // kLaneSteps ascending streams the prefetchers follow), so the array costs 2 memory operations
 // per kLaneSteps additions. (Lane by lane, one stream 16 rows apart, was 2-4x slower at B = 64.)
-constexpr int64_t kLaneSteps = 4;
+constexpr int kLaneSteps = 4;
 
 // Rows [k0, k0 + steps * 16) into the lanes of positions [0, 4 * V + tail) from `base`: lane l
 // adds rows k0 + l, k0 + l + 16, ... in order.
-template <int V, typename T>
-PAPR_AVX2 void add_lane_rows(const T* base, int64_t S, int tail, int64_t k0, int64_t steps,
-                             int64_t lanes_used, double (*lanes)[4 * (V + 1)]) {
+template <int V, int kSteps, typename T>
+PAPR_AVX2 void add_lane_rows(const T* base, int64_t S, int tail, int64_t k0, int64_t lanes_used,
+                             double (*lanes)[4 * (V + 1)]) {
   for (int64_t l = 0; l < lanes_used; ++l) {
     double* lane = lanes[l];
     const T* p = base + (k0 + l) * S;
-    for (int v = 0; v < V + (tail ? 1 : 0); ++v) {
+    for (int v = 0; v < V; ++v) {
       __m256d acc = _mm256_load_pd(lane + 4 * v);
-      for (int64_t i = 0; i < steps; ++i) {
-        const T* row = p + i * kChannelLanes * S + 4 * v;
-        acc = _mm256_add_pd(acc, v < V ? widen4(row) : widen_part(row, tail));
-      }
+      for (int i = 0; i < kSteps; ++i)
+        acc = _mm256_add_pd(acc, widen4(p + i * kChannelLanes * S + 4 * v));
       _mm256_store_pd(lane + 4 * v, acc);
+    }
+    if (tail) {
+      __m256d acc = _mm256_load_pd(lane + 4 * V);
+      for (int i = 0; i < kSteps; ++i)
+        acc = _mm256_add_pd(acc, widen_part(p + i * kChannelLanes * S + 4 * V, tail));
+      _mm256_store_pd(lane + 4 * V, acc);
     }
   }
 }
@@ -129,10 +130,10 @@ __attribute__((target("avx2,f16c"))) void mean_block(const T* f_row, int64_t K, 
   constexpr int64_t block = kLaneSteps * kChannelLanes;
   int64_t k0 = 0;
   for (; k0 + block <= K; k0 += block)
-    add_lane_rows<V>(base, S, tail, k0, kLaneSteps, kChannelLanes, lanes);
+    add_lane_rows<V, kLaneSteps>(base, S, tail, k0, kChannelLanes, lanes);
   for (; k0 + kChannelLanes <= K; k0 += kChannelLanes)
-    add_lane_rows<V>(base, S, tail, k0, 1, kChannelLanes, lanes);
-  if (k0 < K) add_lane_rows<V>(base, S, tail, k0, 1, K - k0, lanes);
+    add_lane_rows<V, 1>(base, S, tail, k0, kChannelLanes, lanes);
+  if (k0 < K) add_lane_rows<V, 1>(base, S, tail, k0, K - k0, lanes);
   const __m256d count = _mm256_set1_pd(static_cast<double>(K));  // mean_from_sum: sum / K
   for (int v = 0; v <= V; ++v) {
     __m256d total = _mm256_setzero_pd();
