@@ -32,6 +32,10 @@ class PruneBackend(Protocol):
         """grad_x: grad_out's rows written at the prefix and at `indices` (unique: no atomics),
         zeros elsewhere."""
 
+    def channel_mean(self, f: torch.Tensor) -> torch.Tensor:
+        """f's float64 channel mean (B, 1, *spatial) as `forward` computes it (the compiled
+        backends: papr_core.h's channel_sum order), for checked f without gradient."""
+
 
 class RowBackend(Protocol):
     """The row ops of the hierarchical models (papr_kernels.hierarchical), over x (B, N, C) or

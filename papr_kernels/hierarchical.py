@@ -181,15 +181,16 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *
 # Fused glue of a pruned block (inference; differentiable through the composition above)
 
 
-def proposal_map(f: torch.Tensor) -> torch.Tensor:
+def proposal_map(f: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     """f's float64 channel mean (B, 1, h, w), without gradient: `select(proposal_map(f), ...)`
-    equals `select(f, ...)` and reads B*h*w values instead of f's B*K*h*w (one map per forward
-    for every stage). With the "torch" backend they are equal by construction (the mean of one
-    float64 channel is exact); the kernels' own channel means sum in other orders, so there
-    they agree as SPEC's matching rule says (equal but for a float32 rounding-boundary tie)."""
+    equals `select(f, ...)` bit for bit on the same backend, and reads B*h*w values instead of
+    f's B*K*h*w (one map per forward for every stage). The backend computes the mean as its
+    `prune` does (the compiled ones in their one summation order, so the map, and the kept
+    positions, are the same on CPU and GPU); the mean of one float64 channel is exact."""
     spec.check_features(f, ranks=(4,))
+    impl = backends.resolve(backend, f.device.type)
     with torch.no_grad():
-        return reference.proposal_map(f)
+        return impl.channel_mean(f.detach())
 
 
 def kept_row_map(indices: torch.Tensor, grid: Sequence[int], *,

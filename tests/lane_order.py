@@ -37,11 +37,10 @@ def rounding_map(batch, channels, f_size, dtype, seed):
     return f.view(batch, *f_size, channels).movedim(-1, 1).contiguous().to(dtype)
 
 
-def lane_order_ranking(f):
-    """Patch ranking at the identity resize (token grid = f's grid, align_corners: the bicubic
-    weights are 0, 1, 0, 0, so each score is the float32 mean), with the mean summed in
-    papr_core.h's channel_sum order, written out here: lane j adds channels j, j + 16, ... in
-    order from 0, the lanes are added in order from 0, then / K."""
+def lane_order_mean(f):
+    """f's float64 channel mean (B, S) summed in papr_core.h's channel_sum order, written out:
+    lane j adds channels j, j + 16, ... in order from 0, the lanes are added in order from 0,
+    then / K."""
     v = f.double().flatten(2)                       # (B, K, S)
     K = v.shape[1]
     total = torch.zeros(v.shape[0], v.shape[2], dtype=torch.float64)
@@ -50,5 +49,12 @@ def lane_order_ranking(f):
         for c in range(j, K, 16):
             lane = lane + v[:, c]
         total = total + lane
-    scores = (total / K).float()
+    return total / K
+
+
+def lane_order_ranking(f):
+    """Patch ranking at the identity resize (token grid = f's grid, align_corners: the bicubic
+    weights are 0, 1, 0, 0, so each score is the float32 mean), the mean in channel_sum's
+    order."""
+    scores = lane_order_mean(f).float()
     return torch.sort(scores, dim=1, descending=True, stable=True).indices

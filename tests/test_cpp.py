@@ -92,6 +92,27 @@ def test_opcheck(spatial, dtype):
     torch.library.opcheck(torch.ops.papr_kernels.prune_backward.default, (grad_out, idx, 197, 1))
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_channel_mean_op(backend):
+    """papr_kernels::channel_mean: opcheck (schema, fake tensor), 4-D and 5-D, both layouts, an
+    empty batch, and bad f refused with an error naming it."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    op = torch.ops.papr_kernels.channel_mean.default
+    gen = torch.Generator().manual_seed(3)
+    for f in (torch.randn(2, 40, 5, 6, generator=gen),
+              torch.randn(2, 40, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last),
+              torch.randn(2, 20, 3, 4, 5, generator=gen).to(torch.bfloat16),
+              torch.randn(0, 8, 3, 3)):
+        f = f.to(device)
+        torch.library.opcheck(op, (f,))
+        m = op(f)
+        assert m.shape == (f.shape[0], 1, *f.shape[2:]) and m.dtype == torch.float64
+        torch.testing.assert_close(m, f.double().mean(dim=1, keepdim=True), rtol=1e-15, atol=0)
+    for bad in (torch.randn(2, 8, 9), torch.randn(2, 8, 3, 3).int(), torch.randn(2, 0, 3, 3)):
+        with pytest.raises(RuntimeError, match="papr_kernels: f"):
+            op(bad.to(device))
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("f_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_reduced_and_double_precision(x_dtype, f_dtype):

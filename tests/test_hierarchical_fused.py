@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import test_hierarchical as th
 from conftest import backend_params
+from lane_order import lane_order_mean, rounding_map
 from papr_kernels import hierarchical as hier
 
 timm = pytest.importorskip("timm")
@@ -217,6 +218,38 @@ def test_select_from_the_proposal_map_equals_select_from_f(backend):
             assert torch.equal(got, hier.select(f, grid, z, order=order, backend=name)), grid
             if order == "spatial":
                 assert bool((got.diff(dim=1) > 0).all())
+
+
+def _maps():
+    """f for the proposal map: random and order-deciding (tests/lane_order.py), fp32 and bf16,
+    contiguous and channels_last, one to three rows."""
+    gen = torch.Generator().manual_seed(9)
+    yield torch.randn(3, 64, 7, 7, generator=gen)
+    yield torch.randn(1, 1024, 7, 7, generator=gen).to(torch.bfloat16)
+    for channels in (21, 130):
+        for dtype in (torch.float32, torch.bfloat16):
+            f = rounding_map(2, channels, (5, 6), dtype, seed=channels)
+            yield f
+            yield f.contiguous(memory_format=torch.channels_last)
+
+
+def test_the_proposal_map_is_the_kernels_channel_mean(backend):
+    """`proposal_map` on a compiled backend is channel_sum's mean (lane order, written out in
+    tests/lane_order.py) bit for bit, so Swin / ConvNeXt keep the same positions on CPU and GPU;
+    on "torch" it is torch's mean (the reference). Also where the summation order decides the
+    float32 means: the positions from the map are f's own on that backend."""
+    name, device = backend
+    for f in _maps():
+        m = hier.proposal_map(f.to(device), backend=name)
+        assert m.shape == (f.shape[0], 1, *f.shape[2:]) and m.dtype == torch.float64
+        want = f.double().mean(dim=1, keepdim=True) if name == "torch" else \
+            lane_order_mean(f).view(m.shape)
+        assert torch.equal(m.cpu(), want), (name, tuple(f.shape), f.dtype)
+        if f.shape[1] > 16:
+            for order in ("score", "spatial"):
+                got = hier.select(m, (5, 6), 0.9, order=order, backend=name)
+                assert torch.equal(got, hier.select(f.to(device), (5, 6), 0.9, order=order,
+                                                    backend=name))
 
 
 @pytest.mark.parametrize("name", ["swin", "convnext"])

@@ -221,6 +221,29 @@ def test_opcheck():
     idx = torch.tensor([[0, 3, 2, 8], [7, 1, 5, 4]], device=DEVICE)
     torch.library.opcheck(torch.ops.papr_kernels.triton_prune_backward.default, (g, idx, 10, 1),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.papr_kernels.triton_channel_mean.default, (f,),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_channel_mean_reads_f_through_its_strides_and_falls_back_past_its_limit(monkeypatch):
+    """One launch per call, f read as it is (channels_last: no copy), B = 0 without a launch;
+    a map over MAX_SOURCE positions goes to the fallback backend, with the same bits."""
+    seen = []
+    original = tp._channel_mean_kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append(args[0].data_ptr())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tp._channel_mean_kernel, "run", spy)
+    f = torch.randn(3, 24, 9, 10, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    m = tp.channel_mean(f)
+    assert seen == [f.data_ptr()]
+    assert torch.equal(m, tp.fallback_backend(f.device.type).channel_mean(f))
+    assert tp.channel_mean(f[:0]).shape == (0, 1, 9, 10) and len(seen) == 1
+    big = torch.randn(1, 2, 33, 32, device=DEVICE)              # 1056 > MAX_SOURCE positions
+    assert torch.equal(tp.channel_mean(big), tp.fallback_backend(big.device.type).channel_mean(big))
+    assert len(seen) == 1
 
 
 def test_eager_calls_launch_without_the_custom_op(monkeypatch, launches):

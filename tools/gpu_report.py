@@ -5,8 +5,8 @@
 
 Sections (each prints its table; one shared ending lists every FAIL and sets the exit status):
 
-triton: the prune kernels (papr_kernels/ops/triton/prune.py), compiled ahead of time for sm_80
-and sm_90 per distinct kernel specialization.
+triton: the prune kernels (papr_kernels/ops/triton/prune.py: forward, backward, channel_mean),
+compiled ahead of time for sm_80 and sm_90 per distinct kernel specialization.
 Configs (issue 3): N in (196, 576, 1568, 3136) patches (+1 class token, z = 0.5), C in (384, 768,
 1024, 1280), K in (1024, 2048), dtype in (fp16, bf16, fp32) for x and f, order score/spatial,
 f contiguous (nchw) and channels_last (nhwc: read through its strides, channels innermost).
@@ -91,7 +91,7 @@ def _specialize(fn, values, constexprs):
         value = values[name]
         if isinstance(value, str):   # a pointer: a small tensor of that dtype (16-aligned)
             value = torch.empty(8, dtype=getattr(torch, {"fp16": "float16", "bf16": "bfloat16",
-                                                         "fp32": "float32", "i64": "int64",
+                                                         "fp32": "float32", "fp64": "float64", "i64": "int64",
                                                          "i32": "int32"}[value]))
         ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
         signature[name] = ty
@@ -155,6 +155,24 @@ def build_jobs(dtypes):
                                                         consts=consts, warps=4, n=0,
                                                         label=f"all N {dtype} w4", configs=[]))
                         job["configs"].append((c, "-"))
+        # channel_mean (the hierarchical models' proposal map): S, dtype and f's layout
+        for n, fshape, grid in PROBLEMS:
+            source = math.prod(fshape)
+            for f_layout in F_LAYOUTS:
+                values = dict(f_ptr=dtype, out_ptr="fp64", K=PROPOSAL_CHANNELS[0], S=source,
+                              **_f_strides(f_layout, PROPOSAL_CHANNELS[0], source))
+                block_s = tp.next_pow2(source)
+                sig, attrs, consts = _specialize(
+                    tp._channel_mean_kernel, values,
+                    dict(BLOCK_S=block_s, S_CHUNK=min(block_s, tp.S_CHUNK)))
+                warps = tp.MEAN_WARPS
+                key = ("mean", repr(sig), repr(sorted(attrs.items())),
+                       repr(sorted(consts.items())), warps)
+                jobs.setdefault(key, dict(kind="mean", sig=sig, attrs=attrs, consts=consts,
+                                          warps=warps, n=0, configs=[],
+                                          label=f"channel_mean S={source} {dtype} f {f_layout} "
+                                                f"w{warps}"))
+                jobs[key]["configs"].append((PROPOSAL_CHANNELS[0], "-"))
     return list(jobs.values())
 
 
@@ -181,7 +199,8 @@ def compile_job(args):
     import triton
     from triton.backends.compiler import GPUTarget
     from papr_kernels.ops.triton import prune as tp
-    fn = tp._prune_fwd_kernel if job["kind"] == "fwd" else tp._prune_bwd_kernel
+    fn = {"fwd": tp._prune_fwd_kernel, "bwd": tp._prune_bwd_kernel,
+          "mean": tp._channel_mean_kernel}[job["kind"]]
     triton.knobs.nvidia.dump_ptxas_log = True   # ptxas -v output, printed to stdout
     start = time.time()
     log = io.StringIO()
@@ -190,7 +209,7 @@ def compile_job(args):
                                         constexprs=dict(job["consts"]), attrs=job["attrs"])
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": job["warps"],
-                                           "enable_fp_fusion": job["kind"] != "fwd"})
+                                           "enable_fp_fusion": job["kind"] == "bwd"})
     seconds = time.time() - start
     if not re.search(r"Used \d+ registers", log.getvalue()):
         raise RuntimeError(f"no ptxas -v log captured for {job['label']} sm_{arch}")

@@ -318,6 +318,37 @@ bool compute_indices(const Tensor& f, const ForwardShape& s, bool align_corners,
   return false;
 }
 
+template <typename T>
+void channel_means(const Tensor& f, int64_t S, double* out) {
+  const T* fp = reinterpret_cast<const T*>(f.const_data_ptr());
+  const int64_t B = f.size(0), K = f.size(1);
+  const bool by_position = positions_major(f);
+  // rows x position blocks of 64, each block's mean computed whole (thread-count independent)
+  const int64_t blocks = (S + kSpatialTile - 1) / kSpatialTile;
+  torch::stable::parallel_for(0, B * blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / blocks, s0 = (i % blocks) * kSpatialTile;
+      mean_of_row(fp + b * K * S, K, S, by_position, s0, std::min(S, s0 + kSpatialTile),
+                  out + b * S);
+    }
+  });
+}
+
+Tensor channel_mean_cpu(const Tensor& f_in) {
+  const int64_t S = check_channel_mean(f_in);
+  const Tensor f = features_as_read(f_in);
+  Tensor out = empty_mean(f);
+  if (f.size(0) == 0 || S == 0) return out;
+  double* op = out.mutable_data_ptr<double>();
+  switch (f.scalar_type()) {
+    case ScalarType::Float: channel_means<float>(f, S, op); break;
+    case ScalarType::Double: channel_means<double>(f, S, op); break;
+    case ScalarType::Half: channel_means<f16>(f, S, op); break;
+    default: channel_means<bf16>(f, S, op); break;
+  }
+  return out;
+}
+
 int64_t copy_grain(int64_t token_bytes) {
   return std::max<int64_t>(1, kCopyGrainBytes / std::max<int64_t>(1, token_bytes));
 }
@@ -405,4 +436,5 @@ Tensor prune_backward_cpu(const Tensor& grad_out_in, const Tensor& indices_in, i
 STABLE_TORCH_LIBRARY_IMPL(papr_kernels, CPU, m) {
   m.impl("prune_forward", TORCH_BOX(&papr::prune_forward_cpu));
   m.impl("prune_backward", TORCH_BOX(&papr::prune_backward_cpu));
+  m.impl("channel_mean", TORCH_BOX(&papr::channel_mean_cpu));
 }

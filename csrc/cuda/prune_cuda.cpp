@@ -85,10 +85,22 @@ Tensor prune_backward_cuda(const Tensor& grad_out_in, const Tensor& indices_in, 
   return grad_x;
 }
 
+Tensor channel_mean_cuda(const Tensor& f_in) {
+  const int64_t S = check_channel_mean(f_in);
+  const DeviceGuard guard(f_in.get_device_index());
+  const Tensor f = features_as_read(f_in);
+  Tensor out = empty_mean(f);
+  check_launch(cuda::launch_channel_mean(f.const_data_ptr(), ftype_of(f, "f"), positions_major(f),
+                                         f.size(0), f.size(1), S, out.mutable_data_ptr<double>(),
+                                         current_stream(f)), "channel_mean");
+  return out;
+}
+
 }  // namespace
 }  // namespace papr
 
 STABLE_TORCH_LIBRARY_IMPL(papr_kernels, CUDA, m) {
   m.impl("prune_forward", TORCH_BOX(&papr::prune_forward_cuda));
   m.impl("prune_backward", TORCH_BOX(&papr::prune_backward_cuda));
+  m.impl("channel_mean", TORCH_BOX(&papr::channel_mean_cuda));
 }

@@ -58,13 +58,24 @@ __global__ void mean_kernel(const T* __restrict__ f, int64_t B, int64_t K, int64
 }
 
 template <typename T>
-void launch_mean(const ForwardParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.S + kMeanTx - 1) / kMeanTx), grid_rows(p.B));
-  const T* f = static_cast<const T*>(p.f);
-  if (p.f_positions_major)
-    mean_kernel<T, true><<<grid, dim3(kMeanTy, kMeanTx), 0, stream>>>(f, p.B, p.K, p.S, p.mean);
+void launch_mean(const void* f_any, bool positions_major, int64_t B, int64_t K, int64_t S,
+                 double* mean, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((S + kMeanTx - 1) / kMeanTx), grid_rows(B));
+  const T* f = static_cast<const T*>(f_any);
+  if (positions_major)
+    mean_kernel<T, true><<<grid, dim3(kMeanTy, kMeanTx), 0, stream>>>(f, B, K, S, mean);
   else
-    mean_kernel<T, false><<<grid, dim3(kMeanTx, kMeanTy), 0, stream>>>(f, p.B, p.K, p.S, p.mean);
+    mean_kernel<T, false><<<grid, dim3(kMeanTx, kMeanTy), 0, stream>>>(f, B, K, S, mean);
+}
+
+void launch_mean_of(const void* f, int f_type, bool positions_major, int64_t B, int64_t K,
+                    int64_t S, double* mean, cudaStream_t stream) {
+  switch (f_type) {
+    case kF16: launch_mean<f16>(f, positions_major, B, K, S, mean, stream); break;
+    case kBF16: launch_mean<bf16>(f, positions_major, B, K, S, mean, stream); break;
+    case kF32: launch_mean<float>(f, positions_major, B, K, S, mean, stream); break;
+    default: launch_mean<double>(f, positions_major, B, K, S, mean, stream); break;
+  }
 }
 
 // Float32 score of patch i: float64 resize of the float64 channel mean m, rounded once.
@@ -220,12 +231,7 @@ bool select_by_sort(int64_t N) { return N > kSortMinKeys; }
 
 cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream) {
   if (p.B == 0) return cudaSuccess;
-  switch (p.f_type) {
-    case kF16: launch_mean<f16>(p, stream); break;
-    case kBF16: launch_mean<bf16>(p, stream); break;
-    case kF32: launch_mean<float>(p, stream); break;
-    default: launch_mean<double>(p, stream); break;
-  }
+  launch_mean_of(p.f, p.f_type, p.f_positions_major, p.B, p.K, p.S, p.mean, stream);
   if (!select_by_sort(p.N)) {
     select_kernel<<<static_cast<unsigned>(p.B), kSelectThreads, 0, stream>>>(p);
   } else {
@@ -233,6 +239,13 @@ cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream) {
     const dim3 kgrid(static_cast<unsigned>((p.N + kKeyThreads - 1) / kKeyThreads), grid_rows(p.B));
     keys_kernel<<<kgrid, kKeyThreads, 0, stream>>>(p);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_channel_mean(const void* f, int f_type, bool positions_major, int64_t B,
+                                int64_t K, int64_t S, double* mean, cudaStream_t stream) {
+  if (B == 0 || S == 0) return cudaSuccess;
+  launch_mean_of(f, f_type, positions_major, B, K, S, mean, stream);
   return cudaGetLastError();
 }
 

@@ -35,6 +35,10 @@ struct BackwardParams {
 // Whether rows of N patches are ranked by a sort (the caller sorts `keys`) rather than by the
 // select kernel (which writes `indices` itself).
 bool select_by_sort(int64_t N);
+// The float64 channel mean alone (channel_mean): f (B, K, S) contiguous, or (B, S, K) when
+// positions_major, into mean (B, S).
+cudaError_t launch_channel_mean(const void* f, int f_type, bool positions_major, int64_t B,
+                                int64_t K, int64_t S, double* mean, cudaStream_t stream);
 // Channel mean, then either the indices (small N) or the keys (select_by_sort(N)).
 cudaError_t launch_select(const ForwardParams& p, cudaStream_t stream);
 // select_by_sort(N): indices from `sorted`, the keys sorted descending per row (row stride

@@ -11,4 +11,7 @@ STABLE_TORCH_LIBRARY(papr_kernels, m) {
   // Gradient of the gather: grad_out rows put back at the kept positions, zeros elsewhere.
   m.def("prune_backward(Tensor grad_out, Tensor indices, int num_tokens, int num_prefix_tokens) "
         "-> Tensor");
+  // f's float64 channel mean (B, 1, *spatial), summed in papr_core.h's channel_sum order: the
+  // proposal map of the hierarchical models, the same bits as the mean inside prune_forward.
+  m.def("channel_mean(Tensor f) -> Tensor");
 }

@@ -60,6 +60,24 @@ inline Tensor tokens_contiguous(const Tensor& x) {
   return (x.stride(2) == 1 || x.size(2) == 1) ? x : as_contiguous(x);
 }
 
+// f of channel_mean: (B, K, *spatial) with 2 or 3 spatial dims, K >= 1, a float dtype.
+// Returns S (the spatial size).
+inline int64_t check_channel_mean(const Tensor& f) {
+  PAPR_CHECK(f.dim() == 4 || f.dim() == 5, "papr_kernels: f must be 4-D or 5-D, got ", sizes_of(f));
+  PAPR_CHECK(is_float_type(f.scalar_type()),
+             "papr_kernels: f must be float16, bfloat16, float32 or float64");
+  PAPR_CHECK(f.size(1) > 0, "papr_kernels: f has no channels");
+  int64_t S = 1;
+  for (int64_t d = 2; d < f.dim(); ++d) S *= f.size(d);
+  return S;
+}
+
+// channel_mean's result: (B, 1, *spatial) float64, contiguous, on f's device.
+inline Tensor empty_mean(const Tensor& f) {
+  if (f.dim() == 4) return empty_on(f, {f.size(0), 1, f.size(2), f.size(3)}, ScalarType::Double);
+  return empty_on(f, {f.size(0), 1, f.size(2), f.size(3), f.size(4)}, ScalarType::Double);
+}
+
 // f laid out positions-major: each batch row an (S, K) matrix, channels innermost (what a
 // channels_last / channels_last_3d proposal network returns). Both kernels read such f as it is,
 // channels contiguous (CPU: a position's 16 lanes of channel_sum in 4 AVX2 registers; CUDA: the

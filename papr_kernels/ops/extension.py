@@ -65,6 +65,12 @@ if _IMPORT_ERROR is None:
     def _prune_backward_fake(grad_out, indices, num_tokens, num_prefix_tokens):
         return grad_out.new_empty(grad_out.shape[0], num_tokens, grad_out.shape[2])
 
+    _channel_mean_op = _ns.channel_mean.default
+
+    @torch.library.register_fake("papr_kernels::channel_mean")
+    def _channel_mean_fake(f):
+        return f.new_empty((f.shape[0], 1, *f.shape[2:]), dtype=torch.float64)
+
     _gather_rows_op = _ns.gather_rows.default
     _put_rows_op = _ns.put_rows_.default
 
@@ -114,6 +120,11 @@ def forward(x, f, plan):
 
 def backward(grad_out, indices, plan):
     return _backward_op(grad_out, indices, plan.num_tokens, plan.num_prefix_tokens)
+
+
+def channel_mean(f):
+    """f's float64 channel mean (B, 1, *spatial) in the kernels' summation order."""
+    return _channel_mean_op(f)
 
 
 # ---------------------------------------------------------------------------------------------

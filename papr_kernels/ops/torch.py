@@ -7,6 +7,7 @@ from typing import Optional
 from .. import reference
 from ..reference import gather_rows, scatter_back, scatter_rows  # noqa: F401  (row ops)
 from ..reference import gather_layer_norm, masked_residual  # noqa: F401  (fused glue)
+from ..reference import proposal_map as channel_mean  # noqa: F401  (torch's own mean)
 from ..spec import Plan
 
 

@@ -86,6 +86,7 @@ from .common import launch_guard, next_pow2, tl, triton
 MAX_SOURCE = 1024          # largest f spatial size (h*w or t*h*w): its float64 mean lives in registers
 LANES = 16                 # papr_core.h's kChannelLanes: the channel mean's summation order
 S_CHUNK = 64               # source positions per [LANES, S_CHUNK] tile of the channel mean
+MEAN_WARPS = 4             # channel_mean's programs
 MAX_PATCHES = 4096         # largest N whose sort fits one program's registers (gpu_report compiles it)
 _INT64_MIN = -(1 << 63)
 
@@ -245,6 +246,51 @@ if triton is not None:
         return keys
 
     @triton.jit
+    def _lane_mean_chunk(f_row, stride_fk, stride_fs, K, S, offs_s, S_CHUNK: tl.constexpr):
+        """The float64 channel mean [S_CHUNK] of one batch row of f at positions offs_s (0 past
+        S), in papr_core.h's channel_sum order: row j of a [LANES, S_CHUNK] tile is lane j
+        (channels j, j + 16, ... in order), then the lanes are added in order (each masked sum
+        adds one value and zeros: exact), then / K. The CPU and CUDA kernels do the same
+        additions. (A bounded tile: one [16, S] tile spilled at S >= 144.)"""
+        offs_k = tl.arange(0, LANES_C)
+        f_pos = offs_s.to(tl.int64)[None, :] * stride_fs
+        acc = tl.zeros((LANES_C, S_CHUNK), dtype=tl.float64)
+        for k0 in range(0, K, LANES_C):
+            kk = k0 + offs_k
+            mask = (kk[:, None] < K) & (offs_s[None, :] < S)
+            ptrs = f_row + kk[:, None].to(tl.int64) * stride_fk + f_pos
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
+        total = tl.zeros((S_CHUNK,), dtype=tl.float64)
+        for lane in tl.static_range(LANES_C):
+            total += tl.sum(tl.where(offs_k[:, None] == lane, acc, 0.0), axis=0)
+        return total / K
+
+    @triton.jit
+    def _lane_mean(f_row, stride_fk, stride_fs, K, S, BLOCK_S: tl.constexpr,
+                   S_CHUNK: tl.constexpr):
+        """The whole row's mean [BLOCK_S]: the chunks' means merged into a [S / S_CHUNK,
+        S_CHUNK] tile, as the forward merges keys."""
+        NSCHUNK: tl.constexpr = BLOCK_S // S_CHUNK
+        srow = tl.arange(0, NSCHUNK)[:, None]
+        m2 = tl.zeros((NSCHUNK, S_CHUNK), dtype=tl.float64)
+        for sc in range(NSCHUNK):
+            offs_s = sc * S_CHUNK + tl.arange(0, S_CHUNK)
+            chunk = _lane_mean_chunk(f_row, stride_fk, stride_fs, K, S, offs_s, S_CHUNK)
+            m2 = tl.where(srow == sc, chunk[None, :], m2)
+        return tl.reshape(m2, (BLOCK_S,))
+
+    @triton.jit
+    def _channel_mean_kernel(f_ptr, out_ptr, stride_fb, stride_fk, stride_fs, K, S,
+                             BLOCK_S: tl.constexpr, S_CHUNK: tl.constexpr):
+        """channel_mean: one program per batch row, out (B, S) float64, chunk by chunk."""
+        b = tl.program_id(0).to(tl.int64)
+        for s0 in range(0, BLOCK_S, S_CHUNK):
+            offs_s = s0 + tl.arange(0, S_CHUNK)
+            m = _lane_mean_chunk(f_ptr + b * stride_fb, stride_fk, stride_fs, K, S, offs_s,
+                                 S_CHUNK)
+            tl.store(out_ptr + b * S + offs_s, m, mask=offs_s < S)
+
+    @triton.jit
     def _prune_fwd_kernel(
         x_ptr, f_ptr, out_ptr, idx_ptr,
         stride_xb, stride_xn, stride_xc, stride_fb, stride_fk, stride_fs,
@@ -261,31 +307,8 @@ if triton is not None:
         pid_r = tl.program_id(1)
         pid_c = tl.program_id(2)
 
-        # 1. channel mean of f[b] over the S source positions, float64, in papr_core.h's
-        # channel_sum order: row j of a [LANES, S_CHUNK] tile is lane j (channels j, j + 16,
-        # ... in order), then the lanes are added in order (each masked sum adds one value and
-        # zeros: exact), then / K. The CPU and CUDA kernels do the same additions. Positions go
-        # S_CHUNK at a time (a bounded tile: one [16, S] tile spilled at S >= 144), each chunk's
-        # means merged into a [S / S_CHUNK, S_CHUNK] tile, as the keys are below.
-        NSCHUNK: tl.constexpr = BLOCK_S // S_CHUNK
-        offs_k = tl.arange(0, LANES_C)
-        f_row = f_ptr + b * stride_fb
-        srow = tl.arange(0, NSCHUNK)[:, None]
-        m2 = tl.zeros((NSCHUNK, S_CHUNK), dtype=tl.float64)
-        for sc in range(NSCHUNK):
-            offs_s = sc * S_CHUNK + tl.arange(0, S_CHUNK)
-            f_pos = offs_s.to(tl.int64)[None, :] * stride_fs
-            acc = tl.zeros((LANES_C, S_CHUNK), dtype=tl.float64)
-            for k0 in range(0, K, LANES_C):
-                kk = k0 + offs_k
-                mask = (kk[:, None] < K) & (offs_s[None, :] < S)
-                ptrs = f_row + kk[:, None].to(tl.int64) * stride_fk + f_pos
-                acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
-            total = tl.zeros((S_CHUNK,), dtype=tl.float64)
-            for lane in tl.static_range(LANES_C):
-                total += tl.sum(tl.where(offs_k[:, None] == lane, acc, 0.0), axis=0)
-            m2 = tl.where(srow == sc, (total / K)[None, :], m2)
-        m = tl.reshape(m2, (BLOCK_S,))
+        # 1. channel mean of f[b] over the S source positions (float64, channel_sum's order)
+        m = _lane_mean(f_ptr + b * stride_fb, stride_fk, stride_fs, K, S, BLOCK_S, S_CHUNK)
 
         # 2. + 3. resize to the patch grid in float64, CHUNK patches at a time (a runtime loop:
         # only one chunk's float64 temporaries are live), each score rounded ONCE to float32
@@ -529,6 +552,23 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     return out, indices
 
 
+def _launch_channel_mean(f: torch.Tensor) -> torch.Tensor:
+    out = torch.empty((f.shape[0], 1, *f.shape[2:]), dtype=torch.float64, device=f.device)
+    source = math.prod(f.shape[2:])
+    if f.shape[0] == 0 or source == 0:
+        return out
+    f_strides = flat_strides(f)
+    if f_strides is None:
+        f = f.contiguous()
+        f_strides = flat_strides(f)
+    block_s = next_pow2(source)
+    with launch_guard(f.device):
+        _channel_mean_kernel[(f.shape[0],)](f, out, *f_strides, f.shape[1], source,
+                                            BLOCK_S=block_s, S_CHUNK=min(block_s, S_CHUNK),
+                                            num_warps=MEAN_WARPS)
+    return out
+
+
 def _launch_backward(grad_out: torch.Tensor, indices: torch.Tensor, num_tokens: int,
                      num_prefix_tokens: int):
     batch, rows, channels = grad_out.shape
@@ -583,6 +623,16 @@ def _(grad_out, indices, num_tokens, num_prefix_tokens):
     return grad_out.new_empty(grad_out.shape[0], num_tokens, grad_out.shape[2])
 
 
+@torch.library.custom_op("papr_kernels::triton_channel_mean", mutates_args=())
+def triton_channel_mean(f: torch.Tensor) -> torch.Tensor:
+    return _launch_channel_mean(f)
+
+
+@triton_channel_mean.register_fake
+def _(f):
+    return f.new_empty((f.shape[0], 1, *f.shape[2:]), dtype=torch.float64)
+
+
 # ----------------------------------------------------------------------------------------------
 # Backend interface (papr_kernels.backends)
 # ----------------------------------------------------------------------------------------------
@@ -599,3 +649,9 @@ def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
     return common.call(triton_prune_backward, _launch_backward, grad_out, indices,
                        plan.num_tokens, plan.num_prefix_tokens)
 
+
+def channel_mean(f: torch.Tensor) -> torch.Tensor:
+    """f's float64 channel mean (B, 1, *spatial) in the compiled backends' summation order."""
+    if math.prod(f.shape[2:]) > MAX_SOURCE:
+        return fallback_backend(f.device.type).channel_mean(f)
+    return common.call(triton_channel_mean, _launch_channel_mean, f)
