@@ -93,10 +93,10 @@ PAPR_AVX2 __m256d widen_part(const T* p, int lanes) {
                         lanes > 2 ? to_double(p[2]) : 0.0, 0.0);
 }
 
-// Positions [s0, s0 + 4 * V + tail), tail < 4. The 16 lanes' partial sums of the block live in
-// an L1-resident array; a lane's value is loaded once per kLaneSteps of its rows (16 rows apart:
-// kLaneSteps ascending streams the prefetchers follow), so the array costs 2 memory operations
-// per kLaneSteps additions. (Lane by lane, one stream 16 rows apart, was 2-4x slower at B = 64.)
+// The 16 lanes' partial sums of a block of positions live in an L1-resident array; a lane's value
+// is loaded once per kLaneSteps of its rows (16 rows apart: kLaneSteps ascending streams the
+// prefetchers follow), so the array costs 2 memory operations per kLaneSteps additions. (Lane by
+// lane, one stream 16 rows apart, was 2-4x slower at B = 64.)
 constexpr int kLaneSteps = 4;
 
 // Rows [k0, k0 + steps * 16) into the lanes of positions [0, 4 * V + tail) from `base`: lane l
@@ -122,6 +122,7 @@ PAPR_AVX2 void add_lane_rows(const T* base, int64_t S, int tail, int64_t k0, int
   }
 }
 
+// Positions [s0, s0 + 4 * V + tail), tail < 4.
 template <int V, typename T>
 __attribute__((target("avx2,f16c"))) void mean_block(const T* f_row, int64_t K, int64_t S,
                                                      int64_t s0, int tail, double* mean) {
