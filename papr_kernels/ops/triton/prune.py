@@ -480,7 +480,8 @@ def fallback_backend(device_type: str):
     return backends.resolve(name, device_type)
 
 
-def fallback_reason(f: torch.Tensor, num_patches: int) -> Optional[str]:
+def fallback_reason(f: torch.Tensor, num_patches: int = 0) -> Optional[str]:
+    """Why f (and num_patches, when given) are beyond the kernels' register budget, else None."""
     source = math.prod(f.shape[2:])
     if source > MAX_SOURCE:
         return f"f has {source} spatial positions, more than the kernel's {MAX_SOURCE}"
@@ -532,6 +533,16 @@ def flat_strides(f: torch.Tensor) -> Optional[Tuple[int, int, int]]:
     return f.stride(0), f.stride(1), 1 if position is None else position
 
 
+def _readable(f: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    """(f, its flat_strides), f copied to contiguous only when its positions are no single
+    strided dimension."""
+    strides = flat_strides(f)
+    if strides is None:
+        f = f.contiguous()
+        strides = flat_strides(f)
+    return f, strides
+
+
 def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, grid: List[int],
                     keep: int, align_corners: bool, spatial: bool):
     batch, n, channels = x.shape
@@ -539,10 +550,7 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor, num_prefix_tokens: int, gr
     indices = torch.empty(batch, keep, dtype=torch.int64, device=x.device)
     if batch == 0:
         return out, indices
-    f_strides = flat_strides(f)
-    if f_strides is None:
-        f = f.contiguous()
-        f_strides = flat_strides(f)
+    f, f_strides = _readable(f)
     launch, scalars, num_warps, meta = _forward_launch(
         batch, n, channels, num_prefix_tokens, keep, tuple(f.shape[1:]), tuple(grid),
         align_corners, spatial, x.device, (CHUNK_OVERRIDE, common.SPLIT_OVERRIDE))
@@ -557,10 +565,7 @@ def _launch_channel_mean(f: torch.Tensor) -> torch.Tensor:
     source = math.prod(f.shape[2:])
     if f.shape[0] == 0 or source == 0:
         return out
-    f_strides = flat_strides(f)
-    if f_strides is None:
-        f = f.contiguous()
-        f_strides = flat_strides(f)
+    f, f_strides = _readable(f)
     block_s = next_pow2(source)
     with launch_guard(f.device):
         _channel_mean_kernel[(f.shape[0],)](f, out, *f_strides, f.shape[1], source,
@@ -652,6 +657,6 @@ def backward(grad_out: torch.Tensor, indices: torch.Tensor, plan):
 
 def channel_mean(f: torch.Tensor) -> torch.Tensor:
     """f's float64 channel mean (B, 1, *spatial) in the compiled backends' summation order."""
-    if math.prod(f.shape[2:]) > MAX_SOURCE:
+    if fallback_reason(f) is not None:
         return fallback_backend(f.device.type).channel_mean(f)
     return common.call(triton_channel_mean, _launch_channel_mean, f)
