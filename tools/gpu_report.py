@@ -161,10 +161,8 @@ def build_jobs(dtypes):
             for f_layout in F_LAYOUTS:
                 values = dict(f_ptr=dtype, out_ptr="fp64", K=PROPOSAL_CHANNELS[0], S=source,
                               **_f_strides(f_layout, PROPOSAL_CHANNELS[0], source))
-                block_s = tp.next_pow2(source)
-                sig, attrs, consts = _specialize(
-                    tp._channel_mean_kernel, values,
-                    dict(BLOCK_S=block_s, S_CHUNK=min(block_s, tp.S_CHUNK)))
+                sig, attrs, consts = _specialize(tp._channel_mean_kernel, values,
+                                                 tp.mean_constexprs(source))
                 warps = tp.MEAN_WARPS
                 key = ("mean", repr(sig), repr(sorted(attrs.items())),
                        repr(sorted(consts.items())), warps)

@@ -462,6 +462,12 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
                 BLOCK_R=256 if interpreted else BLOCK_R, BLOCK_C=BLOCK_C)
 
 
+def mean_constexprs(source: int) -> dict:
+    """The compile-time parameters of the channel_mean kernel (also used by gpu-report)."""
+    block_s = next_pow2(source)
+    return dict(BLOCK_S=block_s, S_CHUNK=min(block_s, S_CHUNK))
+
+
 def fwd_num_warps(num_patches: int) -> int:
     """More warps for bigger sorts: the 2**LOG_N int64 keys live in registers."""
     size = next_pow2(num_patches)
@@ -566,11 +572,9 @@ def _launch_channel_mean(f: torch.Tensor) -> torch.Tensor:
     if f.shape[0] == 0 or source == 0:
         return out
     f, f_strides = _readable(f)
-    block_s = next_pow2(source)
     with launch_guard(f.device):
         _channel_mean_kernel[(f.shape[0],)](f, out, *f_strides, f.shape[1], source,
-                                            BLOCK_S=block_s, S_CHUNK=min(block_s, S_CHUNK),
-                                            num_warps=MEAN_WARPS)
+                                            num_warps=MEAN_WARPS, **mean_constexprs(source))
     return out
 
 
