@@ -93,33 +93,16 @@ PAPR_AVX2 __m256d widen_part(const T* p, int lanes) {
                         lanes > 2 ? to_double(p[2]) : 0.0, 0.0);
 }
 
-// The 16 lanes' partial sums of a block of positions live in an L1-resident array; a lane's value
-// is loaded once per kLaneSteps of its rows (16 rows apart: kLaneSteps ascending streams the
-// prefetchers follow), so the array costs 2 memory operations per kLaneSteps additions. (Lane by
-// lane, one stream 16 rows apart, was 2-4x slower at B = 64.)
-constexpr int kLaneSteps = 4;
-
-// Rows [k0, k0 + steps * 16) into the lanes of positions [0, 4 * V + tail) from `base`: lane l
-// adds rows k0 + l, k0 + l + 16, ... in order.
-template <int V, int kSteps, typename T>
-PAPR_AVX2 void add_lane_rows(const T* base, int64_t S, int tail, int64_t k0, int64_t lanes_used,
-                             double (*lanes)[4 * (V + 1)]) {
-  for (int64_t l = 0; l < lanes_used; ++l) {
-    double* lane = lanes[l];
-    const T* p = base + (k0 + l) * S;
-    for (int v = 0; v < V; ++v) {
-      __m256d acc = _mm256_load_pd(lane + 4 * v);
-      for (int i = 0; i < kSteps; ++i)
-        acc = _mm256_add_pd(acc, widen4(p + i * kChannelLanes * S + 4 * v));
-      _mm256_store_pd(lane + 4 * v, acc);
-    }
-    if (tail) {
-      __m256d acc = _mm256_load_pd(lane + 4 * V);
-      for (int i = 0; i < kSteps; ++i)
-        acc = _mm256_add_pd(acc, widen_part(p + i * kChannelLanes * S + 4 * V, tail));
-      _mm256_store_pd(lane + 4 * V, acc);
-    }
-  }
+// The 16 lanes' partial sums of a block of positions live in an L1-resident array, and f's rows
+// are read in address order, row k added to lane k mod 16: one ascending stream, which the
+// prefetchers follow when f comes from memory (B = 64: f is 12.8 MB). Visiting the rows lane by
+// lane (several streams 16 rows apart) cost ~1.8x this when f was not in cache; as fast when it was.
+template <int V, typename T>
+PAPR_AVX2 void add_row(const T* p, int tail, double* lane) {
+  for (int v = 0; v < V; ++v)
+    _mm256_store_pd(lane + 4 * v, _mm256_add_pd(_mm256_load_pd(lane + 4 * v), widen4(p + 4 * v)));
+  if (tail)
+    _mm256_store_pd(lane + 4 * V, _mm256_add_pd(_mm256_load_pd(lane + 4 * V), widen_part(p + 4 * V, tail)));
 }
 
 // Positions [s0, s0 + 4 * V + tail), tail < 4.
@@ -128,13 +111,10 @@ __attribute__((target("avx2,f16c"))) void mean_block(const T* f_row, int64_t K, 
                                                      int64_t s0, int tail, double* mean) {
   alignas(32) double lanes[kChannelLanes][4 * (V + 1)] = {};
   const T* base = f_row + s0;
-  constexpr int64_t block = kLaneSteps * kChannelLanes;
   int64_t k0 = 0;
-  for (; k0 + block <= K; k0 += block)
-    add_lane_rows<V, kLaneSteps>(base, S, tail, k0, kChannelLanes, lanes);
   for (; k0 + kChannelLanes <= K; k0 += kChannelLanes)
-    add_lane_rows<V, 1>(base, S, tail, k0, kChannelLanes, lanes);
-  if (k0 < K) add_lane_rows<V, 1>(base, S, tail, k0, K - k0, lanes);
+    for (int l = 0; l < kChannelLanes; ++l) add_row<V>(base + (k0 + l) * S, tail, lanes[l]);
+  for (int64_t k = k0; k < K; ++k) add_row<V>(base + k * S, tail, lanes[k - k0]);
   const __m256d count = _mm256_set1_pd(static_cast<double>(K));  // mean_from_sum: sum / K
   for (int v = 0; v <= V; ++v) {
     __m256d total = _mm256_setzero_pd();
@@ -161,37 +141,29 @@ void row_mean(const T* f_row, int64_t K, int64_t S, int64_t s0, int64_t s1, doub
   for (; s1 - t >= 4 * kMaxRegs + 4; t += 4 * kMaxRegs) mean_block<kMaxRegs>(f_row, K, S, t, 0, mean);
   mean_tail_block(f_row, K, S, t, s1 - t, mean, std::make_index_sequence<kMaxRegs + 1>{});
 }
-// Positions-major rows (S, K), positions [s0, s0 + P): a position's 16 lanes are 4 registers
-// (channels c .. c + 15 of one 16-channel step, contiguous), P positions at once (12 registers
-// for P = 3); the tail channels (K % 16) and the sum over lanes are scalar, in lane order.
-template <int P, typename T>
-__attribute__((target("avx2,f16c"))) void mean_block_positions_major(const T* f_row, int64_t K,
-                                                                     int64_t s0, double* mean) {
-  __m256d lane[P][4];
-  for (int p = 0; p < P; ++p)
-    for (int q = 0; q < 4; ++q) lane[p][q] = _mm256_setzero_pd();
+// Positions-major rows (S, K): a position's 16 lanes are 4 registers (channels c .. c + 15 of
+// one 16-channel step, contiguous); the tail channels (K % 16) and the sum over lanes are scalar,
+// in lane order. One position at a time reads f as one ascending stream: 2-3 positions at once
+// (more independent additions in flight, but 2-3 streams 4 KB apart) was ~1.7x slower when f came
+// from memory, and no faster when it was in cache.
+template <typename T>
+__attribute__((target("avx2,f16c"))) double position_sum(const T* at, int64_t K) {
+  __m256d lane[4];
+  for (int q = 0; q < 4; ++q) lane[q] = _mm256_setzero_pd();
   const int64_t whole = K - K % kChannelLanes;
-  const T* at = f_row + s0 * K;
   for (int64_t c = 0; c < whole; c += kChannelLanes)
-    for (int p = 0; p < P; ++p)
-      for (int q = 0; q < 4; ++q)
-        lane[p][q] = _mm256_add_pd(lane[p][q], widen4(at + p * K + c + 4 * q));
-  for (int p = 0; p < P; ++p) {
-    alignas(32) double sums[kChannelLanes];
-    for (int q = 0; q < 4; ++q) _mm256_store_pd(sums + 4 * q, lane[p][q]);
-    for (int64_t c = whole; c < K; ++c) sums[c - whole] += to_double(at[p * K + c]);
-    double sum = 0.0;
-    for (int j = 0; j < kChannelLanes && j < K; ++j) sum += sums[j];
-    mean[s0 + p] = mean_from_sum(sum, K);
-  }
+    for (int q = 0; q < 4; ++q) lane[q] = _mm256_add_pd(lane[q], widen4(at + c + 4 * q));
+  alignas(32) double sums[kChannelLanes];
+  for (int q = 0; q < 4; ++q) _mm256_store_pd(sums + 4 * q, lane[q]);
+  for (int64_t c = whole; c < K; ++c) sums[c - whole] += to_double(at[c]);
+  double sum = 0.0;
+  for (int j = 0; j < kChannelLanes && j < K; ++j) sum += sums[j];
+  return sum;
 }
 
 template <typename T>
 void row_mean_positions_major(const T* f_row, int64_t K, int64_t s0, int64_t s1, double* mean) {
-  int64_t t = s0;
-  for (; s1 - t >= 3; t += 3) mean_block_positions_major<3>(f_row, K, t, mean);
-  if (s1 - t == 2) mean_block_positions_major<2>(f_row, K, t, mean);
-  if (s1 - t == 1) mean_block_positions_major<1>(f_row, K, t, mean);
+  for (int64_t t = s0; t < s1; ++t) mean[t] = mean_from_sum(position_sum(f_row + t * K, K), K);
 }
 #undef PAPR_AVX2
 }  // namespace avx2
