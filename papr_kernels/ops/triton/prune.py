@@ -281,10 +281,11 @@ if triton is not None:
 
     @triton.jit
     def _channel_mean_kernel(f_ptr, out_ptr, stride_fb, stride_fk, stride_fs, K, S,
-                             BLOCK_S: tl.constexpr, S_CHUNK: tl.constexpr):
-        """channel_mean: one program per batch row, out (B, S) float64, chunk by chunk."""
+                             S_CHUNK: tl.constexpr):
+        """channel_mean: one program per batch row, out (B, S) float64, chunk by chunk (a loop
+        to S, not to a constexpr bound: with the latter triton 3.6 spilled 8 B at S >= 144)."""
         b = tl.program_id(0).to(tl.int64)
-        for s0 in range(0, BLOCK_S, S_CHUNK):
+        for s0 in range(0, S, S_CHUNK):
             offs_s = s0 + tl.arange(0, S_CHUNK)
             m = _lane_mean_chunk(f_ptr + b * stride_fb, stride_fk, stride_fs, K, S, offs_s,
                                  S_CHUNK)
@@ -464,8 +465,7 @@ def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spat
 
 def mean_constexprs(source: int) -> dict:
     """The compile-time parameters of the channel_mean kernel (also used by gpu-report)."""
-    block_s = next_pow2(source)
-    return dict(BLOCK_S=block_s, S_CHUNK=min(block_s, S_CHUNK))
+    return dict(S_CHUNK=min(next_pow2(source), S_CHUNK))
 
 
 def fwd_num_warps(num_patches: int) -> int:
