@@ -252,8 +252,6 @@ def report_triton(args):
     work = [(job, arch) for arch in ARCHS for job in jobs]
     # biggest sorts first: they take longest, the small ones fill in behind them
     work.sort(key=lambda w: -w[0]["n"])
-    import triton
-    print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)})")
     print(f"{total_configs} forward configs -> {sum(j['kind'] == 'fwd' for j in jobs)} distinct "
           f"forward + {sum(j['kind'] == 'bwd' for j in jobs)} backward specializations; "
           f"{len(work)} compilations for sm_80/sm_90 on {args.jobs} processes", flush=True)
@@ -486,6 +484,8 @@ def main() -> int:
     cache = tempfile.mkdtemp(prefix="papr-gpu-report-")
     os.environ["TRITON_CACHE_DIR"] = cache   # fresh, inherited by the workers, removed below
     failures = []
+    import triton
+    print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)})")
     try:
         for name in args.sections or list(SECTIONS):
             print(f"\n## {name}\n", flush=True)
