@@ -62,18 +62,11 @@ GPU_REPORT_ARGS ?=
 gpu-report: install
 	$(PY) tools/gpu_report.py $(GPU_REPORT_ARGS)
 
-# The same Triton compiles (prune and row kernels) with the triton of the lent GPU machine (its
-# own stack, see ../shared/FACTS.md: triton 3.6.0 beside torch 2.11), put in front of ours for
-# this run only: a kernel that does not compile or spills there is found here, not in its 15
-# device minutes.
-DEVICE_TRITON ?= 3.6.0
-DEVICE_TRITON_DIR := build/triton-$(DEVICE_TRITON)
-
-.PHONY: gpu-report-device-triton
-gpu-report-device-triton: install
-	test -d $(DEVICE_TRITON_DIR) || $(PY) -m pip install -q --no-deps --target \
-	    $(DEVICE_TRITON_DIR) triton==$(DEVICE_TRITON)
-	PYTHONPATH=$(DEVICE_TRITON_DIR) $(PY) tools/gpu_report.py triton rows $(GPU_REPORT_ARGS)
+# The lent GPU machine's stack (torch 2.11.0, triton 3.6.0: ../shared/FACTS.md) in a venv here:
+# the whole suite and the Triton compile report with its versions (tools/device_stack.sh).
+.PHONY: device-stack
+device-stack: install
+	GPU_REPORT_ARGS="$(GPU_REPORT_ARGS)" tools/device_stack.sh
 
 # Benchmarks (issue 5): never part of `make test` (testpaths is `tests`). `make bench` runs the
 # suite (prune kernels, hierarchical row ops, end to end), writes benchmarks/results/<machine>.csv,

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The lent GPU machine's stack on this CPU machine: a venv with its torch and triton (see
+# ../shared/FACTS.md: torch 2.11.0+cu130, triton 3.6.0; the torch wheel from PyPI runs on CPU),
+# then, with the extension of the checkout (`make install`, built against the pinned torch and
+# loaded through the stable ABI, as the wheel is there):
+#   1. the whole test suite (CUDA tests skip; Triton runs under its interpreter),
+#   2. the Triton compile report (tools/gpu_report.py triton rows) with that triton.
+# What would fail on the GPU machine for its versions fails here, not in its 15 device minutes.
+# numpy stays below 2.4 in that venv: triton 3.6's interpreter calls int() on 1-element arrays,
+# which numpy 2.4 refuses (the compiled path is unaffected).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+TORCH_VERSION="${DEVICE_TORCH:-2.11.0}"
+TORCHVISION_VERSION="${DEVICE_TORCHVISION:-0.26.0}"
+TRITON_VERSION="${DEVICE_TRITON:-3.6.0}"
+VENV="$ROOT/build/venv-device-torch-$TORCH_VERSION"
+pin() { grep -E "^$1==" "$ROOT/requirements.txt"; }
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+  "triton==$TRITON_VERSION" "numpy==2.3.5" "$(pin timm)" "$(pin pytest)" "$(pin pytest-benchmark)" \
+  "$(pin hypothesis)" "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)" "$(pin matplotlib)"
+"$VENV/bin/python" -c "import torch, triton; print('device stack: torch', torch.__version__, \
+'triton', triton.__version__)"
+
+cd "$ROOT"
+export PYTHONPATH="$ROOT"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests
+"$VENV/bin/python" tools/gpu_report.py triton rows ${GPU_REPORT_ARGS:-}
