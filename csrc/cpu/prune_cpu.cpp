@@ -96,13 +96,15 @@ PAPR_AVX2 __m256d widen_part(const T* p, int lanes) {
 // The 16 lanes' partial sums of a block of positions live in an L1-resident array, and f's rows
 // are read in address order, row k added to lane k mod 16: one ascending stream, which the
 // prefetchers follow when f comes from memory (B = 64: f is 12.8 MB). Visiting the rows lane by
-// lane (several streams 16 rows apart) cost ~1.8x this when f was not in cache; as fast when it was.
+// lane (several streams 16 rows apart) cost ~1.8x this when f was not in cache, as much when it was.
 template <int V, typename T>
 PAPR_AVX2 void add_row(const T* p, int tail, double* lane) {
   for (int v = 0; v < V; ++v)
     _mm256_store_pd(lane + 4 * v, _mm256_add_pd(_mm256_load_pd(lane + 4 * v), widen4(p + 4 * v)));
-  if (tail)
-    _mm256_store_pd(lane + 4 * V, _mm256_add_pd(_mm256_load_pd(lane + 4 * V), widen_part(p + 4 * V, tail)));
+  if (tail) {
+    const __m256d part = widen_part(p + 4 * V, tail);
+    _mm256_store_pd(lane + 4 * V, _mm256_add_pd(_mm256_load_pd(lane + 4 * V), part));
+  }
 }
 
 // Positions [s0, s0 + 4 * V + tail), tail < 4.
