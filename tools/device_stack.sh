@@ -13,15 +13,22 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 TORCH_VERSION="${DEVICE_TORCH:-2.11.0}"
 TORCHVISION_VERSION="${DEVICE_TORCHVISION:-0.26.0}"
 TRITON_VERSION="${DEVICE_TRITON:-3.6.0}"
-VENV="$ROOT/build/venv-device-torch-$TORCH_VERSION"
+# its Python too (3.12) where pyenv has one, else python3
+PYTHON="${DEVICE_PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  PYTHON="$(ls -d "$(pyenv root 2>/dev/null || true)"/versions/3.12*/bin/python3.12 2>/dev/null \
+    | tail -1 || true)"
+fi
+PYTHON="${PYTHON:-python3}"
+VENV="$ROOT/build/venv-device-torch-$TORCH_VERSION-$("$PYTHON" -c 'import sys; print("py%d%d" % sys.version_info[:2])')"
 pin() { grep -E "^$1==" "$ROOT/requirements.txt"; }
 
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
   "triton==$TRITON_VERSION" "numpy==2.3.5" "$(pin timm)" "$(pin pytest)" "$(pin pytest-benchmark)" \
   "$(pin hypothesis)" "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)" "$(pin matplotlib)"
-"$VENV/bin/python" -c "import torch, triton; print('device stack: torch', torch.__version__, \
-'triton', triton.__version__)"
+"$VENV/bin/python" -c "import sys, torch, triton; print('device stack: Python', sys.version.split()[0], \
+'torch', torch.__version__, 'triton', triton.__version__)"
 
 cd "$ROOT"
 export PYTHONPATH="$ROOT"
