@@ -104,15 +104,21 @@ PAPR_HD void channel_sum(const T* f_row, int64_t K, int64_t S, int64_t s0, int l
   }
 }
 
+// The last step of that order for one position: its lanes' partial sums added in lane order
+// from 0.0 (only the first K lanes hold channels when K < kChannelLanes).
+PAPR_HD double lanes_total(const double* lane, int64_t K) {
+  double sum = 0.0;
+  for (int j = 0; j < kChannelLanes && j < K; ++j) sum += lane[j];
+  return sum;
+}
+
 // The same sum for one position of positions-major f (its K channels contiguous, as in
 // channels_last f): lane j is channels j, j + 16, ... in order, the lanes then added in order.
 template <typename T>
 PAPR_HD double position_channel_sum(const T* channels, int64_t K) {
   double lane[kChannelLanes] = {};
   for (int64_t k = 0; k < K; ++k) lane[k % kChannelLanes] += to_double(channels[k]);
-  double sum = 0.0;
-  for (int j = 0; j < kChannelLanes && j < K; ++j) sum += lane[j];
-  return sum;
+  return lanes_total(lane, K);
 }
 
 // torch CPU mean = sum (float64) .div_(K)

@@ -158,9 +158,7 @@ __attribute__((target("avx2,f16c"))) double position_sum(const T* at, int64_t K)
   alignas(32) double sums[kChannelLanes];
   for (int q = 0; q < 4; ++q) _mm256_store_pd(sums + 4 * q, lane[q]);
   for (int64_t c = whole; c < K; ++c) sums[c - whole] += to_double(at[c]);
-  double sum = 0.0;
-  for (int j = 0; j < kChannelLanes && j < K; ++j) sum += sums[j];
-  return sum;
+  return lanes_total(sums, K);
 }
 
 template <typename T>

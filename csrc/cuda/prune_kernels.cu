@@ -224,7 +224,6 @@ int vector_bytes(uint64_t a, uint64_t b, int64_t c, int64_t d, int64_t e) {
     default: KERNEL<uint8_t><<<GRID, kCopyThreads, 0, STREAM>>>(PARAMS); break;  \
   }
 
-
 }  // namespace
 
 bool select_by_sort(int64_t N) { return N > kSortMinKeys; }
