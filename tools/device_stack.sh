@@ -8,6 +8,9 @@
 # What would fail on the GPU machine for its versions fails here, not in its 15 device minutes.
 # numpy stays below 2.4 in that venv: triton 3.6's interpreter calls int() on 1-element arrays,
 # which numpy 2.4 refuses (the compiled path is unaffected).
+# The venv takes ~5 GB (torch's CUDA wheel and its nvidia libraries): with less than
+# DEVICE_STACK_MIN_FREE_GB (default 8) free, this says so and stops without failing; with
+# DEVICE_STACK_CLEAN=1 (CI) the venv is removed afterwards.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 TORCH_VERSION="${DEVICE_TORCH:-2.11.0}"
@@ -23,8 +26,17 @@ PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/build/venv-device-torch-$TORCH_VERSION-$("$PYTHON" -c 'import sys; print("py%d%d" % sys.version_info[:2])')"
 pin() { grep -E "^$1==" "$ROOT/requirements.txt"; }
 
+mkdir -p "$ROOT/build"
+FREE_GB=$(( $(df -Pk "$ROOT/build" | awk 'NR == 2 { print $4 }') / 1024 / 1024 ))
+if [ ! -x "$VENV/bin/python" ] && [ "$FREE_GB" -lt "${DEVICE_STACK_MIN_FREE_GB:-8}" ]; then
+  echo "device stack: SKIPPED, only $FREE_GB GB free on $ROOT/build (the venv needs ~5 GB;" \
+    "DEVICE_STACK_MIN_FREE_GB=${DEVICE_STACK_MIN_FREE_GB:-8})" >&2
+  exit 0
+fi
+[ "${DEVICE_STACK_CLEAN:-0}" = 1 ] && trap 'rm -rf "$VENV"' EXIT
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+"$VENV/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
   "triton==$TRITON_VERSION" "numpy==2.3.5" "$(pin timm)" "$(pin pytest)" "$(pin pytest-benchmark)" \
   "$(pin hypothesis)" "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)" "$(pin matplotlib)"
 "$VENV/bin/python" -c "import sys, torch, triton; print('device stack: Python', sys.version.split()[0], \
