@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 PKG_STAMP := $(VENV)/.papr-kernels-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv install demo info test clean wheel wheel-smoke abi-audit torch-compat gpu-report
+.PHONY: venv install demo info test clean wheel wheel-smoke abi-audit torch-compat timm-compat gpu-report
 
 venv: $(DEPS_STAMP)
 
@@ -50,6 +50,10 @@ abi-audit: install
 # build, on this machine's disk): the extension's tests pass there without a rebuild.
 torch-compat: wheel
 	tools/torch_compat.sh
+
+# The patched-model tests again with the oldest timm pyproject.toml admits.
+timm-compat: install
+	tools/timm_compat.sh
 
 clean:
 	rm -rf build dist *.egg-info papr_kernels/*.so $(PKG_STAMP)

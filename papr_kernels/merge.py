@@ -97,14 +97,15 @@ def proportional_block_forward(block: nn.Module, x: torch.Tensor, size: Optional
     attn = block.attn
     h = block.norm1(x)
     batch, n, _ = h.shape
-    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+    gate = getattr(attn, "gate", None)     # an output gate: newer timm only (1.0.20 has none)
+    gate = gate(h).sigmoid() if gate is not None else None
     qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                        dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    o = attn.norm(o.transpose(1, 2).reshape(batch, n, attn.attn_dim))
+    o = attn.norm(o.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim))
     if gate is not None:
         o = o * gate
     o = attn.proj_drop(attn.proj(o))

@@ -1,5 +1,6 @@
 """papr_kernels.merge (ToMe-style bipartite soft matching) against explicit Python loops, and
 the merge schedule of a patched timm ViT (`patch(..., merge_r=r)`)."""
+import inspect
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 import papr_kernels.timm as papr_timm  # noqa: E402
+from timm.layers import Attention  # noqa: E402
 from papr_kernels import merge, reference  # noqa: E402
 from test_timm import count_block_tokens, images_for, make_proposal, reference_tokens, tiny_vit  # noqa: E402
 
@@ -79,9 +81,16 @@ def test_bipartite_merge_matches_loops(t, num_prefix, r):
     torch.testing.assert_close(out_size.sum(1), size.sum(1))
 
 
-def test_proportional_attention_equals_duplicated_tokens():
-    """A token of size s must act in attention as s identical copies of itself."""
-    block = tiny_vit(embed_dim=32, depth=1).blocks[0].double()
+@pytest.mark.parametrize("attention", ["plain", "qk_norm", "gated"])
+def test_proportional_attention_equals_duplicated_tokens(attention):
+    """A token of size s must act in attention as s identical copies of itself (timm's own
+    forward of the block on the copies is the reference), with each Attention option."""
+    block = tiny_vit(embed_dim=32, depth=1, qk_norm=attention == "qk_norm").blocks[0]
+    if attention == "gated":
+        if "gated" not in inspect.signature(Attention).parameters:
+            pytest.skip(f"timm {timm.__version__}: Attention has no output gate")
+        block.attn = Attention(32, num_heads=2, qkv_bias=True, gated=True)
+    block = block.double()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 7, 32, generator=gen, dtype=torch.float64)
     sizes = [1, 3, 2, 1, 4, 1, 2]
