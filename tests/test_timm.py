@@ -46,7 +46,7 @@ def images_for(model, batch=1, size=None, seed=1):
     return torch.randn(batch, 3, *size, generator=gen)
 
 
-def reference_tokens(model, net, images, z, order="score"):
+def reference_tokens(model, net, images, z, order="score", align_corners=True):
     """Tokens after pruning, by hand: patch embed, prefix tokens, pos embed, PaPr reference."""
     batch, _, height, width = images.shape
     patch = model.patch_embed.patch_size
@@ -65,14 +65,14 @@ def reference_tokens(model, net, images, z, order="score"):
     else:
         x = torch.cat(prefix + [x], dim=1) + pos
     if z < 1:
-        scores = reference.significance(net(images), grid)
+        scores = reference.significance(net(images), grid, align_corners)
         keep = reference.keep_count(x.shape[1], z, num_prefix)
         x = reference.gather(x, reference.top_k(scores, keep, order), num_prefix)
     return x, num_prefix
 
 
-def reference_logits(model, net, images, z, order="score"):
-    x, num_prefix = reference_tokens(model, net, images, z, order)
+def reference_logits(model, net, images, z, order="score", align_corners=True):
+    x, num_prefix = reference_tokens(model, net, images, z, order, align_corners)
     for block in model.blocks:
         x = block(x)
     x = model.norm(x)
@@ -187,6 +187,19 @@ def test_spatial_order_and_patch_keeps_module_tree():
     assert model.papr_z == 0.7 and model.papr_order == "score"
     papr_timm.unpatch(model)
     assert type(model) is timm.models.vision_transformer.VisionTransformer
+
+
+def test_align_corners_reaches_the_vit_selection():
+    model = tiny_vit()
+    net = make_proposal()
+    images = images_for(model, batch=2)
+    papr_timm.patch(model, net, z=0.5, align_corners=False)
+    with torch.no_grad():
+        out = model(images)
+        want = reference_logits(model, net, images, 0.5, align_corners=False)
+        other = reference_logits(model, net, images, 0.5, align_corners=True)
+    assert not torch.allclose(want, other, atol=1e-4)   # the setting changes the kept tokens
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_patch_rejects_bad_arguments():

@@ -48,7 +48,7 @@ class PaPrVisionTransformer(PatchedModel):
                                  "(the token count changes); set model.papr_z = 1 or unpatch")
             f = state.proposal_features(images)
             x = prune(x, f, z, num_prefix_tokens=self.num_prefix_tokens, grid=grid,
-                      order=state.order)
+                      align_corners=state.align_corners, order=state.order)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
 
