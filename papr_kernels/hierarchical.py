@@ -275,11 +275,11 @@ def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch
     spec.check_rows("shortcut", shortcut)
     spec.check_indices(indices, shortcut, "shortcut")
     spec.check_row_map(row_of, shortcut)
+    spec.check_values(values, indices, shortcut, "shortcut", same_dtype=False)  # (autocast)
     impl = backends.resolve(backend, shortcut.device.type, backends.ROW_OPS)
     kernel = _fused_kernel(impl, "masked_residual", shortcut, values, params=(gamma,))
     if kernel is None:
         return reference.masked_residual(shortcut, indices, values, gamma,
                                          **_differentiable_ops(impl, row_of))
-    spec.check_values(values, indices, shortcut, "shortcut")
     return kernel(shortcut, indices, values, gamma,
                   **_map_kwarg(impl, "masked_residual", row_of))

@@ -297,8 +297,9 @@ def check_indices(indices, x, name: str) -> None:
                              f"got values in [{lo}, {hi}]")
 
 
-def check_values(values, indices, x, name: str) -> None:
-    """Rows (B, k, C) to put at `indices` of the row-op tensor `x` (called `name`)."""
+def check_values(values, indices, x, name: str, same_dtype: bool = True) -> None:
+    """Rows (B, k, C) to put at `indices` of the row-op tensor `x` (called `name`), in x's dtype
+    unless `same_dtype` is False (an op whose composition promotes, as torch's ops do)."""
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
     k = indices.shape[1] if isinstance(indices, torch.Tensor) and indices.dim() == 2 else None
@@ -307,7 +308,7 @@ def check_values(values, indices, x, name: str) -> None:
             k is not None and values.shape[1] != k):
         raise ValueError(f"values must be (B, k, C) = {expected} to match {name} and indices, "
                          f"got shape {shape_str(values)}")
-    if values.dtype != x.dtype:
+    if same_dtype and values.dtype != x.dtype:
         raise TypeError(f"values must have the dtype of {name} ({x.dtype}), got {values.dtype}")
     if values.device != x.device:
         raise ValueError(f"values must be on the device of {name} ({x.device}), "

@@ -381,16 +381,21 @@ def test_patched_convnext_on_triton_compiles_without_graph_breaks(backend, monke
 
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
+@pytest.mark.parametrize("backend", backend_params(), indirect=True)
 def test_fused_ops_check_what_the_kernels_read(backend):
-    """Values of the wrong shape raise before the kernel runs; a gamma or bias that is not one
-    value per channel takes the composition (torch's broadcasting, or layer_norm's error)."""
+    """Values of the wrong shape or type raise before any kernel runs, on every backend and
+    whether or not autograd records (the composition path too, where torch would broadcast); a
+    gamma or bias that is not one value per channel takes the composition (torch's
+    broadcasting, or layer_norm's error)."""
     name, device = backend
     gen = torch.Generator().manual_seed(9)
     shortcut, idx = _x("4d", 2, 6, torch.float32, device, gen), _indices(2, 5, device, gen)
     v = torch.randn(2, 5, 6, generator=gen).to(device)
-    with pytest.raises(ValueError, match="values must be"):
-        hier.masked_residual(shortcut, idx, v[:, :4], backend=name)
+    for bad in (v[:, :4], v[:, :1], v[0], v[:, :, :1], v[:, :1].clone().requires_grad_()):
+        with pytest.raises(ValueError, match="values must be"):
+            hier.masked_residual(shortcut, idx, bad, backend=name)
+    with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+        hier.masked_residual(shortcut, idx, [1.0], backend=name)
     scalar = torch.tensor([2.0], device=device)
     assert torch.equal(hier.masked_residual(shortcut, idx, v, scalar, backend=name),
                        _masked_residual_by_loop(shortcut, idx, v, scalar))
