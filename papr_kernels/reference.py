@@ -38,7 +38,8 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     channel_mean = proposal_map(f)
     if onnx_exporting():
         resized = _resize_by_taps(channel_mean, tuple(grid), align_corners, mode == "bicubic")
-    elif channel_mean.device.type != "cpu" and tuple(grid) == tuple(channel_mean.shape[2:]):
+    elif channel_mean.device.type not in ("cpu", "meta") and \
+            tuple(grid) == tuple(channel_mean.shape[2:]):
         # At an unchanged size CUDA's interpolate copies, while SPEC's formula (the CPU kernel's)
         # still weighs the zero-weight taps, so an inf spreads NaN to its neighbours (0 * inf).
         # This small (B, 1, h, w) map is resized on the CPU to stay identical on every device.

@@ -49,8 +49,9 @@ def test_explicit_backend_wins_over_env(monkeypatch):
     assert backends.pick("torch", "cpu") == "torch"
 
 
-def test_meta_tensors_give_shapes():
-    x, f = torch.empty(3, 197, 8, device="meta"), torch.empty(3, 4, 7, 7, device="meta")
+@pytest.mark.parametrize("f_size", [7, 14], ids=["resized", "same-size"])
+def test_meta_tensors_give_shapes(f_size):
+    x, f = torch.empty(3, 197, 8, device="meta"), torch.empty(3, 4, f_size, f_size, device="meta")
     out, idx = papr_kernels.prune(x, f, 0.5, return_indices=True)
     assert out.shape == (3, 99, 8) and out.device.type == "meta"
     assert idx.shape == (3, 98) and idx.dtype == torch.int64
