@@ -256,9 +256,8 @@ def check_row_map(row_of: Optional[torch.Tensor], like: torch.Tensor) -> None:
 
 
 def check_rows(name: str, x) -> int:
-    """Row-op tensor (B, N, C) or channels-last (B, H, W, C); returns N."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    """Row-op tensor (B, N, C) or channels-last (B, H, W, C) of a floating dtype; returns N."""
+    check_floating_tensor(name, x)
     if x.dim() not in (3, 4):
         raise ValueError(f"{name} must be (B, N, C) or channels-last (B, H, W, C), "
                          f"got shape {shape_str(x)}")

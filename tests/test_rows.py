@@ -572,6 +572,25 @@ def test_public_scatter_back_inplace_writes_into_x(backend):
         hier.scatter_back(x.requires_grad_(), idx, values, inplace=True, backend=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64,
+                                   torch.float8_e4m3fn], ids=_dtype_id)
+def test_public_ops_refuse_a_non_floating_x_on_every_backend(backend, dtype):
+    """SPEC: TypeError naming the tensor before any kernel (torch computed them, cpp raised a
+    RuntimeError from C++)."""
+    name, device = backend
+    x = torch.ones(2, 6, 3, device=device).to(dtype)
+    idx = torch.tensor([[0, 4], [5, 1]], device=device)
+    calls = {"x": [lambda: hier.gather_rows(x, idx, backend=name),
+                   lambda: hier.scatter_back(x, idx, x[:, :2], backend=name),
+                   lambda: hier.gather_layer_norm(x, idx, None, None, 1e-5, backend=name)],
+             "like": [lambda: hier.scatter_rows(x[:, :2], idx, like=x, backend=name)],
+             "shortcut": [lambda: hier.masked_residual(x, idx, x[:, :2], backend=name)]}
+    for argument, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(TypeError, match=f"{argument} must have a floating dtype"):
+                fn()
+
+
 def test_naming_a_backend_without_row_ops_says_so(monkeypatch):
     module = backends.resolve("torch", "cpu")
     monkeypatch.delattr(module, "scatter_back")
