@@ -9,10 +9,8 @@ from typing import List, Optional
 import torch
 
 from . import backends
-from .api import prune
+from .api import keep_count, prune, significance
 from .module import PaPr
-from .reference import significance
-from .spec import keep_count
 
 __version__ = "0.1.0"
 

@@ -107,3 +107,19 @@ def prune(
     plan = spec.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
     out, indices = run(x, f, plan, backends.prune_backend(backend, x.device))
     return (out, indices) if return_indices else out
+
+
+def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = True
+                 ) -> torch.Tensor:
+    """The per-patch scores (B, prod(grid)), float32, that `prune` ranks: f's channel mean
+    resized to `grid` ((H, W) for f (B, K, h, w), (T, H, W) for video f), in float64 and
+    rounded once (SPEC, semantics 1). `reference.significance` with its arguments checked."""
+    spec.check_features(f)
+    grid = spec.check_grid(grid, f.dim() - 2)
+    return reference.significance(f, grid, spec.check_flag("align_corners", align_corners))
+
+
+def keep_count(n: int, z: float, num_prefix_tokens: int = 1) -> int:
+    """How many patch tokens `prune` keeps of n tokens (prefix included) at keep ratio z:
+    `min(max(int(n * z), 1), n - num_prefix_tokens)` (SPEC, semantics 2)."""
+    return spec.keep_count(*spec.check_keep_count_args(n, z, num_prefix_tokens))

@@ -201,7 +201,7 @@ def kept_row_map(indices: torch.Tensor, grid: Sequence[int], *,
     look a position's row up instead of building the map on every call. The backend's kernel
     (`triton`: a fill and one scatter launch) or `reference.kept_row_map`: the same map; an
     index outside [0, H*W) is skipped, as the row kernels skip it."""
-    height, width = spec.check_positions_grid(grid)
+    height, width = spec.check_grid(grid)
     spec.check_indices(indices, _shape_only(indices, (height, width)), "the grid")
     impl = backends.resolve(backend, indices.device.type, backends.ROW_OPS)
     build = getattr(impl, "kept_row_map", reference.kept_row_map)

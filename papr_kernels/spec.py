@@ -124,12 +124,19 @@ def check_token_grid(grid: Optional[Sequence[int]], num_patches: int, f_dim: int
     return grid
 
 
-def check_positions_grid(grid) -> Tuple[int, int]:
-    """The (H, W) grid of a hierarchical stage."""
-    grid = _ints("grid", grid, 2, "(H, W)")
+def check_grid(grid, rank: int = 2) -> Tuple[int, ...]:
+    """A grid of `rank` positive ints: (H, W) (a hierarchical stage, an image's tokens) or
+    (T, H, W) (video tokens)."""
+    grid = _ints("grid", grid, rank, "(H, W)" if rank == 2 else "(T, H, W)")
     if min(grid) < 1:
         raise ValueError(f"grid must be positive, got {grid}")
     return grid
+
+
+def check_keep_count_args(n, z, num_prefix_tokens) -> Tuple[int, float, int]:
+    """`keep_count`'s arguments as a user gives them: n tokens, z, the prefix tokens (< n)."""
+    n = check_int("n", n, low=1)
+    return n, check_z(z), _check_prefix(num_prefix_tokens, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ def check_select_args(f, grid, z, align_corners, order) -> Plan:
     """`hierarchical.select`'s arguments as the Plan of a prune without prefix over (H, W);
     every position kept (k == H * W) counts as z == 1."""
     check_features(f, ranks=(4,))
-    grid = check_positions_grid(grid)
+    grid = check_grid(grid)
     num_positions = grid[0] * grid[1]
     keep = keep_count(num_positions, check_z(z), 0)
     return Plan(num_positions, 0, grid, keep, check_flag("align_corners", align_corners),

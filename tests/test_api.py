@@ -71,7 +71,34 @@ def test_significance_and_keep_count_are_the_reference():
     x, f = _inputs()
     scores = papr_kernels.significance(f, (14, 14))
     assert scores.shape == (2, 196) and scores.dtype == torch.float32
+    assert torch.equal(scores, reference.significance(f, (14, 14)))
+    assert torch.equal(papr_kernels.significance(f, [7, 28], align_corners=False),
+                       reference.significance(f, (7, 28), False))
+    video = torch.randn(1, 3, 2, 4, 4)
+    assert torch.equal(papr_kernels.significance(video, (4, 7, 7)),
+                       reference.significance(video, (4, 7, 7)))
     assert papr_kernels.keep_count(197, 0.5) == 98
+    assert papr_kernels.keep_count(196, 0.3, 0) == reference.keep_count(196, 0.3, 0) == 58
+
+
+@pytest.mark.parametrize("call,exc,message", [
+    (lambda f: papr_kernels.significance(f.long(), (14, 14)), TypeError, "f must have a floating"),
+    (lambda f: papr_kernels.significance(f[0], (14, 14)), ValueError, "f must be 4-D"),
+    (lambda f: papr_kernels.significance(f, (0, 14)), ValueError, "grid must be positive"),
+    (lambda f: papr_kernels.significance(f, (14, 14, 1)), ValueError, "grid must be 2 ints"),
+    (lambda f: papr_kernels.significance(f, None), TypeError, "grid must be a tuple"),
+    (lambda f: papr_kernels.significance(f, (14, 14), align_corners=1), TypeError, "align_corners"),
+    (lambda f: papr_kernels.keep_count(10, 0.5, 10), ValueError, "num_prefix_tokens must be in"),
+    (lambda f: papr_kernels.keep_count(197, -1), ValueError, "z must be a keep ratio"),
+    (lambda f: papr_kernels.keep_count(197, "0.5"), TypeError, "z must be a real number"),
+    (lambda f: papr_kernels.keep_count(0, 0.5, 0), ValueError, "n must be >= 1"),
+    (lambda f: papr_kernels.keep_count(19.7, 0.5), TypeError, "n must be an int"),
+], ids=["f-int", "f-3d", "grid-0", "grid-rank", "grid-none", "align", "prefix", "z", "z-type",
+        "n-0", "n-float"])
+def test_significance_and_keep_count_check_their_arguments(call, exc, message):
+    _, f = _inputs()
+    with pytest.raises(exc, match=message):
+        call(f)
 
 
 def test_info_lists_versions_and_backends(capsys):
