@@ -412,3 +412,31 @@ def test_launches_run_on_the_tensors_device():
     assert torch.equal(idx.cpu(), want_idx) and torch.equal(out.cpu(), want_out)
     assert torch.equal(rows.cpu(), want_out[:, 1:])
     assert torch.equal(gx.cpu(), reference.scatter(want_out, want_idx, x.shape[1], 1))
+
+
+
+def test_interpreter_set_after_the_kernels_exist_is_reported_not_crashed():
+    """TRITON_INTERPRET=1 set after the kernels were defined (compiled, not interpreted) cannot
+    run CPU tensors: the backend says why instead of failing inside a launch."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+
+    code = ("import os, torch, papr_kernels\n"
+            "os.environ.pop('TRITON_INTERPRET', None)\n"
+            "assert 'triton' not in papr_kernels.available_backends('cpu')\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "assert 'triton' not in papr_kernels.available_backends('cpu')\n"
+            "x, f = torch.randn(1, 17, 4), torch.randn(1, 3, 4, 4)\n"
+            "try:\n"
+            "    papr_kernels.prune(x, f, 0.5, backend='triton')\n"
+            "except RuntimeError as exc:\n"
+            "    assert 'was set after' in str(exc), exc\n"
+            "else:\n"
+            "    raise AssertionError('no error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -38,6 +38,10 @@ BLOCK_OVERRIDE: Optional[dict] = None
 # Programs per SM a launch aims at when the batch alone gives fewer.
 PROGRAMS_PER_SM = 4
 
+# Whether the kernels are interpreted: @triton.jit reads TRITON_INTERPRET when prune.py and
+# rows.py define them, just after this module is imported, so setting it later changes nothing.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def unavailable_reason(device_type: str) -> Optional[str]:
     """None when the Triton kernels can run on `device_type` tensors, else why not."""
@@ -46,8 +50,11 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "torch.cuda is not available"
     if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if INTERPRETER:
             return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return ("TRITON_INTERPRET=1 was set after the Triton kernels were defined: set it "
+                    "before the first use of papr_kernels")
         return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
     return f"Triton kernels do not run on {device_type} tensors"
 
