@@ -137,8 +137,9 @@ def test_state_dict_round_trip_with_a_repatch():
 # 3. torch.compile(fullgraph=True) while z changes
 
 
-def test_compiled_vit_follows_z_with_one_compile_per_distinct_z():
-    model, images = _patched("vit"), _images()
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_model_follows_z_with_one_compile_per_distinct_z(family):
+    model, images = _patched(family), _images()
     compiles = []
 
     def counting_backend(gm, example_inputs):

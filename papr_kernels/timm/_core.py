@@ -22,6 +22,15 @@ MARKER = "_papr_original_class"
 STATE = "_papr"
 
 
+class _ThreadFeatures(threading.local):
+    """Per-thread slot of the proposal features; None outside a forward. Set in each thread's
+    first use (threading.local runs __init__ there), so that what torch.compile guards on (the
+    slot's presence) is the same before and after the first forward."""
+
+    def __init__(self):
+        self.features: Optional[torch.Tensor] = None
+
+
 class PaPrState:
     """The settings of one patched model and the proposal features of the forward in progress
     (for Swin / ConvNeXt their float64 channel mean, `hierarchical.proposal_map`).
@@ -39,7 +48,7 @@ class PaPrState:
         self.merge_r = merge_r
         self.stages = stages
         self.align_corners = align_corners
-        self._local = threading.local()
+        self._local = _ThreadFeatures()
 
     @property
     def z(self) -> float:
@@ -53,7 +62,7 @@ class PaPrState:
 
     @property
     def features(self) -> Optional[torch.Tensor]:
-        return getattr(self._local, "features", None)
+        return self._local.features
 
     @features.setter
     def features(self, value: Optional[torch.Tensor]) -> None:
@@ -78,7 +87,7 @@ class PaPrState:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._local = threading.local()
+        self._local = _ThreadFeatures()
 
 
 # ---------------------------------------------------------------------------------------------
