@@ -210,6 +210,8 @@ def test_patch_rejects_bad_arguments():
         papr_timm.patch(model, make_proposal(), order="random")
     with pytest.raises(ValueError, match="merge_r"):
         papr_timm.patch(model, make_proposal(), merge_r=-1)
+    with pytest.raises(ValueError, match="merge_r needs order='score'"):
+        papr_timm.patch(model, make_proposal(), order="spatial", merge_r=2)
     with pytest.raises(TypeError, match="VisionTransformer"):
         papr_timm.patch(nn.Linear(2, 2), make_proposal())
     assert not papr_timm.is_patched(model)

@@ -63,6 +63,9 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
     _check_options(family, order=order != "score", merge_r=merge_r != 0, stages=stages is not None)
     if isinstance(merge_r, bool) or not isinstance(merge_r, int) or merge_r < 0:
         raise ValueError(f"merge_r must be a non-negative int, got {merge_r!r}")
+    if merge_r and spec.check_order(order) != "score":
+        raise ValueError("merge_r needs order='score' (merging pairs tokens of alternating "
+                         f"ranks, as published), got order={order!r}")
     state = PaPrState(proposal=None, z=family.default_z if z is None else z,
                       order=spec.check_order(order), merge_r=merge_r,
                       stages=stages, align_corners=spec.check_flag("align_corners", align_corners))
