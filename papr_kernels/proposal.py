@@ -24,7 +24,9 @@ class Proposal(nn.Module):
 
     It follows the images it is given: moved to their device, and run in their floating dtype
     (its parameters cast in place) unless `dtype` fixes one (the images are then cast to it);
-    under autocast its parameters stay as they are and autocast picks the compute dtype. An image
+    under autocast its parameters stay as they are and autocast picks the compute dtype. A cast
+    back to an earlier dtype restores the weights of then bit for bit (unless they were changed
+    meanwhile): following bf16 images once does not round an fp32 proposal for good. An image
     network's weights are made channels_last in place and its images follow (cuDNN's and
     oneDNN's fast NHWC kernels: MobileOne-S0 at B = 8 on the 2-core CPU ~1.4x faster than NCHW).
 
@@ -56,7 +58,30 @@ class Proposal(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         state["_compiled_network"] = None
+        state.pop("_snapshots", None)
         return state
+
+    def _apply(self, fn, recurse=True):
+        """Module._apply (`to`, `cuda`, `half`, ... and following the images) with exact round
+        trips: a cast back to dtypes the weights had before restores their values from then,
+        unless the weights were changed meanwhile. Following bf16 images once (or a bf16 model
+        sharing the proposal) must not round an fp32 proposal for good."""
+        before = [t.detach().clone() for t in self._floating_tensors()]
+        old_dtypes = tuple(t.dtype for t in before)
+        snapshots = self.__dict__.setdefault("_snapshots", {})   # dtypes -> values; not state
+        snapshots[old_dtypes] = before
+        super()._apply(fn, recurse)
+        after = self._floating_tensors()
+        earlier = snapshots.get(tuple(t.dtype for t in after))
+        if earlier is not None and earlier is not before and all(
+                torch.equal(e.to(b.device, b.dtype), b) for e, b in zip(earlier, before)):
+            with torch.no_grad():
+                for t, e in zip(after, earlier):
+                    t.copy_(e)
+        return self
+
+    def _floating_tensors(self):
+        return [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
 
     def train(self, mode: bool = True) -> "Proposal":
         # Stays in eval mode whatever the enclosing model does (BatchNorm statistics are frozen).
@@ -82,18 +107,27 @@ class Proposal(nn.Module):
             self.__dict__["_compiled_network"] = torch.compile(self.network, **options)
         return self.__dict__["_compiled_network"]
 
+    def follow(self, device: torch.device, dtype: Optional[torch.dtype]) -> None:
+        """Put the network on `device`, in the dtype it runs in for images of `dtype`: the fixed
+        `self.dtype` if any, else `dtype` if floating, else its own (in place, once: later calls
+        find it there; the weights keep their memory format)."""
+        param = next(self.parameters(), None)
+        if param is None:
+            return
+        floating = dtype is not None and dtype.is_floating_point
+        dtype = self.dtype or (dtype if floating else param.dtype)
+        if param.device != device or param.dtype != dtype:
+            self.to(device=device, dtype=dtype)
+
     def _follow(self, images: torch.Tensor) -> torch.Tensor:
-        """Move/cast the network for `images` (once: later calls find it in place); the images
-        in the dtype and memory format it runs in."""
+        """The network follows `images` (under autocast, their device only: autocast picks the
+        compute dtype); the images in the dtype and memory format it runs in."""
+        autocast = torch.is_autocast_enabled(images.device.type)
+        self.follow(images.device, None if autocast else images.dtype)
         param = next(self.parameters(), None)
         if param is None:
             return images
-        dtype = self.dtype or (images.dtype if images.is_floating_point() else param.dtype)
-        if torch.is_autocast_enabled(images.device.type):
-            dtype = param.dtype
-        if param.device != images.device or param.dtype != dtype:
-            self.to(device=images.device, dtype=dtype)   # the weights keep their memory format
-        images = images.to(dtype)
+        images = images.to(param.dtype)
         if images.dim() == 4 and _is_channels_last(self):
             return images.contiguous(memory_format=torch.channels_last)
         return images

@@ -331,6 +331,50 @@ def test_autocast_leaves_the_proposal_to_autocast(family):
     assert torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_proposal_follows_model_to_and_patch_outside_any_forward(family):
+    """model.to / .float() and patch itself move the proposal (outside the module tree), so a
+    compiled bf16 model traces no cast of it (fullgraph=True compiles on the first call)."""
+    model = _patched(family)
+    weight = model.papr_proposal.network.conv.weight
+    model.to(torch.bfloat16)
+    assert weight.dtype == torch.bfloat16
+    model.float()
+    assert weight.dtype == torch.float32
+    model.to("meta")                      # the proposal's weights stay (nothing restores them)
+    assert weight.device.type == "cpu"
+    bf16_model = pt.patch(FAMILIES[family]().to(torch.bfloat16), TinyProposal(), z=0.5)
+    assert bf16_model.papr_proposal.network.conv.weight.dtype == torch.bfloat16
+    images = _images(batch=1).to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(bf16_model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(images), bf16_model(images))
+    torch._dynamo.reset()
+
+
+def test_round_trips_through_another_dtype_keep_the_proposal_exact():
+    """Following bf16 images (or a bf16 model sharing it) and then fp32 ones gives the fp32
+    weights back bit for bit; weights changed in between are kept, not restored."""
+    proposal = papr_proposal.create(TinyProposal())
+    weight = proposal.network.conv.weight
+    original = weight.detach().clone()
+    fp32_model = pt.patch(_vit(), proposal, z=0.5)
+    bf16_model = pt.patch(_vit().to(torch.bfloat16), proposal, z=0.5)
+    assert weight.dtype == torch.bfloat16
+    images = _images(batch=1)
+    with torch.no_grad():
+        fp32_model(images)
+        assert torch.equal(weight, original)
+        bf16_model(images.bfloat16())
+        proposal(images)
+        assert torch.equal(weight, original)
+        proposal(images.bfloat16())
+        weight.mul_(2)                       # a change while in bf16 stays
+        proposal(images)
+    assert torch.equal(weight, (original.bfloat16() * 2).float())
+
+
 def test_a_proposal_dtype_can_be_fixed_explicitly():
     proposal = papr_proposal.create(TinyProposal(), dtype=torch.float32)
     model = pt.patch(_vit().to(torch.bfloat16), proposal, z=0.5)

@@ -15,7 +15,8 @@ Families (each in its own module, registered with `register_family`):
 
 `patch` swaps classes (see `_core`): weights, `state_dict()` and other instances of the class are
 untouched. The proposal network lives outside the module tree (not in `parameters()` or
-`state_dict()`, always in eval mode) and follows the images' device and dtype. Pickling a patched
+`state_dict()`, always in eval mode) and follows the model (`patch` and `model.to(...)` put it on
+the model's device and dtype: `_core.follow_model`) and the images. Pickling a patched
 model (`torch.save(model)`, `copy.deepcopy`) keeps the patch and the proposal's weights.
 """
 from typing import Callable, Optional, Sequence, Union
@@ -26,7 +27,8 @@ from torch import nn
 from .. import spec
 from ..proposal import create as create_proposal
 from . import convnext, swin, vit  # noqa: F401  (each registers its family)
-from ._core import MARKER, Family, PaPrState, family_of, register_family, restore_classes
+from ._core import (MARKER, Family, PaPrState, family_of, follow_model, register_family,
+                    restore_classes)
 
 __all__ = ["patch", "unpatch", "is_patched", "register_family", "Family"]
 
@@ -73,6 +75,7 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
     state.proposal = create_proposal(proposal, pretrained=pretrained)  # as is if a Proposal
     unpatch(model)
     family.apply(model, state)
+    follow_model(model, state)
     return model
 
 

@@ -137,8 +137,25 @@ def restore_classes(model: nn.Module) -> None:
             module.__dict__.pop(STATE, None)
 
 
+def follow_model(model: nn.Module, state: PaPrState) -> None:
+    """Put a `Proposal` where the model's images will be: on the device of the model's first
+    floating parameter, in its dtype (`Proposal.follow`: a fixed dtype stays). Done by `patch`
+    and by every `model.to(...)` / `.cuda()` / `.half()`, outside any forward, so that a
+    compiled model never traces a cast of the proposal. Not to the meta device (it would drop
+    the proposal's weights, which no state_dict brings back)."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if isinstance(state.proposal, Proposal) and param is not None and param.device.type != "meta":
+        state.proposal.follow(param.device, param.dtype)
+
+
 class PatchedModel(Patched):
     """What a patched model shows its user: its settings, `papr_z` writable (checked)."""
+
+    def _apply(self, fn, recurse=True):
+        # to / cuda / half / ...: the proposal lives outside the module tree, so follow here.
+        super()._apply(fn, recurse)
+        follow_model(self, self._papr)
+        return self
 
     @property
     def papr_z(self) -> float:
