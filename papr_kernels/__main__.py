@@ -126,6 +126,10 @@ def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
         raise SystemExit(f"python -m papr_kernels demo: --model {model_name!r}: {exc}") from None
     images = torch.randn(batch, 3, *model.pretrained_cfg["input_size"][1:])
     proposal = papr_proposal.create("mobileone_s0", pretrained=False)
+    try:                          # a family `patch` supports? (before anything is timed)
+        papr_timm.unpatch(papr_timm.patch(model, proposal))
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"python -m papr_kernels demo: --model {model_name!r}: {exc}") from None
     print(f"{model_name} (random weights), MobileOne-S0 proposal, batch {batch}, "
           f"{tuple(images.shape[1:])}, fp32, {'CUDA' if images.is_cuda else 'CPU'}, "
           f"torch threads {torch.get_num_threads()}")

@@ -276,6 +276,8 @@ def test_cli_demo_runs_hierarchical_models(capsys, model_name):
 def test_cli_rejects_unknown_models_and_nonpositive_repeats(capsys):
     with pytest.raises(SystemExit, match="--model 'no_such_model'"):
         main(["demo", "--model", "no_such_model"])
+    with pytest.raises(SystemExit, match="--model 'resnet18': papr_kernels.timm.patch supports"):
+        main(["demo", "--model", "resnet18"])   # a timm model of a family patch does not support
     with pytest.raises(SystemExit):
         main(["demo", "--repeats", "0"])
     assert "expected a positive int, got 0" in capsys.readouterr().err
