@@ -107,27 +107,28 @@ class Proposal(nn.Module):
             self.__dict__["_compiled_network"] = torch.compile(self.network, **options)
         return self.__dict__["_compiled_network"]
 
-    def follow(self, device: torch.device, dtype: Optional[torch.dtype]) -> None:
+    def follow(self, device: torch.device, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
         """Put the network on `device`, in the dtype it runs in for images of `dtype`: the fixed
         `self.dtype` if any, else `dtype` if floating, else its own (in place, once: later calls
-        find it there; the weights keep their memory format)."""
+        find it there; the weights keep their memory format). Returns that dtype (None for a
+        network without parameters, left as it is)."""
         param = next(self.parameters(), None)
         if param is None:
-            return
+            return None
         floating = dtype is not None and dtype.is_floating_point
         dtype = self.dtype or (dtype if floating else param.dtype)
         if param.device != device or param.dtype != dtype:
             self.to(device=device, dtype=dtype)
+        return dtype
 
     def _follow(self, images: torch.Tensor) -> torch.Tensor:
         """The network follows `images` (under autocast, their device only: autocast picks the
         compute dtype); the images in the dtype and memory format it runs in."""
         autocast = torch.is_autocast_enabled(images.device.type)
-        self.follow(images.device, None if autocast else images.dtype)
-        param = next(self.parameters(), None)
-        if param is None:
+        dtype = self.follow(images.device, None if autocast else images.dtype)
+        if dtype is None:
             return images
-        images = images.to(param.dtype)
+        images = images.to(dtype)
         if images.dim() == 4 and _is_channels_last(self):
             return images.contiguous(memory_format=torch.channels_last)
         return images
