@@ -4,9 +4,10 @@ Scores are computed in float64 and rounded once to float32, so backends agree on
 where a float64 value lies a few float64 ULP from a float32 rounding boundary. A backend's result
 (out, indices) matches when:
 1. out equals x gathered at the backend's own indices, exactly;
-2. its indices equal the reference's, except where the two patches' reference scores are within
-   one float32 ULP of each other (that rare rounding case may swap them); with
-   `exact_indices=True` (constant or integer-valued maps, exact ties) they must be identical;
+2. its indices equal the reference's, except where the two patches' reference scores differ
+   by one float32 ULP (that rare rounding case may swap them); equal scores (exact ties) and
+   z = 1 (indices arange(N)) allow no swap; with `exact_indices=True` (constant or
+   integer-valued maps) no index may differ at all;
 3. indices are unique per row, in [0, N), and ascend in "spatial" order.
 """
 from typing import List
@@ -35,7 +36,7 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
         return [f"indices outside [0, {plan.num_patches})"]
     problems = _first_differences("out vs x gathered at the returned indices", out,
                                   reference.gather(x, indices, plan.num_prefix_tokens), max_items)
-    if exact_indices:
+    if exact_indices or plan.identity:
         problems += _first_differences("indices vs reference", indices, ref_indices, max_items)
     if plan.identity:
         return problems
@@ -57,15 +58,16 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
 
 
 def _swaps_beyond_one_ulp(scores, indices, ref_indices, max_items) -> List[str]:
-    """Where the indices differ, the two patches' reference scores must be within one float32 ULP."""
+    """Where the indices differ, the two patches' reference scores must differ by one float32
+    ULP: equal scores are ranked by index (SPEC), so a swap of a tie is a mismatch."""
     got, want = scores.gather(1, indices), scores.gather(1, ref_indices)
     ulp = torch.nextafter(torch.maximum(got.abs(), want.abs()), torch.tensor(float("inf"))) - \
         torch.maximum(got.abs(), want.abs())
-    close = (got == want) | ((got - want).abs() <= ulp)
+    close = (got != want) & ((got - want).abs() <= ulp)
     bad = torch.nonzero((indices != ref_indices) & ~close)
     return [f"row {b}, kept position {j}: patch {indices[b, j].item()} (score {got[b, j].item()!r}) "
             f"where the reference keeps patch {ref_indices[b, j].item()} "
-            f"(score {want[b, j].item()!r}), more than one float32 ULP apart"
+            f"(score {want[b, j].item()!r}): not one float32 ULP apart"
             for b, j in bad[:max_items].tolist()]
 
 

@@ -125,7 +125,7 @@ def test_matching_rule_catches_wrong_results():
     assert testing.mismatches(x, f, 0.5, out, idx, exact_indices=True) == []
     swapped = idx.clone()
     swapped[:, -1] = reference.rank(reference.significance(f, (14, 14)))[:, -1]  # worst patch
-    assert any("more than one float32 ULP apart" in p for p in testing.mismatches(
+    assert any("not one float32 ULP apart" in p for p in testing.mismatches(
         x, f, 0.5, reference.gather(x, swapped, 1), swapped))
     assert testing.mismatches(x, f, 0.5, out * 2, idx)                      # wrong values
     assert testing.mismatches(x, f, 0.5, out, idx.flip(1)[:, :]) != []     # wrong order
@@ -134,6 +134,15 @@ def test_matching_rule_catches_wrong_results():
     assert testing.mismatches(x, f, 0.5, reference.gather(x, dup, 1), dup)  # repeated index
     with pytest.raises(AssertionError, match="differ"):
         testing.assert_matches_reference(x, f, 0.5, out + 1, idx)
+    # z = 1: indices arange(N), x itself; a reordering is caught.
+    backwards = torch.arange(196).flip(0).expand(2, -1).contiguous()
+    with pytest.raises(AssertionError, match="indices vs reference"):
+        testing.assert_matches_reference(x, f, 1.0, reference.gather(x, backwards, 1), backwards)
+    # Exact ties (a constant map) rank by index: the higher index first is caught.
+    flat = torch.ones(2, 4, 7, 7)
+    ties = torch.arange(98, 196).flip(0).expand(2, -1).contiguous()   # 98 tied patches, reversed
+    assert any("not one float32 ULP apart" in p for p in testing.mismatches(
+        x, flat, 0.5, reference.gather(x, ties, 1), ties))
 
 
 @pytest.mark.parametrize("gap_ulps,allowed", [(1, True), (2, False)])
