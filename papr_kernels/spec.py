@@ -112,6 +112,8 @@ def check_token_grid(grid: Optional[Sequence[int]], num_patches: int, f_dim: int
     if grid is None:
         if rank == 3:
             raise ValueError("grid (T, H, W) is required when f is 5-D (video)")
+        if isinstance(num_patches, torch.Tensor):   # torch.jit.trace records sizes as tensors
+            num_patches = int(num_patches)
         side = int(round(num_patches ** 0.5))  # = isqrt for perfect squares; traceable with dynamic=True
         if side * side != num_patches:
             raise ValueError(f"grid is required: the {num_patches} patch tokens do not form a "

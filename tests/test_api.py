@@ -49,6 +49,17 @@ def test_explicit_backend_wins_over_env(monkeypatch):
     assert backends.pick("torch", "cpu") == "torch"
 
 
+@pytest.mark.parametrize("grid", [None, (14, 14)], ids=["square-grid-found", "grid-given"])
+def test_jit_trace_of_prune_and_the_module_replays_on_new_inputs(grid):
+    x, f = _inputs()
+    traced = torch.jit.trace(lambda x, f: papr_kernels.prune(x, f, 0.5, grid=grid), (x, f),
+                             check_trace=False)
+    module = torch.jit.trace(papr_kernels.PaPr(0.5), (x, f), check_trace=False)
+    x2, f2 = torch.randn_like(x), torch.randn_like(f)
+    want = reference.prune(x2, f2, 0.5)
+    assert torch.equal(traced(x2, f2), want) and torch.equal(module(x2, f2), want)
+
+
 @pytest.mark.parametrize("f_size", [7, 14], ids=["resized", "same-size"])
 def test_meta_tensors_give_shapes(f_size):
     x, f = torch.empty(3, 197, 8, device="meta"), torch.empty(3, 4, f_size, f_size, device="meta")
