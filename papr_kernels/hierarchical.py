@@ -171,10 +171,28 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *
     spec.check_row_map(row_of, x)
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
     if inplace:
-        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
-            raise ValueError("inplace must be False when x or values requires grad")
-        return impl.scatter_back(x, indices, values, True)
+        _check_writable(x, values)
+        out = impl.scatter_back(x, indices, values, True)
+        if not torch.compiler.is_compiling() and not x.is_inference():
+            # A kernel outside autograd's view (cpp) leaves x's version as it was: bump it, so
+            # that a backward needing x's old values raises as after any in-place op.
+            torch.autograd.graph.increment_version(x)
+        return out
     return _ScatterBack.apply(x, indices, values, impl, row_of)
+
+
+def _check_writable(x: torch.Tensor, values: torch.Tensor) -> None:
+    """What torch refuses for an in-place write into x, refused before any kernel runs."""
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+        raise ValueError("inplace must be False when x or values requires grad")
+    if torch.compiler.is_compiling():
+        return
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("inplace=True cannot write into x, an inference tensor, outside "
+                         "torch.inference_mode")
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise ValueError("inplace=True cannot write into x: several of its elements share "
+                         "memory (an expanded view)")
 
 
 # ---------------------------------------------------------------------------------------------

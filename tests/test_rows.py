@@ -572,6 +572,30 @@ def test_public_scatter_back_inplace_writes_into_x(backend):
         hier.scatter_back(x.requires_grad_(), idx, values, inplace=True, backend=name)
 
 
+def test_public_scatter_back_inplace_is_an_inplace_op_to_autograd_and_torch(backend):
+    """As after torch's own in-place ops: a backward that needs x's old values raises; an
+    expanded x or an inference tensor outside inference mode is refused, nothing written."""
+    name, device = backend
+    idx, values = torch.tensor([[1], [2]], device=device), torch.ones(2, 1, 2, device=device)
+    w = torch.ones(2, 4, 2, device=device, requires_grad=True)
+    x = torch.zeros(2, 4, 2, device=device)
+    loss = (w * x).sum()                                   # saves x for its backward
+    hier.scatter_back(x, idx, values, inplace=True, backend=name)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    base = torch.zeros(1, 4, 2, device=device)
+    with pytest.raises(ValueError, match="share memory"):
+        hier.scatter_back(base.expand(2, -1, -1), idx, values, inplace=True, backend=name)
+    assert not base.any()
+    with torch.inference_mode():
+        frozen = torch.zeros(2, 4, 2, device=device)
+    with pytest.raises(ValueError, match="inference tensor"):
+        hier.scatter_back(frozen, idx, values, inplace=True, backend=name)
+    with torch.inference_mode():
+        out = hier.scatter_back(frozen, idx, values, inplace=True, backend=name)
+    assert out.data_ptr() == frozen.data_ptr() and frozen.sum() == 4
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64,
                                    torch.float8_e4m3fn], ids=_dtype_id)
 def test_public_ops_refuse_a_non_floating_x_on_every_backend(backend, dtype):
