@@ -170,7 +170,7 @@ def scatter_back(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, *
     spec.check_indices(indices, x, "x")
     spec.check_row_map(row_of, x)
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
-    if inplace:
+    if spec.check_flag("inplace", inplace):
         _check_writable(x, values)
         out = impl.scatter_back(x, indices, values, True)
         if not torch.compiler.is_compiling() and not x.is_inference():

@@ -19,8 +19,11 @@ class PaPr(nn.Module):
                  grid: Optional[Sequence[int]] = None, align_corners: bool = True,
                  return_indices: bool = False, backend: Optional[str] = None):
         super().__init__()
-        spec.check_z(z)
-        spec.check_order(order)
+        spec.check_z(z)                  # what can be checked before x and f: here, not at
+        spec.check_order(order)          # the first call
+        spec.check_int("num_prefix_tokens", num_prefix_tokens)
+        spec.check_flag("align_corners", align_corners)
+        spec.check_flag("return_indices", return_indices)
         self.z = z
         self.num_prefix_tokens = num_prefix_tokens
         self.order = order

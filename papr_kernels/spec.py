@@ -318,6 +318,7 @@ def check_values(values, indices, x, name: str, same_dtype: bool = True) -> None
                          f"got shape {shape_str(values)}")
     if same_dtype and values.dtype != x.dtype:
         raise TypeError(f"values must have the dtype of {name} ({x.dtype}), got {values.dtype}")
+    check_floating_tensor("values", values)
     if values.device != x.device:
         raise ValueError(f"values must be on the device of {name} ({x.device}), "
                          f"got {values.device}")

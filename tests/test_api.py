@@ -78,6 +78,18 @@ def test_module_matches_function():
     assert torch.equal(papr_kernels.PaPr(1.0)(x, f), x)
 
 
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(z=0.0), ValueError, "z must be"), (dict(order="best"), ValueError, "order must"),
+    (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be >= 0"),
+    (dict(num_prefix_tokens=1.0), TypeError, "num_prefix_tokens must be an int"),
+    (dict(align_corners="no"), TypeError, "align_corners must be a bool"),
+    (dict(return_indices=1), TypeError, "return_indices must be a bool"),
+], ids=["z", "order", "prefix", "prefix-type", "align", "return_indices"])
+def test_module_checks_its_settings_when_built(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        papr_kernels.PaPr(**{"z": 0.5, **kwargs})
+
+
 def test_significance_and_keep_count_are_the_reference():
     x, f = _inputs()
     scores = papr_kernels.significance(f, (14, 14))

@@ -396,6 +396,8 @@ def test_fused_ops_check_what_the_kernels_read(backend):
             hier.masked_residual(shortcut, idx, bad, backend=name)
     with pytest.raises(TypeError, match="values must be a torch.Tensor"):
         hier.masked_residual(shortcut, idx, [1.0], backend=name)
+    with pytest.raises(TypeError, match="values must have a floating dtype"):
+        hier.masked_residual(shortcut, idx, v.to(torch.complex64), backend=name)
     scalar = torch.tensor([2.0], device=device)
     assert torch.equal(hier.masked_residual(shortcut, idx, v, scalar, backend=name),
                        _masked_residual_by_loop(shortcut, idx, v, scalar))

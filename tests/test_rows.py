@@ -568,6 +568,8 @@ def test_public_scatter_back_inplace_writes_into_x(backend):
     expected = hier.scatter_back(x, idx, values, backend=name)
     out = hier.scatter_back(x, idx, values, inplace=True, backend=name)
     assert out.data_ptr() == x.data_ptr() and torch.equal(out, expected)
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        hier.scatter_back(x, idx, values, inplace="yes", backend=name)
     with pytest.raises(ValueError, match="inplace"):
         hier.scatter_back(x.requires_grad_(), idx, values, inplace=True, backend=name)
 
