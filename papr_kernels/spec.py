@@ -119,9 +119,9 @@ def check_token_grid(grid: Optional[Sequence[int]], num_patches: int, f_dim: int
             raise ValueError(f"grid is required: the {num_patches} patch tokens do not form a "
                              f"square grid")
         return (side, side)
-    grid = _ints("grid", grid, rank, "(H, W)" if rank == 2 else "(T, H, W)")
-    if min(grid) < 1 or math.prod(grid) != num_patches:
-        raise ValueError(f"grid {grid} must be positive and hold the {num_patches} patch tokens "
+    grid = check_grid(grid, rank)
+    if math.prod(grid) != num_patches:
+        raise ValueError(f"grid {grid} must hold the {num_patches} patch tokens "
                          f"(prod(grid) == n - num_prefix_tokens)")
     return grid
 
