@@ -250,7 +250,7 @@ def _fused_kernel(impl, name: str, x: torch.Tensor, values=None, params=()):
     if any(t.dtype != x.dtype or t.device != x.device for t in given):
         return None
     if any(p is not None and tuple(p.shape) != (x.shape[-1],) for p in params):
-        return None
+        return None   # a scalar gamma: torch's broadcasting
     return kernel
 
 
@@ -274,12 +274,15 @@ def gather_layer_norm(x: torch.Tensor, indices: torch.Tensor, weight: Optional[t
     rows agree with torch's within float rounding (a few ULP), not bit for bit."""
     spec.check_rows("x", x)
     spec.check_indices(indices, x, "x")
+    spec.check_channel_param("weight", weight, x, "x")
+    spec.check_channel_param("bias", bias, x, "x")
+    eps = spec.check_eps(eps)
     impl = backends.resolve(backend, x.device.type, backends.ROW_OPS)
     kernel = _fused_kernel(impl, "gather_layer_norm", x, params=(weight, bias))
     if kernel is None:
         return reference.gather_layer_norm(x, indices, weight, bias, eps,
                                            gather=_differentiable_ops(impl)["gather"])
-    return kernel(x, indices, weight, bias, float(eps))
+    return kernel(x, indices, weight, bias, eps)
 
 
 def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
@@ -287,13 +290,14 @@ def masked_residual(shortcut: torch.Tensor, indices: torch.Tensor, values: torch
                     backend: Optional[str] = None) -> torch.Tensor:
     """ConvNeXt's pruned block output, a new contiguous tensor of shortcut's shape ((B, N, C) or
     (B, H, W, C), any strides): `values[b, j] * gamma + shortcut[b, p]` at p = indices[b, j]
-    (the product rounded first, as torch rounds the two ops), zero at every other position.
-    Fused (one dtype, gamma (C,) or None): one pass writing the output once. `row_of`, if
-    given, is `kept_row_map(indices, grid)`."""
+    (the product rounded first, as torch rounds the two ops), zero at every other position;
+    gamma is None, (C,) or a scalar. Fused (one dtype, gamma (C,) or None): one pass writing
+    the output once. `row_of`, if given, is `kept_row_map(indices, grid)`."""
     spec.check_rows("shortcut", shortcut)
     spec.check_indices(indices, shortcut, "shortcut")
     spec.check_row_map(row_of, shortcut)
     spec.check_values(values, indices, shortcut, "shortcut", same_dtype=False)  # (autocast)
+    spec.check_channel_param("gamma", gamma, shortcut, "shortcut", scalar=True)
     impl = backends.resolve(backend, shortcut.device.type, backends.ROW_OPS)
     kernel = _fused_kernel(impl, "masked_residual", shortcut, values, params=(gamma,))
     if kernel is None:

@@ -276,6 +276,30 @@ def check_rows(name: str, x) -> int:
     return math.prod(x.shape[1:-1])
 
 
+def check_channel_param(name: str, p, x, x_name: str, scalar: bool = False) -> None:
+    """An optional per-channel parameter of a fused row op (a norm's weight / bias, a layer
+    scale): None or a floating (C,) tensor on the device of the row-op tensor `x` (`x_name`);
+    with `scalar`, one value for every channel ((), (1,)) too."""
+    if p is None:
+        return
+    check_floating_tensor(name, p)
+    if tuple(p.shape) != (x.shape[-1],) and not (scalar and p.numel() == 1 and p.dim() <= 1):
+        either = "a scalar, " if scalar else ""
+        raise ValueError(f"{name} must be None, {either}or (C,) = ({x.shape[-1]},) to match the "
+                         f"channels of {x_name}, got shape {shape_str(p)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} must be on the device of {x_name} ({x.device}), "
+                         f"got {p.device}")
+
+
+def check_eps(eps) -> float:
+    """A norm's epsilon: a finite real number >= 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or \
+            not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
 def check_indices(indices, x, name: str) -> None:
     """Kept positions (B, k) of the row-op tensor `x` (called `name`)."""
     batch, num_positions, device = x.shape[0], math.prod(x.shape[1:-1]), x.device

@@ -21,8 +21,8 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
                **kwargs) -> List[str]:
     """Why (out, indices) does not match the reference for prune(x, f, z, **kwargs); [] if it does."""
     plan = spec.check_prune_args(x, f, z, kwargs.get("num_prefix_tokens", 1),
-                                       kwargs.get("grid"), kwargs.get("align_corners", True),
-                                       kwargs.get("order", "score"))
+                                 kwargs.get("grid"), kwargs.get("align_corners", True),
+                                 kwargs.get("order", "score"))
     ref_out, ref_indices = reference.prune(x, f, z, return_indices=True, **kwargs)
     if out.shape != ref_out.shape or out.dtype != x.dtype or out.device != x.device:
         return [f"out is {tuple(out.shape)} {out.dtype} on {out.device}, expected "
@@ -36,10 +36,10 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
         return [f"indices outside [0, {plan.num_patches})"]
     problems = _first_differences("out vs x gathered at the returned indices", out,
                                   reference.gather(x, indices, plan.num_prefix_tokens), max_items)
-    if exact_indices or plan.identity:
+    if exact_indices or plan.identity:   # z = 1: arange(N), nothing to swap
         problems += _first_differences("indices vs reference", indices, ref_indices, max_items)
-    if plan.identity:
-        return problems
+        if plan.identity:
+            return problems
     scores = reference.significance(f, plan.grid, plan.align_corners)
     scores = torch.where(scores.isnan(), float("-inf"), scores) + 0.0
     if plan.order == "spatial":

@@ -386,7 +386,7 @@ def test_fused_ops_check_what_the_kernels_read(backend):
     """Values of the wrong shape or type raise before any kernel runs, on every backend and
     whether or not autograd records (the composition path too, where torch would broadcast); a
     gamma or bias that is not one value per channel takes the composition (torch's
-    broadcasting, or layer_norm's error)."""
+    broadcasting); a bias that is not one value per channel is refused, naming it."""
     name, device = backend
     gen = torch.Generator().manual_seed(9)
     shortcut, idx = _x("4d", 2, 6, torch.float32, device, gen), _indices(2, 5, device, gen)
@@ -401,5 +401,7 @@ def test_fused_ops_check_what_the_kernels_read(backend):
     scalar = torch.tensor([2.0], device=device)
     assert torch.equal(hier.masked_residual(shortcut, idx, v, scalar, backend=name),
                        _masked_residual_by_loop(shortcut, idx, v, scalar))
-    with pytest.raises(RuntimeError, match="normalized_shape"):
+    assert torch.equal(hier.masked_residual(shortcut, idx, v, scalar[0], backend=name),
+                       _masked_residual_by_loop(shortcut, idx, v, scalar))
+    with pytest.raises(ValueError, match=r"bias must be None, or \(C,\) = \(6,\)"):
         hier.gather_layer_norm(shortcut, idx, None, scalar, 1e-5, backend=name)

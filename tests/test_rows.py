@@ -617,6 +617,38 @@ def test_public_ops_refuse_a_non_floating_x_on_every_backend(backend, dtype):
                 fn()
 
 
+@pytest.mark.parametrize("argument,bad,error,words", [
+    ("weight", lambda c: torch.ones(c + 1), ValueError, r"weight must be None, or \(C,\) = \(3,\)"),
+    ("weight", lambda c: torch.ones(1, c), ValueError, r"weight must be None, or \(C,\)"),
+    ("bias", lambda c: torch.ones(c, dtype=torch.int64), TypeError, "bias must have a floating"),
+    ("bias", lambda c: [0.0] * c, TypeError, "bias must be a torch.Tensor"),
+    ("weight", lambda c: torch.ones(c, device="meta"), ValueError, "weight must be on the device"),
+    ("eps", lambda c: -1e-5, ValueError, "eps must be a finite number >= 0"),
+    ("eps", lambda c: float("nan"), ValueError, "eps must be a finite number >= 0"),
+    ("eps", lambda c: True, ValueError, "eps must be a finite number >= 0"),
+    ("gamma", lambda c: torch.ones(c - 1), ValueError,
+     r"gamma must be None, a scalar, or \(C,\) = \(3,\)"),
+    ("gamma", lambda c: torch.ones(1, c), ValueError, r"gamma must be None, a scalar, or \(C,\)"),
+    ("gamma", lambda c: torch.ones(c, dtype=torch.int32), TypeError, "gamma must have a floating"),
+])
+def test_fused_glue_refuses_bad_parameters_naming_them(backend, argument, bad, error, words):
+    """gather_layer_norm's weight / bias / eps and masked_residual's gamma are checked before any
+    kernel (a wrong shape raised torch's RuntimeError from inside F.layer_norm or a broadcast)."""
+    name, device = backend
+    x = torch.randn(2, 6, 3, device=device)
+    idx = torch.tensor([[0, 4], [5, 1]], device=device)
+    value = bad(3)
+    if isinstance(value, torch.Tensor) and value.device.type != "meta":
+        value = value.to(device)
+    if argument == "gamma":
+        call = lambda: hier.masked_residual(x, idx, x[:, :2], value, backend=name)  # noqa: E731
+    else:
+        params = {"weight": None, "bias": None, "eps": 1e-5, argument: value}
+        call = lambda: hier.gather_layer_norm(x, idx, backend=name, **params)  # noqa: E731
+    with pytest.raises(error, match=words):
+        call()
+
+
 def test_naming_a_backend_without_row_ops_says_so(monkeypatch):
     module = backends.resolve("torch", "cpu")
     monkeypatch.delattr(module, "scatter_back")
