@@ -6,11 +6,9 @@ import sys
 import time
 from typing import List, Optional
 
-import timm
 import torch
 
 import papr_kernels
-import papr_kernels.timm as papr_timm
 from papr_kernels import backends, testing
 from papr_kernels import proposal as papr_proposal
 from papr_kernels.ops import extension
@@ -47,6 +45,7 @@ def info() -> None:
         ("torch CUDA build", torch.version.cuda or "none (CPU build)"),
         ("CUDA device", torch.cuda.get_device_name(0) if cuda else "none"),
         ("triton", _version("triton")),
+        ("timm", _version("timm")),
         ("extension _C", _extension_build()),
     ]
     width = max(len(k) for k, _ in rows)
@@ -119,6 +118,11 @@ def _tokens_seen(model):
 
 def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
     """A patched timm model end to end (random weights, MobileOne-S0 proposal): images/s."""
+    try:
+        import papr_kernels.timm as papr_timm   # first: its message says what to install
+        import timm
+    except ImportError as exc:
+        raise SystemExit(f"python -m papr_kernels demo --model: {exc}") from None
     torch.manual_seed(0)
     try:
         model = timm.create_model(model_name, pretrained=False).eval()

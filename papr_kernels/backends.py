@@ -88,9 +88,19 @@ def _load(name: str):
     return _MODULES.get(name)
 
 
+def _constant_result(fn):
+    """`torch.compiler.assume_constant_result(fn)` without importing torch._dynamo, which would
+    make `import papr_kernels` 1.5 s slower: on torch <= 2.14 that decorator only sets this
+    mark (tests/test_api.py checks it against torch's); a newer torch gets its own decorator."""
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) > (2, 14):
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # torch.compile evaluates it once while tracing and bakes the answer in (it imports modules,
 # which dynamo cannot trace): prune() compiles with fullgraph=True even on a cold start.
-@torch.compiler.assume_constant_result
+@_constant_result
 def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     """None when backend `name` can run on `device_type`, else a sentence saying why not."""
     backend = _REGISTRY[name]

@@ -179,8 +179,12 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
         if timm_kwargs:
             raise ValueError("timm_kwargs apply to a timm model name, not to a module")
         return Proposal(name, dtype, compiled)
-    import timm
-    from timm.utils.model import reparameterize_model
+    try:
+        import timm
+        from timm.utils.model import reparameterize_model
+    except ImportError as exc:
+        raise ImportError(f"a proposal named {name!r} is a timm model: pip install timm (or "
+                          f"papr_kernels[timm]), or pass an nn.Module") from exc
 
     kwargs = {"features_only": True, "out_indices": (-1,)}
     kwargs.update(timm_kwargs)

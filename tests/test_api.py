@@ -1,4 +1,8 @@
 """Public API: backend selection, the nn.Module, the command line, torch.compile."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -200,3 +204,71 @@ def test_torch_compile_fullgraph_no_graph_break():
     assert torch.equal(out, reference.prune(x, f, 0.5))
     out.sum().backward()
     assert int((x.grad != 0).any(dim=2).sum()) == 2 * 99
+
+
+def test_import_is_light_and_a_cold_compile_needs_no_graph_break():
+    """`import papr_kernels` and a first eager call load neither torch._dynamo (1.5 s), triton
+    nor timm; a fresh process whose first call is compiled (fullgraph) still picks its backend
+    once, at trace time."""
+    code = """if True:
+        import sys, torch, papr_kernels
+        x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7)
+        out = papr_kernels.prune(x, f, 0.5)
+        print(sorted(m for m in ("torch._dynamo", "triton", "timm") if m in sys.modules))
+        fn = torch.compile(lambda x, f: papr_kernels.prune(x, f, 0.5), fullgraph=True,
+                           backend="eager")
+        print(torch.equal(fn(x + 1, f), papr_kernels.reference.prune(x + 1, f, 0.5)))
+    """
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["[]", "True"], proc.stdout
+
+
+def test_availability_is_marked_constant_as_torch_marks_it():
+    """backends._constant_result sets what torch.compiler.assume_constant_result sets (on this
+    torch), without importing torch._dynamo at import."""
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked).items() <= vars(backends.unavailable_reason).items()
+
+
+def test_the_core_needs_neither_timm_nor_triton_nor_numpy():
+    """torch is the only dependency (timm and triton are extras): without them (blocked in a
+    fresh process) prune runs, `info` reports them missing, and the timm parts say what to
+    install."""
+    code = """if True:
+        import contextlib, io, sys
+        for name in ("timm", "triton", "numpy"):
+            sys.modules[name] = None                  # `import name` raises ImportError
+        import torch, papr_kernels
+        from papr_kernels import reference
+        from papr_kernels.__main__ import main
+        x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7)
+        print(torch.equal(papr_kernels.prune(x, f, 0.5), reference.prune(x, f, 0.5)))
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            main(["info"])
+        print([line.split()[0] for line in text.getvalue().splitlines()
+               if "not available" in line or "cannot be imported" in line])
+        for attempt in (lambda: __import__("papr_kernels.timm"),
+                        lambda: papr_kernels.proposal.create("mobileone_s0")):
+            try:
+                attempt()
+            except ImportError as exc:
+                print(exc)
+        try:
+            main(["demo", "--model", "vit_tiny_patch16_224"])
+        except SystemExit as exc:
+            print(exc)
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "True"
+    assert lines[1] == "['triton', 'timm', 'triton']", lines[1]   # the version rows, the backend
+    assert lines[2] == "papr_kernels.timm needs timm: pip install timm (or papr_kernels[timm])"
+    assert lines[3].startswith("a proposal named 'mobileone_s0' is a timm model: pip install timm")
+    assert lines[4].startswith("python -m papr_kernels demo --model: papr_kernels.timm needs timm")

@@ -92,3 +92,8 @@ def test_deploying(offline_timm):
         want = model(images)
         assert torch.equal(ns["program"].module()(images), want)
     torch.testing.assert_close(torch.from_numpy(ns["logits"]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_readme_stays_short():
+    """Issue 15: a README that explains; measurements live in docs/."""
+    assert len(README.read_text().splitlines()) <= 220

@@ -34,3 +34,27 @@ for order in ("score", "spatial"):
     assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx), order
 print("wheel smoke test passed: cpp backend == reference")
 PYEOF
+
+# The source distribution carries every tracked file a build or a reader needs (not CI's
+# files), and a wheel builds from it alone (CPU kernels: FORCE_CUDA=0 keeps this quick).
+cd "$ROOT"
+PAPR_NO_EXTENSION=1 "$PY" setup.py -q egg_info --egg-base "$SMOKE" sdist -d "$SMOKE/sdist" \
+    >/dev/null 2>&1   # a fresh egg-info: an old SOURCES.txt would hide a missing file
+SDIST="$(ls "$SMOKE"/sdist/papr_kernels-*.tar.gz)"
+"$PY" - "$SDIST" <<'PYEOF'
+import subprocess, sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+    names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=True).stdout
+missing = [p for p in tracked.split() if not p.startswith((".ci/", ".gitignore")) and p not in names]
+assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
+print(f"sdist: {len(names)} files, every tracked file included")
+PYEOF
+mkdir -p "$SMOKE/from-sdist" && cd "$SMOKE/from-sdist"
+FORCE_CUDA=0 PAPR_BUILD_TEMP="$SMOKE/from-sdist/build" "$PY" -m pip wheel -q --no-build-isolation \
+    --no-deps -w "$SMOKE/from-sdist" "$SDIST" >"$SMOKE/from-sdist.log" 2>&1 \
+    || { tail -30 "$SMOKE/from-sdist.log"; exit 1; }
+"$PY" -c "import sys, zipfile; names = zipfile.ZipFile(sys.argv[1]).namelist(); \
+assert 'papr_kernels/_C.abi3.so' in names and 'papr_kernels/timm/vit.py' in names, names; \
+print('wheel from the sdist:', sys.argv[1].rsplit('/', 1)[1], '(CPU kernels)')" \
+    "$(ls "$SMOKE"/from-sdist/papr_kernels-*.whl)"

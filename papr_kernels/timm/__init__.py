@@ -21,7 +21,11 @@ model (`torch.save(model)`, `copy.deepcopy`) keeps the patch and the proposal's 
 """
 from typing import Callable, Optional, Sequence, Union
 
-import timm  # noqa: F401  (absolute import: the real timm, not this package)
+try:
+    import timm  # noqa: F401  (absolute import: the real timm, not this package)
+except ImportError as exc:
+    raise ImportError("papr_kernels.timm needs timm: pip install timm (or papr_kernels[timm])"
+                      ) from exc
 from torch import nn
 
 from .. import spec

@@ -74,9 +74,9 @@ gradient row (as if pruned), an index outside [0, N) names no patch.
 """
 import functools
 import math
+import struct
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from ... import backends
@@ -449,7 +449,7 @@ def _split_bits(value: float) -> Tuple[int, int]:
 def _double_bits(value: float) -> int:
     """The int64 bit pattern of a float64: the kernel reads it back with a bitcast (a Python
     float argument would reach the kernel as fp32)."""
-    return int(np.array(value, dtype=np.float64).view(np.int64))
+    return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
 def fwd_constexprs(num_patches: int, source: int, video: bool, align: bool, spatial: bool,
