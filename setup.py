@@ -129,7 +129,10 @@ def _extension():
 
     sanitize = os.environ.get("PAPR_SANITIZE") == "1"
     # Threads come from torch::stable::parallel_for (torch's own pool): no -fopenmp here.
-    cxx = ["-O3", "-fno-strict-aliasing", f"-DTORCH_TARGET_VERSION={STABLE_ABI_TARGET_HEX}"]
+    # -ffp-contract=off: no a*b+c fused into an FMA (GCC fuses by default where the target has
+    # FMA: aarch64 hosts such as Grace), so the scores stay those of cuda (--fmad=false) and triton.
+    cxx = ["-O3", "-fno-strict-aliasing", "-ffp-contract=off",
+           f"-DTORCH_TARGET_VERSION={STABLE_ABI_TARGET_HEX}"]
     link = []
     if sanitize:
         cxx += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]

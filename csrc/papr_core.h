@@ -15,8 +15,8 @@
 //   3. total order: descending score, ties to the lower index, -0.0 == +0.0, NaN as -inf,
 //      encoded as one unique uint64 key per patch (larger key = ranked first);
 //   4. gather / scatter of whole token rows (dtype-agnostic byte copies).
-// The compile must not contract a*b+c into an FMA (nvcc: --fmad=false; x86 g++ without -mfma
-// does not), or CPU and CUDA scores drift apart by ULPs.
+// The compile must not contract a*b+c into an FMA (nvcc: --fmad=false; g++: -ffp-contract=off,
+// which matters where the target has FMA, e.g. aarch64), or CPU and CUDA scores drift apart.
 #pragma once
 #include <stdint.h>
 #include <math.h>

@@ -193,6 +193,22 @@ def _check_writable(x: torch.Tensor, values: torch.Tensor) -> None:
     if torch._debug_has_internal_overlap(x) == 1:
         raise ValueError("inplace=True cannot write into x: several of its elements share "
                          "memory (an expanded view)")
+    if _byte_ranges_meet(x, values):
+        raise ValueError("inplace=True cannot write into x while reading values from the same "
+                         "memory (values is a view of x): pass values that do not alias x")
+
+
+def _byte_ranges_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of a and b intersect (conservative: interleaved views meet)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t):   # torch's strides are >= 0
+        extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 # ---------------------------------------------------------------------------------------------

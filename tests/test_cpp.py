@@ -539,3 +539,20 @@ def test_info_says_what_the_extension_was_built_for(capsys):
     for arch in build["archs"]:
         assert f"sm_{arch.replace('.', '')}" in line
     assert ("+ PTX" in line) == build["ptx"]
+
+
+@pytest.mark.parametrize("capability,runs", [
+    ((8, 0), True), ((8, 6), True), ((8, 9), True),   # sm_80 SASS runs on 8.x
+    ((9, 0), True), ((10, 0), True), ((12, 0), True),  # sm_90 SASS; compute_90 PTX, JIT-compiled
+    ((7, 5), False), ((7, 0), False),                  # older than every arch built: no code
+])
+def test_cuda_backend_is_unavailable_on_a_gpu_without_code(capability, runs):
+    """The cuda backend runs only where the binary has SASS or PTX for the GPU (a T4 or V100
+    got every launch failing with "no kernel image" while auto selection picked it)."""
+    info = {"archs": ["8.0", "9.0"], "ptx": True}
+    reason = extension.missing_gpu_code(capability, info)
+    assert (reason is None) == runs, reason
+    if not runs:
+        assert f"sm_{capability[0]}{capability[1]}" in reason and "sm_80, sm_90 + PTX" in reason
+    assert extension.missing_gpu_code((10, 0), dict(info, ptx=False)) is not None
+    assert extension.missing_gpu_code((8, 0), {"archs": [], "ptx": False}) is not None

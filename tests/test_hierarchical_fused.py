@@ -95,6 +95,23 @@ def test_gather_layer_norm_matches_layer_norm_of_the_rows(backend, layout, dtype
         assert torch.equal(got, want)
 
 
+def test_fused_ops_read_strided_and_expanded_parameters(backend):
+    """A weight, bias or gamma seen through strides (a slice, an expanded scalar) is read as
+    its values (the Triton kernels read them at c, past an expanded gamma's one element)."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(8)
+    x, idx = _x("4d", 2, 8, torch.float32, device, gen), _indices(2, 6, device, gen)
+    weight = torch.randn(16, generator=gen).to(device)[::2]
+    bias = torch.randn(8, 2, generator=gen).to(device)[:, 1]
+    got = hier.gather_layer_norm(x, idx, weight, bias, 1e-6, backend=name)
+    want = F.layer_norm(_rows_by_loop(x, idx), (8,), weight.contiguous(), bias.contiguous(), 1e-6)
+    torch.testing.assert_close(got, want)
+    values = torch.randn(2, 6, 8, generator=gen).to(device)
+    for gamma in (torch.tensor(0.5, device=device).expand(8), weight):
+        assert torch.equal(hier.masked_residual(x, idx, values, gamma, backend=name),
+                           _masked_residual_by_loop(x, idx, values, gamma.contiguous()))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("layout", ["nchw", "4d", "3d"])
 @pytest.mark.parametrize("with_gamma", [True, False])

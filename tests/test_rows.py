@@ -596,6 +596,13 @@ def test_public_scatter_back_inplace_is_an_inplace_op_to_autograd_and_torch(back
     with torch.inference_mode():
         out = hier.scatter_back(frozen, idx, values, inplace=True, backend=name)
     assert out.data_ptr() == frozen.data_ptr() and frozen.sum() == 4
+    x = torch.arange(16.0, device=device).view(2, 4, 2)
+    with pytest.raises(ValueError, match="values is a view of x"):   # a race on a GPU
+        hier.scatter_back(x, idx, x[:, 1:2], inplace=True, backend=name)
+    assert torch.equal(x, torch.arange(16.0, device=device).view(2, 4, 2))
+    other = x.clone()
+    hier.scatter_back(x, idx, other[:, 1:2], inplace=True, backend=name)   # a copy: fine
+    assert torch.equal(x[:, 0], other[:, 0]) and torch.equal(x[0, 1], 2 * other[0, 1])
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64,

@@ -438,6 +438,11 @@ def norm_block_sizes(channels: int, interpreted: bool = False):
     return block_r, block_c
 
 
+def _dense(param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-channel parameter as the kernels read it (at c): C contiguous values."""
+    return None if param is None else param.contiguous()
+
+
 def _launch_gather_layer_norm(x: torch.Tensor, indices: torch.Tensor,
                               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                               eps: float) -> torch.Tensor:
@@ -448,6 +453,7 @@ def _launch_gather_layer_norm(x: torch.Tensor, indices: torch.Tensor,
     out = torch.empty(batch, keep, channels, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    weight, bias = _dense(weight), _dense(bias)
     n, w, sb, sh, sw, sc, grid_4d = _grid_args(x)
     block_r, block_c = norm_block_sizes(channels, common.interpreted(x.device))
     num_blocks = -(-keep // block_r)
@@ -469,6 +475,7 @@ def _launch_masked_residual(shortcut: torch.Tensor, row_of: torch.Tensor, values
     out = torch.empty(shortcut.shape, dtype=shortcut.dtype, device=shortcut.device)
     if out.numel() == 0:
         return out
+    gamma = _dense(gamma)
     n, w, sb, sh, sw, sc, grid_4d = _grid_args(shortcut)
     blocks = block_sizes(channels, common.interpreted(out.device))
     grid, num_blocks, chunks, chans_per = _plan(batch, n, channels, blocks["BLOCK_P"], blocks,
