@@ -161,6 +161,9 @@ def _extension():
     print(f"  torch            {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"  CUDA kernels     {'yes' if with_cuda else 'no'} (FORCE_CUDA={force or 'unset'})")
     print(f"  CUDA_HOME        {cuda_home or 'not found'}")
+    if torch.version.cuda and not with_cuda and force != "0":
+        print("  (a CUDA torch but no CUDA toolkit found: CPU kernels only; set CUDA_HOME to a "
+              "toolkit or FORCE_CUDA=1 to build the CUDA kernels)")
     if with_cuda:
         print(f"  arch list        {os.environ['TORCH_CUDA_ARCH_LIST']} -> SASS "
               f"{', '.join(info['archs'])}{', PTX' if info['ptx'] else ''} (nvcc {info['cuda']})")
@@ -177,6 +180,13 @@ def _extension():
             super().finalize_options()
             self.build_temp = os.environ.get("PAPR_BUILD_TEMP") or os.path.join(
                 ROOT, "build", "temp-papr-ext")
+
+        def run(self):
+            super().run()
+            if self.inplace and not with_cuda:   # an earlier build's CUDA kernels: not this one's
+                for stale in glob.glob(os.path.join(ROOT, "papr_kernels", "_C_cuda.*so")):
+                    os.remove(stale)
+                    print(f"papr_kernels build: removed {stale} (built without CUDA kernels)")
 
     return exts, {"build_ext": BuildExt}
 

@@ -1,6 +1,7 @@
 """Checks specific to the C++ extension ("cpp" backend) beyond the shared parity matrix:
 torch.compile without graph breaks or recompiles, opcheck, fp16/bf16, a 64x64 grid, thread-count
 parity, the backward scatter against the reference, strided inputs, direct op misuse."""
+import os
 import re
 
 import pytest
@@ -363,6 +364,37 @@ def test_package_works_without_the_extension():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_an_installed_extension_that_does_not_load_is_reported(tmp_path):
+    """A _C library that is there but does not load (a torch older than the stable ABI it
+    needs, a broken file) warns once at first use and says so in the cpp backend's reason,
+    with the torch it needs; prune still runs (on torch)."""
+    import shutil
+    import subprocess
+    import sys
+
+    package = os.path.dirname(papr_kernels.__file__)
+    shutil.copytree(package, tmp_path / "papr_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    (tmp_path / "papr_kernels" / "_C.abi3.so").write_text("not a library")
+    code = ("import warnings, torch, papr_kernels\n"
+            "from papr_kernels import backends\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    reason = backends.unavailable_reason('cpp', 'cpu')\n"
+            "print(reason)\n"
+            "print([str(w.message) for w in caught])\n"
+            "x, f = torch.randn(2, 197, 8), torch.randn(2, 4, 7, 7)\n"
+            "print(papr_kernels.prune(x, f, 0.5).shape)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reason, warned, shape = proc.stdout.splitlines()
+    assert "does not load" in reason and "needs torch >= 2.10; this is torch" in reason, reason
+    assert "the C++/CUDA extension does not load" in warned, warned
+    assert shape == "torch.Size([2, 99, 8])"
+
+
 # ---- float64 scores (SPEC, semantics 1): exact ties on tie-rich maps --------------------------
 # A constant region of f gives exactly equal float32 scores in the reference (float64 mean and
 # resize, one rounding), so its tie order is the index order. A float32 resize would give
@@ -556,3 +588,10 @@ def test_cuda_backend_is_unavailable_on_a_gpu_without_code(capability, runs):
         assert f"sm_{capability[0]}{capability[1]}" in reason and "sm_80, sm_90 + PTX" in reason
     assert extension.missing_gpu_code((10, 0), dict(info, ptx=False)) is not None
     assert extension.missing_gpu_code((8, 0), {"archs": [], "ptx": False}) is not None
+
+
+def test_cuda_kernels_of_an_earlier_build_are_not_loaded(monkeypatch):
+    """A _C built without CUDA does not load a _C_cuda library an earlier build left beside it
+    (its ops would not match this build's schemas)."""
+    monkeypatch.setattr(extension, "build_info", lambda: {"cuda": None, "archs": []})
+    assert extension.cuda_library() is None

@@ -13,21 +13,44 @@ says why.
 import glob
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
+
+STABLE_ABI_TARGET = "2.10"   # setup.py's: the oldest torch the extension loads into
 
 try:
     from papr_kernels import _C  # loading the library registers the ops
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # not built (pure-Python install), or a torch older than 2.10
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if glob.glob(os.path.join(_PACKAGE, "_C.*so")):   # installed, but does not load: say so
+        _IMPORT_ERROR += (f" (the extension needs torch >= {STABLE_ABI_TARGET}; this is torch "
+                          f"{torch.__version__})")
+        warnings.warn(f"papr_kernels: the C++/CUDA extension does not load, so prune runs on "
+                      f"the slower backends: {_IMPORT_ERROR}", RuntimeWarning, stacklevel=2)
+
+
+def build_info() -> Optional[dict]:
+    """What the loaded extension was built for, read from the binary itself (setup.py records it):
+    `torch` (the version it was compiled against), `stable_abi` (the oldest torch it loads into,
+    e.g. "2.10"), `python_abi` ("cp310": abi3, CPython >= 3.10), `cuda` (CUDA toolkit version,
+    None without CUDA kernels), `archs` (GPU architectures with SASS, e.g. ["8.0", "9.0"]), `ptx`
+    (PTX embedded for the highest one, JIT-compiled by the driver on newer GPUs), `sanitize`.
+    None when the extension does not load (or is a build older than this function).
+    """
+    if _IMPORT_ERROR is not None or not hasattr(_C, "build_info"):
+        return None
+    return json.loads(_C.build_info())
 
 
 def cuda_library() -> Optional[str]:
     """The path of the CUDA kernels' library built with the loaded papr_kernels._C (beside it),
-    or None (no extension, or built without CUDA)."""
-    if _IMPORT_ERROR is not None:
+    or None (no extension, or built without CUDA: a library left by an earlier build is not
+    this build's)."""
+    if _IMPORT_ERROR is not None or (build_info() or {}).get("cuda") is None:
         return None
     found = glob.glob(os.path.join(os.path.dirname(_C.__file__), "_C_cuda.*so"))
     return found[0] if found else None
@@ -84,19 +107,6 @@ if _IMPORT_ERROR is None:
 
     # No autograd kernel on the op itself: the package's PruneFunction (function.py) owns autograd
     # and calls prune_backward; a Python autograd kernel here would cost ~25 us per call at B = 1.
-
-
-def build_info() -> Optional[dict]:
-    """What the loaded extension was built for, read from the binary itself (setup.py records it):
-    `torch` (the version it was compiled against), `stable_abi` (the oldest torch it loads into,
-    e.g. "2.10"), `python_abi` ("cp310": abi3, CPython >= 3.10), `cuda` (CUDA toolkit version,
-    None without CUDA kernels), `archs` (GPU architectures with SASS, e.g. ["8.0", "9.0"]), `ptx`
-    (PTX embedded for the highest one, JIT-compiled by the driver on newer GPUs), `sanitize`.
-    None when the extension does not load (or is a build older than this function).
-    """
-    if _IMPORT_ERROR is not None or not hasattr(_C, "build_info"):
-        return None
-    return json.loads(_C.build_info())
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
