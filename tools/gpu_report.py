@@ -333,6 +333,15 @@ def row_jobs():
                             **{a: v for a, v in dense.items() if not a.startswith("s_x")}),
                        dict(HAS_GAMMA=True, UPCAST=upcast, GRID=grid, BLOCK_P=blocks["BLOCK_P"],
                             BLOCK_C=blocks["BLOCK_C"]))
+    # The widest rows gather_layer_norm takes (one row per program): the register peak.
+    c = tr.MAX_NORM_CHANNELS
+    for dtype in ("fp16", "fp32"):
+        yield ("gather_layer_norm", f"{dtype} nhwc 2x2x{c}", tr._gather_layer_norm_kernel,
+               dict(x_ptr=dtype, idx_ptr="i64", w_ptr=dtype, bias_ptr=dtype, out_ptr=dtype,
+                    eps=1e-5, s_xb=4 * c, s_xh=2 * c, s_xw=c, s_xc=1, s_ib=2, s_ij=1, N=4, W=2,
+                    C=c, KEEP=2, num_blocks=2),
+               dict(HAS_WEIGHT=True, HAS_BIAS=True, UPCAST=True, GRID=True,
+                    BLOCK_R=tr.norm_block_sizes(c)[0], BLOCK_C=tr.norm_block_sizes(c)[1]))
 
 
 def compile_row_kernel(fn, sig, attrs, consts):
