@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import spec
+
 __all__ = ["bipartite_merge", "proportional_block_forward", "check_block"]
 
 
@@ -31,11 +33,16 @@ def bipartite_merge(x: torch.Tensor, size: Optional[torch.Tensor], metric: torch
     """Merge r tokens of x (B, t, C) by bipartite soft matching on `metric` (B, t, Cm).
 
     `size` (B, t, 1) is how many original tokens each token stands for (None: all ones).
-    Returns the merged tokens (B, t - r, C) and their sizes (B, t - r, 1).
+    Returns the merged tokens (B, t - r, C), in x's dtype, and their sizes (B, t - r, 1), in
+    float32 (float64 for a float64 x): the size-weighted averages are formed in that dtype, so
+    that x * size neither overflows fp16 nor rounds in bf16. `r` is capped at
+    (t - num_prefix_tokens) // 2, the number of unprotected A tokens that have a B partner.
     """
-    batch, t, channels = x.shape
+    batch, t, wdtype = _check_merge_args(x, size, metric, r, num_prefix_tokens)
     if size is None:
-        size = x.new_ones(batch, t, 1)
+        size = torch.ones(batch, t, 1, dtype=wdtype, device=x.device)
+    else:
+        size = size.to(wdtype)
     prefix = num_prefix_tokens
     r = min(r, (t - prefix) // 2)
     if r <= 0:
@@ -55,7 +62,7 @@ def bipartite_merge(x: torch.Tensor, size: Optional[torch.Tensor], metric: torch
         if prefix > 0:
             unmerged = unmerged.sort(dim=-1).values
 
-    weighted = x * size
+    weighted = x.to(wdtype) * size
     def combine(values: torch.Tensor) -> torch.Tensor:
         a, b = values[:, ::2], values[:, 1::2]
         width = values.shape[-1]
@@ -77,7 +84,36 @@ def bipartite_merge(x: torch.Tensor, size: Optional[torch.Tensor], metric: torch
     else:
         out_x = torch.cat([a_x, b_x], dim=1)
         out_s = torch.cat([a_s, b_s], dim=1)
-    return out_x / out_s, out_s
+    return (out_x / out_s).to(x.dtype), out_s
+
+
+def _check_merge_args(x, size, metric, r, num_prefix_tokens) -> Tuple[int, int, torch.dtype]:
+    """`bipartite_merge`'s arguments checked (TypeError/ValueError naming the argument) before
+    any computation; returns the batch size, the token count and the dtype of the weighting."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        raise TypeError(f"x must be a floating (B, t, C) tensor, got "
+                        f"{_describe(x)}")
+    batch, t, _ = x.shape
+    if not isinstance(metric, torch.Tensor) or metric.dim() != 3 or \
+            tuple(metric.shape[:2]) != (batch, t):
+        raise ValueError(f"metric must be a (B, t, Cm) = ({batch}, {t}, Cm) tensor (x's batch and "
+                         f"token count), got {_describe(metric)}")
+    if size is not None and (not isinstance(size, torch.Tensor) or
+                             tuple(size.shape) != (batch, t, 1)):
+        raise ValueError(f"size must be None or a ({batch}, {t}, 1) tensor (x's batch and token "
+                         f"count), got {_describe(size)}")
+    spec.check_int("r", r)
+    num_prefix_tokens = spec.check_int("num_prefix_tokens", num_prefix_tokens)
+    if not num_prefix_tokens < t:
+        raise ValueError(f"num_prefix_tokens must be in [0, t) = [0, {t}) (x has {t} tokens), "
+                         f"got {num_prefix_tokens}")
+    return batch, t, torch.promote_types(x.dtype, torch.float32)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {spec.shape_str(value)}"
+    return type(value).__name__
 
 
 def check_block(block: nn.Module) -> None:

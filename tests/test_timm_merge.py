@@ -138,8 +138,11 @@ def test_merge_needs_timm_blocks():
     assert not papr_timm.is_patched(model)
 
 
-def test_merging_model_traces_as_one_graph():
-    model = tiny_vit(depth=4)
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_merging_model_traces_as_one_graph(pool):
+    # 'avg': the sizes reach the weighted pooling through the per-thread slot, in the graph.
+    model = tiny_vit(depth=4) if pool == "token" else \
+        tiny_vit(depth=4, class_token=False, reg_tokens=2, global_pool="avg")
     papr_timm.patch(model, make_proposal(), z=0.5, merge_r=4)
     images = images_for(model, batch=2)
     torch._dynamo.reset()
@@ -149,3 +152,267 @@ def test_merging_model_traces_as_one_graph():
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(images)
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager)
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent per-sample reference of a merging ViT (written from the paper, loops and manual
+# attention): proportional attention, merging on the mean of the keys, sizes carried block to block.
+
+
+def reference_attention(attn, h, size):
+    """One sample h (t, C): timm Attention written out, log(size) added to the logits.
+    Returns the projected output and the keys averaged over heads (the merge metric)."""
+    t, _ = h.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(h).reshape(t, 3, heads, dim).permute(1, 2, 0, 3)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * dim ** -0.5) @ k.transpose(-1, -2) + size.log()[None, None, :]
+    o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(t, heads * dim)
+    o = attn.norm(o)
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(h).sigmoid()
+    return attn.proj(o), k.mean(0)
+
+
+def reference_merging_features(model, tokens, r):
+    """Per sample: the first half of the blocks as timm runs them, then in each later block
+    proportional attention, `loop_merge` of r tokens on the keys, the MLP. Returns the final
+    (normed) tokens and sizes of each sample."""
+    num_prefix = model.num_prefix_tokens
+    feats, sizes = [], []
+    for sample in tokens:
+        x = model.norm_pre(sample)
+        size = torch.ones(len(x), dtype=x.dtype)
+        for i, block in enumerate(model.blocks):
+            if i < len(model.blocks) // 2:
+                x = block(x[None])[0]
+                continue
+            o, keys = reference_attention(block.attn, block.norm1(x), size)
+            x = x + block.ls1(o)
+            x, size = loop_merge(x, size, keys, r, num_prefix)
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        feats.append(model.norm(x))
+        sizes.append(size)
+    return feats, sizes
+
+
+def reference_head(model, feats, sizes):
+    """Logits from the reference tokens: class token(s), or the size-weighted mean of the
+    non-prefix tokens (each merged token counts as the tokens it stands for)."""
+    if hasattr(model, "head_dist"):       # DeiT distilled, eval: mean of the two heads
+        x = torch.stack([f[0] for f in feats])
+        d = torch.stack([f[1] for f in feats])
+        return (model.head(x) + model.head_dist(d)) / 2
+    if model.global_pool == "token":
+        pooled = torch.stack([f[0] for f in feats])
+    else:
+        assert model.global_pool == "avg"
+        p = model.num_prefix_tokens
+        pooled = torch.stack([(f[p:] * s[p:, None]).sum(0) / s[p:].sum() for f, s in zip(feats, sizes)])
+    return model.head(model.fc_norm(pooled))
+
+
+REFERENCE_MODELS = {
+    "class_token": lambda: tiny_vit(depth=4),
+    "gap": lambda: tiny_vit(depth=4, class_token=False, global_pool="avg"),
+    "deit_distilled": lambda: timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False,
+                                                depth=4, embed_dim=64, num_heads=2,
+                                                num_classes=10).eval(),
+    "reg4_gap": lambda: tiny_vit(depth=4, class_token=False, reg_tokens=4, global_pool="avg"),
+    "qk_norm": lambda: tiny_vit(depth=4, qk_norm=True),
+}
+
+
+@pytest.mark.parametrize("kind,z,r", [("class_token", 0.5, 9), ("gap", 0.5, 9),
+                                      ("deit_distilled", 0.5, 9), ("reg4_gap", 0.5, 9),
+                                      ("qk_norm", 0.5, 9), ("class_token", 0.15, 4),
+                                      ("reg4_gap", 0.15, 100)])
+def test_patched_merging_vit_matches_reference(kind, z, r):
+    torch.manual_seed(0)
+    model = REFERENCE_MODELS[kind]().double()
+    net = make_proposal().double()
+    images = images_for(model, batch=2).double()
+    with torch.no_grad():
+        tokens, num_prefix = reference_tokens(model, net, images, z)
+        want, sizes = reference_merging_features(model, tokens, r)
+        want_logits = reference_head(model, want, sizes)
+        papr_timm.patch(model, net, z=z, merge_r=r)
+        got = model.forward_features(images)
+        logits = model(images)
+    assert num_prefix == {"gap": 0, "deit_distilled": 2, "reg4_gap": 4}.get(kind, 1)
+    assert max(float(s.max()) for s in sizes) > 2    # tokens of merged tokens were merged again
+    assert got.shape == (2,) + want[0].shape
+    for b in range(2):
+        torch.testing.assert_close(got[b], want[b], rtol=0, atol=1e-10)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling weighs merged tokens by size: lossless merging of identical tokens is exact.
+
+
+def duplicate_tokens_model(make):
+    """A model whose patch tokens are copies of two tokens (two patterns, zero position
+    embedding): merging identical tokens with proportional attention changes nothing."""
+    model = make().double()
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    height, width = model.patch_embed.img_size
+    ph, pw = model.patch_embed.patch_size
+    gen = torch.Generator().manual_seed(0)
+    patterns = torch.randn(2, 3, ph, pw, generator=gen, dtype=torch.float64)
+    cells = (height // ph) * (width // pw)
+    image = torch.empty(1, 3, height, width, dtype=torch.float64)
+    for n in range(cells):
+        row, col = divmod(n, width // pw)
+        image[0, :, row * ph:(row + 1) * ph, col * pw:(col + 1) * pw] = patterns[int(n >= cells * 3 // 4)]
+    return model, image
+
+
+POOLS = {
+    "token": lambda: tiny_vit(depth=4),
+    "avg": lambda: tiny_vit(depth=4, class_token=False, global_pool="avg"),
+    "avg_reg4": lambda: tiny_vit(depth=4, class_token=False, reg_tokens=4, global_pool="avg"),
+    "avg_cls_fc_norm": lambda: tiny_vit(depth=4, global_pool="avg"),
+    "avgmax": lambda: tiny_vit(depth=4, class_token=False, global_pool="avgmax"),
+    "map": lambda: tiny_vit(depth=4, class_token=False, global_pool="map"),
+    "map_reg2_include_prefix": lambda: tiny_vit(depth=4, class_token=False, reg_tokens=2,
+                                                global_pool="map", pool_include_prefix=True),
+    "vit_base_patch16_gap_224": lambda: timm.create_model("vit_base_patch16_gap_224", depth=4),
+    "vit_base_patch16_reg4_gap_256": lambda: timm.create_model("vit_base_patch16_reg4_gap_256",
+                                                               depth=4),
+}
+
+
+@pytest.mark.parametrize("pool", list(POOLS))
+def test_merging_identical_tokens_is_lossless_with_each_pooling(pool):
+    torch.manual_seed(0)
+    model, image = duplicate_tokens_model(lambda: POOLS[pool]().eval())
+    counts = count_block_tokens(model)
+    with torch.no_grad():
+        dense = model(image)
+        papr_timm.patch(model, make_proposal().double(), z=1.0, merge_r=30)
+        counts.clear()
+        merged = model(image)
+    assert counts[-1] <= counts[0] - 2 * 30       # the second half did merge
+    torch.testing.assert_close(merged, dense, rtol=0, atol=1e-12)
+
+
+def test_attention_pooling_without_size_weighting_is_refused():
+    model = tiny_vit(depth=2, global_pool="prr") if "prr" in inspect.signature(
+        timm.models.vision_transformer.VisionTransformer).parameters["global_pool"].annotation.__args__ \
+        else None
+    if model is None:
+        pytest.skip(f"timm {timm.__version__}: no 'prr' pooling")
+    with pytest.raises(ValueError, match=r"merge_r.*global_pool='prr'"):
+        papr_timm.patch(model, make_proposal(), merge_r=2)
+    assert not papr_timm.is_patched(model)
+    papr_timm.patch(model, make_proposal(), merge_r=0)    # pruning alone is fine
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_weighted_pooling_under_trace_and_threads(pool):
+    import threading
+
+    model = tiny_vit(depth=4, class_token=False, reg_tokens=2, global_pool=pool)
+    papr_timm.patch(model, make_proposal(), z=0.5, merge_r=8)
+    inputs = [images_for(model, batch=b, seed=b) for b in (2, 3, 1, 2)]
+    with torch.no_grad():
+        expected = [model(images) for images in inputs]
+        traced = torch.jit.trace(model, (inputs[0],), check_trace=False)
+        for images, want in zip(inputs, expected):
+            torch.testing.assert_close(traced(images), want)
+        # forward_features then forward_head by hand uses the same sizes.
+        torch.testing.assert_close(model.forward_head(model.forward_features(inputs[1])), expected[1])
+    results = [None] * len(inputs)
+    barrier = threading.Barrier(len(inputs))
+
+    def run(i):
+        barrier.wait()
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = model(inputs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, argument checks
+
+
+def test_merge_weights_in_float32_for_half_inputs():
+    # A massive activation (3000) in tokens of size 30: x * size overflows fp16 (max 65504).
+    x = torch.zeros(1, 5, 4, dtype=torch.float16)
+    x[0, 1:, 0] = 3000.0
+    size = torch.tensor([1.0, 30.0, 30.0, 1.0, 1.0], dtype=torch.float16).view(1, 5, 1)
+    metric = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float16)[None]
+    out, out_size = merge.bipartite_merge(x, size, metric, 1, 1)
+    want, want_size = loop_merge(x[0].double(), size[0, :, 0].double(), metric[0].double(), 1, 1)
+    assert out.dtype == torch.float16 and out_size.dtype == torch.float32
+    torch.testing.assert_close(out[0].double(), want)
+    torch.testing.assert_close(out_size[0, :, 0].double(), want_size)
+    # bf16 holds integers exactly only up to 256: sizes are kept in float32.
+    xb = torch.randn(1, 4, 2).bfloat16()
+    big = torch.tensor([1.0, 200.0, 57.0, 1.0]).view(1, 4, 1)
+    mb = torch.tensor([[1.0, 0.5], [0, 1], [0, 1], [1, 0]])[None].bfloat16()  # token 2 into 1
+    _, sb = merge.bipartite_merge(xb, big, mb, 1, 0)
+    assert sb.dtype == torch.float32 and 257.0 in sb.flatten().tolist()
+
+
+def test_fp16_merging_vit_stays_finite_and_close():
+    model = tiny_vit(depth=4, class_token=False, global_pool="avg")
+    papr_timm.patch(model, make_proposal(), z=0.5, merge_r=8)
+    images = images_for(model, batch=2)
+    with torch.no_grad():
+        want = model.double()(images.double())
+        got = model.half()(images.half())
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-2)
+
+
+@pytest.mark.parametrize("value,error", [(2.5, TypeError), ("2", TypeError), (None, TypeError),
+                                         (True, TypeError), (-1, ValueError)])
+def test_merge_r_is_checked(value, error):
+    model = tiny_vit(depth=2)
+    with pytest.raises(error, match="merge_r"):
+        papr_timm.patch(model, make_proposal(), merge_r=value)
+    assert not papr_timm.is_patched(model)
+    # Checked before the family's options: a Swin model gets the same error.
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1),
+                             embed_dim=32, num_heads=(1, 1, 1, 1))
+    with pytest.raises(error, match="merge_r"):
+        papr_timm.patch(swin, make_proposal(), merge_r=value)
+
+
+def test_merge_r_accepts_integral_numbers():
+    np = pytest.importorskip("numpy")
+    model = papr_timm.patch(tiny_vit(depth=2), make_proposal(), merge_r=np.int64(2))
+    assert model.papr_merge_r == 2 and type(model.papr_merge_r) is int
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(metric=torch.zeros(1, 8, 3)), ValueError, "metric"),
+    (dict(metric=torch.zeros(2, 9, 3)), ValueError, "metric"),
+    (dict(metric=torch.zeros(9, 3)), ValueError, "metric"),
+    (dict(size=torch.ones(1, 8, 1)), ValueError, "size"),
+    (dict(size=torch.ones(2, 9, 1)), ValueError, "size"),
+    (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens"),
+    (dict(num_prefix_tokens=9), ValueError, "num_prefix_tokens"),
+    (dict(num_prefix_tokens=1.0), TypeError, "num_prefix_tokens"),
+    (dict(r=2.5), TypeError, "r must"),
+    (dict(r=True), TypeError, "r must"),
+    (dict(r=-3), ValueError, "r must"),
+    (dict(x=torch.zeros(9, 4)), TypeError, "x must"),
+])
+def test_bipartite_merge_checks_its_arguments(change, error, match):
+    args = dict(x=torch.randn(1, 9, 4), size=None, metric=torch.randn(1, 9, 3), r=2,
+                num_prefix_tokens=1)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        merge.bipartite_merge(**args)

@@ -66,9 +66,8 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     family = family_of(model)
+    merge_r = spec.check_int("merge_r", merge_r)  # TypeError / ValueError before other options
     _check_options(family, order=order != "score", merge_r=merge_r != 0, stages=stages is not None)
-    if isinstance(merge_r, bool) or not isinstance(merge_r, int) or merge_r < 0:
-        raise ValueError(f"merge_r must be a non-negative int, got {merge_r!r}")
     if merge_r and spec.check_order(order) != "score":
         raise ValueError("merge_r needs order='score' (merging pairs tokens of alternating "
                          f"ranks, as published), got order={order!r}")

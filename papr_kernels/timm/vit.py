@@ -6,12 +6,18 @@ tokens are pruned to the top `int(n * z)` by the proposal network's features of 
 image. The grid is read from the actual input (non-square and `dynamic_img_size` inputs work);
 `num_prefix_tokens` (class, distillation, register tokens) comes from the model. With
 `merge_r > 0` the second half of the blocks also merges tokens (`papr_kernels.merge`), with
-gradient checkpointing too when it is on.
+gradient checkpointing too when it is on, and the head's pooling weighs each token by its size
+(the number of tokens it stands for): 'avg' and the mean of 'avgmax' become
+sum(x * size) / sum(size) over the pooled tokens, 'map' adds log(size) to its attention logits.
+The sizes go from `forward_features` to `pool` through a per-thread slot (`_MergeSizes`).
 """
+import inspect
+import threading
 from typing import Optional, Tuple
 
 import torch
 from timm.models._manipulate import checkpoint_seq
+from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
@@ -31,8 +37,58 @@ def token_grid(model: VisionTransformer, images: torch.Tensor, tokens: torch.Ten
     return tuple(int(s) for s in embed.grid_size)
 
 
+class _MergeSizes(threading.local):
+    """Per thread: the token sizes (B, t, 1) that the last merging `forward_features` of this
+    thread returned with its tokens, and the `PaPrState` of the model that ran it. `pool` uses
+    them for tokens of that model with that batch and token count; `forward` clears them when
+    its head is done. Set in each thread's first use, as `_core._ThreadFeatures`."""
+
+    def __init__(self):
+        self.state = None
+        self.size: Optional[torch.Tensor] = None
+
+
+_SIZES = _MergeSizes()
+
+
+def weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """sum(x * size) / sum(size) over the tokens (dim 1), formed in float32 (float64 for a
+    float64 x), returned in x's dtype."""
+    wdtype = torch.promote_types(x.dtype, torch.float32)
+    size = size.to(wdtype)
+    return ((x.to(wdtype) * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
+
+
 class PaPrVisionTransformer(PatchedModel):
-    """Overrides `forward_features`; put before the model's own class in the MRO."""
+    """Overrides `forward_features` (and, for merging, `forward` and `pool`); put before the
+    model's own class in the MRO."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if self._papr.merge_r == 0:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        try:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        finally:
+            _SIZES.state = None
+            _SIZES.size = None
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        size = _SIZES.size if _SIZES.state is self._papr else None
+        if size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
+            return super().pool(x, pool_type)
+        if self.attn_pool is not None:        # 'map' (others are refused at patch time)
+            if not self.pool_include_prefix:
+                x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+            # Proportional attention in the pooling too: (B, heads, latents, N) logits + log(size).
+            return self.attn_pool(x, attn_mask=size.log()[:, None, None, :, 0].to(x.dtype))
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type not in ("avg", "avgmax"):  # 'token', 'max', '': sizes change nothing
+            return super().pool(x, pool_type)
+        if not self.pool_include_prefix:
+            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+        mean = weighted_mean(x, size)
+        return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                          is_causal: bool = False) -> torch.Tensor:
@@ -67,6 +123,8 @@ class PaPrVisionTransformer(PatchedModel):
                 else:
                     x, size = merge.proportional_block_forward(block, x, size, merge_r,
                                                                self.num_prefix_tokens)
+            _SIZES.state = state if size is not None else None
+            _SIZES.size = size
         elif attn_mask is not None or is_causal:
             for block in self.blocks:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -82,6 +140,23 @@ def _check(model: VisionTransformer, state) -> None:
     if state.merge_r:
         for block in model.blocks:
             merge.check_block(block)
+        _check_pooling(model)
+
+
+def _check_pooling(model: VisionTransformer) -> None:
+    """Merging needs a pooling that can weigh tokens by size: class token, avg, avgmax, max,
+    none, or 'map' with timm's `AttentionPoolLatent` (given log(size) as its attention mask)."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is None:
+        if not hasattr(model, "pool"):
+            raise ValueError(f"merge_r > 0 needs timm >= 1.0.20 (VisionTransformer.pool), got "
+                             f"merge_r with global_pool={model.global_pool!r}")
+        return
+    if (type(pool) is not AttentionPoolLatent or pool.pos_embed is not None
+            or "attn_mask" not in inspect.signature(pool.forward).parameters):
+        raise ValueError(f"merge_r > 0 is not supported with global_pool={model.global_pool!r} "
+                         f"({type(pool).__name__}): its attention cannot weigh merged tokens by "
+                         f"size; use merge_r=0")
 
 
 register_family(Family(VisionTransformer, check=_check,
