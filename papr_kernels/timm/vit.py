@@ -63,12 +63,12 @@ class PaPrVisionTransformer(PatchedModel):
     """Overrides `forward_features` (and, for merging, `forward` and `pool`); put before the
     model's own class in the MRO."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # timm's own arguments passed on as given (timm 1.0.20's forward takes no attn_mask).
         if self._papr.merge_r == 0:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            return super().forward(x, *args, **kwargs)
         try:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            return super().forward(x, *args, **kwargs)
         finally:
             _SIZES.state = None
             _SIZES.size = None
