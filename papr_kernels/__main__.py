@@ -123,6 +123,10 @@ def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
         import timm
     except ImportError as exc:
         raise SystemExit(f"python -m papr_kernels demo --model: {exc}") from None
+    try:                          # the backend prune will run (PAPR_KERNELS_BACKEND), checked
+        backends.pick(None, "cpu")   # before anything is built or timed
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"python -m papr_kernels demo: {exc}") from None
     torch.manual_seed(0)
     try:
         model = timm.create_model(model_name, pretrained=False).eval()
@@ -170,7 +174,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "info":
         info()
         return 0
-    if args.model:
+    if args.model is not None:
+        if not args.model.strip():
+            parser.error(f"--model needs a timm model name (e.g. vit_base_patch16_224), got "
+                         f"{args.model!r}")
         return 0 if timm_demo(args.model, args.batch, args.repeats or 3) else 1
     return 0 if demo(args.batch, args.repeats or 20) else 1
 

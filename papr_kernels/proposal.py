@@ -11,10 +11,14 @@ it under `torch.no_grad`. A user `nn.Module` that returns (B, K, h, w) (or a lis
 last entry is that) is wrapped the same way: note that this puts that module itself in eval mode
 and freezes its parameters (in place). Any other callable is wrapped as is.
 """
+import itertools
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from . import spec
 
 __all__ = ["Proposal", "create"]
 
@@ -30,20 +34,29 @@ class Proposal(nn.Module):
     network's weights are made channels_last in place and its images follow (cuDNN's and
     oneDNN's fast NHWC kernels: MobileOne-S0 at B = 8 on the 2-core CPU ~1.4x faster than NCHW).
 
-    `compiled=True` (or a dict of `torch.compile` arguments) runs the network through
-    `torch.compile` (static shapes), compiled on first use and again when the images' device,
-    dtype or shape change; inside a compiled model it is simply traced with the model. The
-    compiled function is not saved with the module (pickling drops it; it recompiles on use).
+    `compiled=True` (or a dict of `torch.compile` arguments, `{}` included) runs the network
+    through `torch.compile` (static shapes), compiled on first use and again when the images'
+    device, dtype or shape change; inside a compiled model it is simply traced with the model,
+    and under `torch.jit.trace` the plain network runs. The compiled function is not saved with
+    the module (pickling drops it; it recompiles on use).
+
+    A fixed `dtype` holds under autocast too (the network then runs with autocast off). A user
+    module that its owner puts back in training mode (it stays in the owner's module tree) is
+    put back in eval mode by the next call: its BatchNorm statistics stay frozen.
     """
 
     def __init__(self, network: Union[nn.Module, Callable], dtype: Optional[torch.dtype] = None,
                  compiled: Union[bool, dict] = False):
         super().__init__()
-        self.network = network if isinstance(network, nn.Module) else _Function(network)
-        self.dtype = dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in spec.DTYPES):
+            raise TypeError(f"dtype must be None (follow the images) or a floating torch.dtype "
+                            f"({', '.join(str(d) for d in spec.DTYPES)}), got "
+                            f"{dtype if isinstance(dtype, torch.dtype) else type(dtype).__name__}")
         if not isinstance(compiled, (bool, dict)):
             raise TypeError(f"compiled must be a bool or a dict of torch.compile arguments, got "
                             f"{type(compiled).__name__}")
+        self.network = network if isinstance(network, nn.Module) else _Function(network)
+        self.dtype = dtype
         self.compiled = compiled
         self.__dict__["_compiled_network"] = None  # not a submodule: kept out of the state_dict
         self.train(False)
@@ -51,7 +64,7 @@ class Proposal(nn.Module):
         # NHWC: the fast convolutions of cuDNN and oneDNN, for image networks (4-D weights, none
         # 5-D). In place, like the freezing above. Done here, not on the first call, so that a
         # compiled model and the eager one see the same weights (no recompile between them).
-        ranks = {p.dim() for p in self.network.parameters()}
+        ranks = {t.dim() for t in _floating(self.network)}
         if 4 in ranks and 5 not in ranks:
             self.network.to(memory_format=torch.channels_last)
 
@@ -59,39 +72,77 @@ class Proposal(nn.Module):
         state = super().__getstate__()
         state["_compiled_network"] = None
         state.pop("_snapshots", None)
+        state.pop("_versions", None)    # weak references: not picklable, and about this process
         return state
 
     def _apply(self, fn, recurse=True):
         """Module._apply (`to`, `cuda`, `half`, ... and following the images) with exact round
         trips: a cast back to dtypes the weights had before restores their values from then,
         unless the weights were changed meanwhile. Following bf16 images once (or a bf16 model
-        sharing the proposal) must not round an fp32 proposal for good."""
-        before = [t.detach().clone() for t in self._floating_tensors()]
-        old_dtypes = tuple(t.dtype for t in before)
+        sharing the proposal) must not round an fp32 proposal for good.
+
+        The weights a dtype change leaves are kept (no copy: the old tensors themselves) per
+        dtypes, on the device of the live weights (they follow device moves; a pure move keeps
+        nothing new). Any change of the weights between two `_apply` calls (`load_state_dict`,
+        `copy_`, an in-place op: their version counters) drops every snapshot."""
         snapshots = self.__dict__.setdefault("_snapshots", {})   # dtypes -> values; not state
-        snapshots[old_dtypes] = before
+        before_tensors = self._floating_tensors()
+        if not self._unchanged_since_last_apply(before_tensors):
+            snapshots.clear()
+        before = [t.detach() for t in before_tensors]   # the old values: _apply replaces .data
+        old_dtypes = tuple(t.dtype for t in before)
         super()._apply(fn, recurse)
         after = self._floating_tensors()
-        earlier = snapshots.get(tuple(t.dtype for t in after))
-        if earlier is not None and earlier is not before and all(
+        new_dtypes = tuple(t.dtype for t in after)
+        if new_dtypes != old_dtypes and len(after) == len(before):
+            snapshots[old_dtypes] = [
+                b.clone() if _shares_storage(b, a) else b for b, a in zip(before, after)]
+        earlier = snapshots.pop(new_dtypes, None)       # the live weights hold these dtypes now
+        if earlier is not None and new_dtypes != old_dtypes and len(earlier) == len(after) and \
+                all(e.shape == a.shape for e, a in zip(earlier, after)) and all(
                 torch.equal(e.to(b.device, b.dtype), b) for e, b in zip(earlier, before)):
             with torch.no_grad():
                 for t, e in zip(after, earlier):
                     t.copy_(e)
+        for key, values in snapshots.items():           # where the weights went (a move)
+            if len(values) == len(after):
+                snapshots[key] = [v if v.device == a.device else v.to(a.device)
+                                  for v, a in zip(values, after)]
+        self.__dict__["_versions"] = [(weakref.ref(t), _version(t)) for t in after]
         return self
 
+    def _unchanged_since_last_apply(self, tensors) -> bool:
+        """Whether `tensors` are the ones the last `_apply` left, with the same versions."""
+        versions = self.__dict__.get("_versions")
+        if versions is None:
+            return True   # no earlier _apply (or unpickled): there are no snapshots either
+        return len(versions) == len(tensors) and all(
+            ref() is t and _version(t) == version   # None: an inference tensor, unknown
+            for (ref, version), t in zip(versions, tensors))
+
     def _floating_tensors(self):
-        return [t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()]
+        return list(_floating(self))
 
     def train(self, mode: bool = True) -> "Proposal":
         # Stays in eval mode whatever the enclosing model does (BatchNorm statistics are frozen).
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.network.training:       # its owner's .train() reaches a user module: frozen
+            self.network.train(False)
         x = self._follow(x)
+        network = self._network_for_call()
         with torch.no_grad():
-            f = self._network_for_call()(x)
+            if self.dtype is not None and torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(x.device.type, enabled=False):   # the fixed dtype holds
+                    f = network(x)
+            else:
+                f = network(x)
         if isinstance(f, (list, tuple)):
+            if not f:
+                raise ValueError(f"proposal network returned no features (an empty "
+                                 f"{type(f).__name__}); it must return (B, K, h, w) or "
+                                 f"(B, K, t, h, w) features, or a list/tuple ending with them")
             f = f[-1]
         if not isinstance(f, torch.Tensor) or f.dim() not in (4, 5):
             got = type(f).__name__ if not isinstance(f, torch.Tensor) else f"shape {tuple(f.shape)}"
@@ -100,7 +151,8 @@ class Proposal(nn.Module):
         return f
 
     def _network_for_call(self) -> Callable:
-        if not self.compiled or torch.compiler.is_compiling():
+        if not _compiles(self.compiled) or torch.compiler.is_compiling() or \
+                torch.jit.is_tracing():
             return self.network
         if self.__dict__.get("_compiled_network") is None:
             options = {"dynamic": False, **(self.compiled if isinstance(self.compiled, dict) else {})}
@@ -111,8 +163,8 @@ class Proposal(nn.Module):
         """Put the network on `device`, in the dtype it runs in for images of `dtype`: the fixed
         `self.dtype` if any, else `dtype` if floating, else its own (in place, once: later calls
         find it there; the weights keep their memory format). Returns that dtype (None for a
-        network without parameters, left as it is)."""
-        param = next(self.parameters(), None)
+        network without floating parameters or buffers, left as it is)."""
+        param = next(_floating(self), None)   # a buffer for a network without parameters
         if param is None:
             return None
         floating = dtype is not None and dtype.is_floating_point
@@ -135,9 +187,48 @@ class Proposal(nn.Module):
 
 
 def _is_channels_last(module: nn.Module) -> bool:
-    """Whether the module has a 4-D parameter (a conv's weight) and the first is channels_last."""
-    weight = next((p for p in module.parameters() if p.dim() == 4), None)
+    """Whether the module has a 4-D floating parameter or buffer (a conv's weight, a fixed
+    filter) and the first is channels_last."""
+    weight = next((t for t in _floating(module) if t.dim() == 4), None)
     return weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _floating(module: nn.Module):
+    """The module's floating parameters, then its floating buffers."""
+    return (t for t in itertools.chain(module.parameters(), module.buffers())
+            if t.is_floating_point())
+
+
+def _compiles(compiled: Union[bool, dict]) -> bool:
+    """True, or any dict of torch.compile arguments (`{}`: the defaults)."""
+    return compiled is True or isinstance(compiled, dict)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """The tensor's version counter (bumped by in-place changes), None for an inference tensor
+    (made under torch.inference_mode: it has none)."""
+    return None if t.is_inference() else t._version
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device.type == "meta" or b.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _from_loading_weights(exc: BaseException) -> bool:
+    """Whether `exc` can come from fetching or loading pretrained weights: an OSError (a failed
+    download, no network, a missing local file) or anything raised inside timm's
+    `load_pretrained` / `load_custom_pretrained` (a corrupt or mismatched checkpoint); not a
+    TypeError from a bad keyword or timm's "Unknown model", raised while building."""
+    if isinstance(exc, OSError):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in ("load_pretrained", "load_custom_pretrained"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _Function(nn.Module):
@@ -158,10 +249,12 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
 
     Args:
         name: a timm model name (a ConvNet with `features_only` support), or an `nn.Module`
-            (or any callable) returning (B, K, h, w) features of the images.
+            (or any callable) returning (B, K, h, w) features of the images, or a `Proposal`
+            (returned as is: `dtype`, `compiled` and `timm_kwargs` are then refused).
         pretrained: load timm's pretrained weights (default). False gives random weights, for
             tests and demos: the selected tokens are then noise.
-        dtype: run the proposal in this dtype whatever the images' (None: follow the images).
+        dtype: run the proposal in this dtype whatever the images' and autocast (None: follow
+            the images); fp16, bf16, fp32 or fp64.
         compiled: run the network through `torch.compile` (True, or a dict of its arguments,
             e.g. `{"mode": "max-autotune"}`, or `{"mode": "reduce-overhead"}` for CUDA graphs of
             the proposal at fixed shapes): on a GPU the proposal is a large share of a pruned
@@ -171,6 +264,11 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
             file offline.
     """
     if isinstance(name, Proposal):
+        ignored = ([f"dtype={dtype}"] if dtype is not None else []) + \
+            ([f"compiled={compiled!r}"] if compiled is not False else []) + sorted(timm_kwargs)
+        if ignored:
+            raise ValueError(f"create: {', '.join(ignored)} cannot apply to an existing Proposal "
+                             f"(it is returned as is); build it with them instead")
         return name
     if not isinstance(name, str):
         if not callable(name):
@@ -191,8 +289,8 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
     try:
         network = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:
-        if not pretrained or isinstance(exc, RuntimeError) and "Unknown model" in str(exc):
-            raise
+        if not pretrained or not _from_loading_weights(exc):
+            raise   # a bad name or keyword: timm's own error
         raise RuntimeError(
             f"could not load the pretrained weights of the proposal {name!r} "
             f"({type(exc).__name__}: {exc}). Offline, give timm a local file: "

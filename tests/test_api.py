@@ -272,3 +272,58 @@ def test_the_core_needs_neither_timm_nor_triton_nor_numpy():
     assert lines[2] == "papr_kernels.timm needs timm: pip install timm (or papr_kernels[timm])"
     assert lines[3].startswith("a proposal named 'mobileone_s0' is a timm model: pip install timm")
     assert lines[4].startswith("python -m papr_kernels demo --model: papr_kernels.timm needs timm")
+
+
+# ---------------------------------------------------------------------------------------------
+# PaPr checks z, grid and backend when built; the CLI's --model
+
+
+import fractions  # noqa: E402
+
+
+class _FloatSubclass(float):
+    pass
+
+
+@pytest.mark.parametrize("z", [1, fractions.Fraction(1, 2), _FloatSubclass(0.25)],
+                         ids=["int", "fraction", "float-subclass"])
+def test_module_stores_z_as_the_checked_float(z):
+    layer = papr_kernels.PaPr(z)
+    assert type(layer.z) is float and layer.z == float(z)
+    assert f"z={float(z)}" in repr(layer)
+    x, f = _inputs()
+    assert torch.equal(layer(x, f), reference.prune(x, f, float(z)))
+
+
+def test_module_checks_and_keeps_a_given_grid():
+    x, f = _inputs()
+    layer = papr_kernels.PaPr(0.5, grid=[14, 14])
+    assert layer.grid == (14, 14) and all(type(g) is int for g in layer.grid)
+    assert torch.equal(layer(x, f), reference.prune(x, f, 0.5, grid=(14, 14)))
+    assert papr_kernels.PaPr(0.5, grid=(2, 7, 14)).grid == (2, 7, 14)
+
+
+@pytest.mark.parametrize("grid,exc,message", [
+    (14, TypeError, "grid must be None or a sequence"),
+    ("14", TypeError, "grid must be None or a sequence"),
+    ((14,), ValueError, "grid must be 2 ints .* or 3 ints"),
+    ((14, 0), ValueError, "grid must be positive"),
+    ((14.0, 14), ValueError, "grid must be 2 ints"),
+], ids=["int", "str", "rank", "zero", "float"])
+def test_module_checks_its_grid_when_built(grid, exc, message):
+    with pytest.raises(exc, match=message):
+        papr_kernels.PaPr(0.5, grid=grid)
+
+
+def test_module_checks_its_backend_when_built():
+    with pytest.raises(ValueError, match="backend must be one of .* got 'nonsense'"):
+        papr_kernels.PaPr(0.5, backend="nonsense")
+    x, f = _inputs()
+    assert torch.equal(papr_kernels.PaPr(0.5, backend="torch")(x, f), reference.prune(x, f, 0.5))
+
+
+def test_cli_rejects_an_empty_model_name(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", "", "--batch", "1", "--repeats", "1"])
+    captured = capsys.readouterr()
+    assert "--model needs a timm model name" in captured.err and captured.out == ""

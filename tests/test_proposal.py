@@ -1,10 +1,12 @@
 """The proposal's `compiled` switch (issue 12: on a GPU the proposal is a large share of a pruned
 model's time; torch.compile is the lever that keeps its output). Counted with dynamo's
 CompileCounter backend, so no Inductor compile runs here."""
+import fractions
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounter
 
@@ -85,7 +87,234 @@ def test_an_image_network_runs_channels_last_on_cpu():
     reference_features = torch.relu(network.conv(_images()))   # NCHW weights and images
     wrapped = papr_proposal.create(network)
     assert network.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    formats = []
+    network.register_forward_pre_hook(lambda m, a: formats.append(
+        (a[0].is_contiguous(memory_format=torch.channels_last), a[0].is_contiguous())))
     torch.testing.assert_close(wrapped(_images()), reference_features)
+    assert formats == [(True, False)]        # the NCHW images reached the network as NHWC
     seen = []
     papr_proposal.create(lambda x: seen.append(x.is_contiguous()) or x[:, :2])(_images())
     assert seen == [True]
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper's guarantees (frozen, follows the images, fixed dtype, tracing, compile arguments)
+
+
+class BatchNormFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 32, stride=32)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class Owner(nn.Module):
+    """A user model that keeps its proposal network in its own module tree too (after the
+    proposal: `train` reaches it last)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.proposal = papr_proposal.create(network)
+        self.network = network
+
+
+def test_a_proposal_its_owner_puts_in_training_mode_keeps_its_batchnorm_statistics():
+    owner = Owner(BatchNormFeatures())
+    bn = owner.network.bn
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    expected = owner.proposal(_images())
+    owner.train()                                   # reaches the network: it is a submodule
+    assert owner.network.training and not owner.proposal.training
+    got = owner.proposal(_images(batch=3))[:2]
+    assert not owner.network.training and not bn.training
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert int(bn.num_batches_tracked) == stats[2]
+    assert torch.equal(got, owner.proposal(_images(batch=3))[:2])
+    assert torch.equal(owner.proposal(_images()), expected)   # eval-mode (running) statistics
+
+
+class FixedFilter(nn.Module):
+    """A proposal without parameters: a fixed filter bank held in a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("kernel", torch.randn(4, 3, 32, 32,
+                                                   generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, x):
+        return F.conv2d(x, self.kernel, stride=32).abs()
+
+
+def test_a_network_with_buffers_only_follows_the_images_and_runs_channels_last():
+    network = FixedFilter()
+    expected = network(_images())                          # NCHW, fp32
+    expected_bf16 = F.conv2d(_images().bfloat16(), network.kernel.bfloat16(), stride=32).abs()
+    proposal = papr_proposal.create(network)
+    assert network.kernel.is_contiguous(memory_format=torch.channels_last)
+    formats = []
+    network.register_forward_pre_hook(lambda m, a: formats.append(
+        (a[0].dtype, a[0].is_contiguous(memory_format=torch.channels_last))))
+    torch.testing.assert_close(proposal(_images()), expected)
+    f = proposal(_images().bfloat16())
+    assert network.kernel.dtype == torch.bfloat16 and f.dtype == torch.bfloat16
+    torch.testing.assert_close(f, expected_bf16)
+    assert formats == [(torch.float32, True), (torch.bfloat16, True)]
+    assert proposal.follow(torch.device("cpu"), torch.float64) == torch.float64
+    assert network.kernel.dtype == torch.float64
+
+
+def test_a_fixed_dtype_holds_under_autocast():
+    proposal = papr_proposal.create(Features(), dtype=torch.float32)
+    plain = papr_proposal.create(Features())
+    expected = plain(_images())
+    for images in (_images(), _images().bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = proposal(images)
+        assert f.dtype == torch.float32
+        assert proposal.network.conv.weight.dtype == torch.float32
+        torch.testing.assert_close(f, plain(images.float()), rtol=0, atol=0)
+    torch.testing.assert_close(proposal(_images()), expected, rtol=0, atol=0)
+    # without a fixed dtype, autocast picks the compute dtype (bf16 here)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain(_images()).dtype == torch.bfloat16
+
+
+def test_jit_trace_runs_the_plain_network_of_a_compiled_proposal():
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    proposal = papr_proposal.create(Features(), compiled={"backend": counter})
+    traced = torch.jit.trace(proposal, _images(), check_trace=False)
+    other = _images() * 2 + 1
+    assert torch.equal(traced(other), papr_proposal.create(Features())(other))
+    assert counter.frame_count == 0 and proposal.__dict__["_compiled_network"] is None
+
+
+def test_an_empty_dict_of_compile_arguments_compiles(monkeypatch):
+    calls = []
+
+    def fake_compile(fn, **options):
+        calls.append(options)
+        return lambda x: fn(x) + 1                  # marks the features that went through it
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    images = _images()
+    expected = papr_proposal.create(Features())(images)
+    compiled = papr_proposal.create(Features(), compiled={})
+    assert torch.equal(compiled(images), expected + 1)
+    assert calls == [{"dynamic": False}]
+    assert compiled.__dict__["_compiled_network"] is not None
+    assert torch.equal(papr_proposal.create(Features(), compiled=False)(images), expected)
+    assert len(calls) == 1
+
+
+def test_create_refuses_arguments_it_would_ignore_with_an_existing_proposal():
+    proposal = papr_proposal.create(Features())
+    assert papr_proposal.create(proposal) is proposal
+    assert papr_proposal.create(proposal, pretrained=False) is proposal   # patch passes it
+    with pytest.raises(ValueError, match="dtype=torch.float64"):
+        papr_proposal.create(proposal, dtype=torch.float64)
+    with pytest.raises(ValueError, match="compiled=True"):
+        papr_proposal.create(proposal, compiled=True)
+    with pytest.raises(ValueError, match="compiled=\\{\\}"):
+        papr_proposal.create(proposal, compiled={})
+    with pytest.raises(ValueError, match="pretrained_cfg_overlay"):
+        papr_proposal.create(proposal, pretrained_cfg_overlay={})
+    assert proposal.dtype is None and proposal.compiled is False
+
+
+@pytest.mark.parametrize("dtype", ["float32", torch.int64, torch.complex64, 32])
+def test_dtype_must_be_none_or_a_floating_dtype(dtype):
+    with pytest.raises(TypeError, match="dtype must be None"):
+        papr_proposal.create(Features(), dtype=dtype)
+    assert papr_proposal.create(Features(), dtype=torch.float64).dtype == torch.float64
+
+
+def test_a_bad_timm_keyword_is_not_reported_as_a_failed_download(monkeypatch):
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TypeError, match="drop_rate_typo") as info:
+        papr_proposal.create("mobileone_s0", pretrained=True, drop_rate_typo=0.1)
+    assert "could not load the pretrained weights" not in str(info.value)
+
+
+def test_a_missing_local_weights_file_is_still_reported_with_the_offline_advice(tmp_path):
+    pytest.importorskip("timm")
+    missing = str(tmp_path / "missing.safetensors")
+    with pytest.raises(RuntimeError, match="could not load the pretrained weights of the "
+                                           "proposal 'mobileone_s0'") as info:
+        papr_proposal.create("mobileone_s0", pretrained_cfg_overlay=dict(file=missing))
+    assert "pretrained=False" in str(info.value)
+
+
+def test_an_empty_list_of_features_is_a_clear_error():
+    with pytest.raises(ValueError, match="proposal network returned no features"):
+        papr_proposal.create(lambda x: [])(_images())
+    f = papr_proposal.create(lambda x: [x[:, :1], x[:, :2, ::32, ::32]])(_images())
+    assert f.shape == (2, 2, 2, 3)                   # the last entry of a list
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots of the weights (exact round trips through another dtype)
+
+
+def _snapshot_tensors(proposal):
+    return [t for values in proposal.__dict__.get("_snapshots", {}).values() for t in values]
+
+
+def test_weights_loaded_in_an_intermediate_dtype_are_kept():
+    proposal = papr_proposal.create(Features())
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():          # weights away from fp16's subnormals: bf16 values fit fp16
+        for t in proposal.network.parameters():
+            t.copy_((torch.rand(t.shape, generator=gen) + 0.5) * torch.randn(
+                t.shape, generator=gen).sign())
+    original = proposal.network.conv.weight.detach().clone()
+    # The bf16-rounded original weights: their values survive fp16 and bf16 exactly, so only
+    # the version counters (bumped by load_state_dict) tell that they were changed.
+    checkpoint = {k: v.bfloat16() for k, v in proposal.network.state_dict().items()}
+    for k, v in checkpoint.items():
+        assert torch.equal(v.half().bfloat16(), v), k
+    proposal.half()
+    proposal.network.load_state_dict(checkpoint)
+    proposal.bfloat16()
+    proposal.float()
+    weight = proposal.network.conv.weight
+    assert not torch.equal(weight, original)
+    assert torch.equal(weight, original.bfloat16().float())
+
+
+def test_a_round_trip_without_changes_is_still_exact_across_a_move():
+    proposal = papr_proposal.create(Features())
+    original = proposal.network.conv.weight.detach().clone()
+    proposal.half()
+    proposal._apply(lambda t: t.clone())             # a move: same dtypes, new storage
+    proposal.float()
+    assert torch.equal(proposal.network.conv.weight, original)
+
+
+def test_a_move_keeps_no_copy_of_the_weights():
+    proposal = papr_proposal.create(Features())
+    proposal._apply(lambda t: t.clone())             # same dtypes: nothing to snapshot
+    assert _snapshot_tensors(proposal) == []
+    proposal.to(torch.float64)                       # the fp32 weights are kept ...
+    kept = _snapshot_tensors(proposal)
+    assert {t.dtype for t in kept} == {torch.float32} and len(kept) == 2
+    proposal.to("meta")                              # ... and go where the weights go
+    assert {t.device.type for t in _snapshot_tensors(proposal)} == {"meta"}
+    assert len(_snapshot_tensors(proposal)) == 2
+
+
+def test_a_video_network_keeps_its_memory_format():
+    """Channels_last is for image networks: a Conv3d trunk (5-D weights) is left as it is."""
+    torch.manual_seed(0)
+    network = nn.Conv3d(3, 4, (2, 32, 32), stride=(2, 32, 32))
+    video = torch.randn(2, 3, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected = network(video)
+    proposal = papr_proposal.create(network)
+    assert network.weight.is_contiguous()
+    f = proposal(video)
+    assert f.shape == (2, 4, 2, 2, 2) and torch.equal(f, expected)

@@ -326,11 +326,27 @@ def test_a_bf16_model_gets_a_bf16_proposal(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_autocast_leaves_the_proposal_to_autocast(family):
+    """Under autocast the proposal follows the images' device only: a proposal that followed
+    bf16 images stays bf16 for fp32 images (autocast picks the compute dtype), and its features
+    are autocast's; without autocast the fp32 images bring back the fp32 weights, exactly."""
     model, images = _patched(family), _images(batch=1)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(images)
-    assert model.papr_proposal.network.conv.weight.dtype == torch.float32
-    assert torch.isfinite(out.float()).all()
+    proposal = model.papr_proposal
+    weight = proposal.network.conv.weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        proposal(images.bfloat16())                    # e.g. a bf16 model sharing it
+        assert weight.dtype == torch.bfloat16
+        seen = []
+        hook = proposal.network.register_forward_hook(lambda m, a, out: seen.append(
+            (a[0].dtype, out.dtype)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images)
+        hook.remove()
+        assert weight.dtype == torch.bfloat16          # left as autocast leaves it
+        assert seen == [(torch.bfloat16, torch.bfloat16)]  # the images in the weights' dtype
+        assert torch.isfinite(out.float()).all()
+        model(images)
+    assert weight.dtype == torch.float32 and torch.equal(weight, original)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -393,3 +409,56 @@ def test_is_patched_on_every_family(family):
     assert pt.is_patched(model)
     pt.unpatch(model)
     assert not pt.is_patched(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The proposal's settings inside a patched model; what it returns
+
+
+def test_jit_trace_of_a_patched_model_with_a_compiled_proposal():
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    torch.manual_seed(1)
+    model = pt.patch(_vit(), papr_proposal.create(TinyProposal(), compiled={"backend": counter}),
+                     z=0.5)
+    images, other = _images(), _images(seed=5)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, images, check_trace=False)
+        assert torch.equal(traced(other), model(other))
+    assert counter.frame_count == 1                   # the eager call only, not the trace
+    torch._dynamo.reset()
+
+
+def test_a_fixed_float32_proposal_in_a_patched_model_under_autocast():
+    proposal = papr_proposal.create(TinyProposal(), dtype=torch.float32)
+    model = pt.patch(_vit(), proposal, z=0.5)
+    seen = []
+    proposal.network.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_images(batch=1))
+    assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("output,message", [
+    (lambda x: [], "proposal network returned no features"),
+    (lambda x: x[:, :, None, ::32, ::32], r"proposal must return \(B, K, h, w\) features for "
+                                          r"4-D images, got shape \(2, 3, 1, 7, 7\)"),
+    (lambda x: x[:1, :, ::32, ::32],
+     r"proposal must return features with the batch size of the images \(2\), got 1"),
+    (lambda x: torch.empty(x.shape[0], 3, 7, 7, device="meta"),
+     r"proposal must return features on the device of the images \(cpu\), got meta"),
+], ids=["empty-list", "5-D", "batch", "device"])
+def test_a_proposal_returning_the_wrong_thing_is_named(family, output, message):
+    model = pt.patch(FAMILIES[family](), output, z=0.5)
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        model(_images(batch=2))
+
+
+def test_cli_demo_checks_the_backend_before_it_prints_or_times(monkeypatch, capsys):
+    monkeypatch.setenv("PAPR_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(SystemExit, match="python -m papr_kernels demo: the environment variable "
+                                         "PAPR_KERNELS_BACKEND must be one of .* 'nonsense'"):
+        main(["demo", "--model", "vit_tiny_patch16_224", "--batch", "1", "--repeats", "1"])
+    assert capsys.readouterr().out == ""

@@ -71,7 +71,11 @@ class PaPrState:
     def proposal_features(self, images: torch.Tensor) -> torch.Tensor:
         """The proposal's features of `images` (the proposal follows their device and dtype:
         `Proposal`), checked against them."""
-        f = self.proposal(images)
+        f = self.proposal(images)   # a tensor: Proposal checks the type and unwraps lists
+        if f.dim() != images.dim():
+            want = "(B, K, h, w)" if images.dim() == 4 else "(B, K, t, h, w)"
+            raise ValueError(f"proposal must return {want} features for "
+                             f"{images.dim()}-D images, got shape {tuple(f.shape)}")
         if f.shape[0] != images.shape[0]:
             raise ValueError(f"proposal must return features with the batch size of the images "
                              f"({images.shape[0]}), got {f.shape[0]}")
