@@ -13,6 +13,12 @@ from papr_kernels import backends, testing
 from papr_kernels import proposal as papr_proposal
 from papr_kernels.ops import extension
 
+try:   # timm is an extra: `info` and the tensor demo run without it
+    from papr_kernels import timm as papr_timm
+    _TIMM_ERROR = None
+except ImportError as exc:
+    papr_timm, _TIMM_ERROR = None, exc
+
 
 def _version(module_name: str) -> str:
     try:
@@ -118,11 +124,9 @@ def _tokens_seen(model):
 
 def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
     """A patched timm model end to end (random weights, MobileOne-S0 proposal): images/s."""
-    try:
-        import papr_kernels.timm as papr_timm   # first: its message says what to install
-        import timm
-    except ImportError as exc:
-        raise SystemExit(f"python -m papr_kernels demo --model: {exc}") from None
+    if papr_timm is None:
+        raise SystemExit(f"python -m papr_kernels demo --model: {_TIMM_ERROR}")
+    import timm
     try:                          # the backend prune will run (PAPR_KERNELS_BACKEND), checked
         backends.pick(None, "cpu")   # before anything is built or timed
     except (ValueError, RuntimeError) as exc:

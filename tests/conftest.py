@@ -81,3 +81,29 @@ def backend(request):
     """(backend name, device) of each backend under test (BACKENDS); parametrize it indirectly
     with backend_params(...) for a subset."""
     return request.param
+
+
+def run_in_threads(fn, inputs, repeats):
+    """[fn(x) for x in inputs], each input in its own thread, all started together and each
+    calling `fn` `repeats` times (the last result kept); a thread's exception is raised here."""
+    import threading
+
+    results, errors = [None] * len(inputs), []
+    barrier = threading.Barrier(len(inputs))
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(repeats):
+                results[i] = fn(inputs[i])
+        except Exception as exc:  # raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

@@ -1,7 +1,6 @@
 """Odd memory layouts, determinism across backends, threads and memory over many calls."""
 import gc
 import resource
-import threading
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import papr_kernels
 from papr_kernels import backends, reference
 from papr_kernels.testing import assert_matches_reference
 
-from conftest import backend_params
+from conftest import backend_params, run_in_threads
 from lane_order import lane_order_map, rounding_map
 
 
@@ -76,24 +75,9 @@ def test_threads_give_serial_results(backend):
         problems.append((x, _features(batch, seed=i, size=side // 2 + 1).to(device), 0.3 + 0.05 * i))
     serial = [papr_kernels.prune(x, f, z, return_indices=True, backend=name)
               for x, f, z in problems]
-    results = [None] * len(problems)
-    errors = []
-    barrier = threading.Barrier(len(problems))
-
-    def work(i):
-        try:
-            barrier.wait()
-            for _ in range(5):
-                results[i] = papr_kernels.prune(*problems[i], return_indices=True, backend=name)
-        except Exception as exc:  # reported below, with the thread's problem
-            errors.append((i, exc))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(problems))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = run_in_threads(
+        lambda problem: papr_kernels.prune(*problem, return_indices=True, backend=name),
+        problems, repeats=5)
     for (out, idx), (ref_out, ref_idx) in zip(results, serial):
         assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
 

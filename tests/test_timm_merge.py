@@ -12,6 +12,7 @@ import papr_kernels.timm as papr_timm  # noqa: E402
 from timm.layers import Attention  # noqa: E402
 from papr_kernels import merge, reference  # noqa: E402
 from test_timm import count_block_tokens, images_for, make_proposal, reference_tokens, tiny_vit  # noqa: E402
+from conftest import run_in_threads  # noqa: E402
 
 
 def loop_merge(x, size, metric, r, num_prefix):
@@ -312,8 +313,6 @@ def test_attention_pooling_without_size_weighting_is_refused():
 
 @pytest.mark.parametrize("pool", ["avg", "map"])
 def test_weighted_pooling_under_trace_and_threads(pool):
-    import threading
-
     model = tiny_vit(depth=4, class_token=False, reg_tokens=2, global_pool=pool)
     papr_timm.patch(model, make_proposal(), z=0.5, merge_r=8)
     inputs = [images_for(model, batch=b, seed=b) for b in (2, 3, 1, 2)]
@@ -324,20 +323,7 @@ def test_weighted_pooling_under_trace_and_threads(pool):
             torch.testing.assert_close(traced(images), want)
         # forward_features then forward_head by hand uses the same sizes.
         torch.testing.assert_close(model.forward_head(model.forward_features(inputs[1])), expected[1])
-    results = [None] * len(inputs)
-    barrier = threading.Barrier(len(inputs))
-
-    def run(i):
-        barrier.wait()
-        with torch.no_grad():
-            for _ in range(3):
-                results[i] = model(inputs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_in_threads(torch.no_grad()(model), inputs, repeats=3)   # no_grad per thread
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
 

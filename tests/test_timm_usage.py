@@ -8,7 +8,6 @@ import io
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from papr_kernels import proposal as papr_proposal  # noqa: E402
 from papr_kernels import reference  # noqa: E402
 from papr_kernels.__main__ import main  # noqa: E402
 
-from conftest import requires  # noqa: E402
+from conftest import requires, run_in_threads  # noqa: E402
 
 
 class TinyProposal(nn.Module):
@@ -237,20 +236,7 @@ def test_threads_sharing_a_hierarchical_model_use_their_own_features(family):
     inputs = [_images(batch=1, seed=s) for s in range(6)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]
-    results = [None] * len(inputs)
-    barrier = threading.Barrier(len(inputs))
-
-    def run(i):
-        barrier.wait()
-        with torch.no_grad():
-            for _ in range(3):
-                results[i] = model(inputs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_in_threads(torch.no_grad()(model), inputs, repeats=3)   # no_grad per thread
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
 
