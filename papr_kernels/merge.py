@@ -107,7 +107,21 @@ def _check_merge_args(x, size, metric, r, num_prefix_tokens) -> Tuple[int, int, 
     if not num_prefix_tokens < t:
         raise ValueError(f"num_prefix_tokens must be in [0, t) = [0, {t}) (x has {t} tokens), "
                          f"got {num_prefix_tokens}")
-    return batch, t, torch.promote_types(x.dtype, torch.float32)
+    return batch, t, size_dtype(x.dtype)
+
+
+def size_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of token sizes and size-weighted sums for tokens of `dtype`: float32 (float64
+    for float64), so that x * size neither overflows fp16 nor rounds sizes above 256 in bf16."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """sum(x * size) / sum(size) over the tokens (dim 1) of x (B, t, C) with sizes (B, t, 1),
+    formed in `size_dtype`, returned in x's dtype: the mean of the tokens merged ones stand for."""
+    wdtype = size_dtype(x.dtype)
+    size = size.to(wdtype)
+    return ((x.to(wdtype) * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
 
 
 def _describe(value) -> str:

@@ -518,6 +518,7 @@ def test_build_info_names_the_abi_and_the_kernels_built():
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", info["torch"]), info  # the torch it was compiled with
     # One binary for every torch from the stable-ABI target on (the loaded torch may differ).
     assert info["stable_abi"] == "2.10" and info["python_abi"] == "cp310", info
+    assert extension.STABLE_ABI_TARGET == info["stable_abi"]   # setup.py's, restated there
     assert _version_tuple(torch.__version__) >= _version_tuple(info["stable_abi"])
     assert isinstance(info["archs"], list) and all(isinstance(a, str) for a in info["archs"])
     assert isinstance(info["ptx"], bool)

@@ -127,14 +127,15 @@ def missing_gpu_code(capability, info: Optional[dict]) -> Optional[str]:
     """None when the CUDA kernels of the build `info` run on a GPU of `capability` (major,
     minor): SASS of the same major and a lower or equal minor, or PTX of an older arch (the
     driver compiles it); else why not (every launch would fail with "no kernel image")."""
-    archs = sorted(tuple(int(v) for v in a.split(".")) for a in (info or {}).get("archs", []))
+    info = info or {}
+    archs = sorted(tuple(int(v) for v in a.split(".")) for a in info.get("archs", []))
     major, minor = capability
     if any(a[0] == major and a[1] <= minor for a in archs):
         return None
-    if archs and (info or {}).get("ptx") and archs[-1] <= (major, minor):
+    if archs and info.get("ptx") and archs[-1] <= (major, minor):
         return None
     built = ", ".join(f"sm_{a}{b}" for a, b in archs) or "no GPU"
-    return (f"the CUDA kernels were built for {built}{' + PTX' if (info or {}).get('ptx') else ''}"
+    return (f"the CUDA kernels were built for {built}{' + PTX' if info.get('ptx') else ''}"
             f", not for this GPU (sm_{major}{minor}): rebuild with "
             f"TORCH_CUDA_ARCH_LIST={major}.{minor}")
 

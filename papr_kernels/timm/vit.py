@@ -51,14 +51,6 @@ class _MergeSizes(threading.local):
 _SIZES = _MergeSizes()
 
 
-def weighted_mean(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """sum(x * size) / sum(size) over the tokens (dim 1), formed in float32 (float64 for a
-    float64 x), returned in x's dtype."""
-    wdtype = torch.promote_types(x.dtype, torch.float32)
-    size = size.to(wdtype)
-    return ((x.to(wdtype) * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
-
-
 class PaPrVisionTransformer(PatchedModel):
     """Overrides `forward_features` (and, for merging, `forward` and `pool`); put before the
     model's own class in the MRO."""
@@ -77,17 +69,15 @@ class PaPrVisionTransformer(PatchedModel):
         size = _SIZES.size if _SIZES.state is self._papr else None
         if size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
             return super().pool(x, pool_type)
-        if self.attn_pool is not None:        # 'map' (others are refused at patch time)
-            if not self.pool_include_prefix:
-                x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
-            # Proportional attention in the pooling too: (B, heads, latents, N) logits + log(size).
-            return self.attn_pool(x, attn_mask=size.log()[:, None, None, :, 0].to(x.dtype))
         pool_type = self.global_pool if pool_type is None else pool_type
-        if pool_type not in ("avg", "avgmax"):  # 'token', 'max', '': sizes change nothing
-            return super().pool(x, pool_type)
+        if self.attn_pool is None and pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)   # 'token', 'max', '': sizes change nothing
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
-        mean = weighted_mean(x, size)
+        if self.attn_pool is not None:        # 'map' (others are refused at patch time)
+            # Proportional attention in the pooling too: (B, heads, latents, N) logits + log(size).
+            return self.attn_pool(x, attn_mask=size.log()[:, None, None, :, 0].to(x.dtype))
+        mean = merge.weighted_mean(x, size)
         return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
