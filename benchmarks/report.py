@@ -57,6 +57,25 @@ def machine_line(data):
     return desc
 
 
+def combine_json(paths, out):
+    """Several pytest-benchmark JSONs of one machine (e.g. the e2e runs of tools/gpu_check.sh)
+    as one at `out`: every benchmark, the first run's machine and commit, each run's command."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    data = dict(runs[0], benchmarks=[b for run in runs for b in run["benchmarks"]])
+    commands = [run["machine_info"].get("papr_kernels", {}).get("command") for run in runs]
+    if any(commands):
+        data["machine_info"] = dict(data["machine_info"])
+        data["machine_info"]["papr_kernels"] = dict(
+            data["machine_info"].get("papr_kernels", {}),
+            command="; ".join(c or "?" for c in commands))
+    with open(out, "w") as fh:
+        json.dump(data, fh)
+    return out
+
+
 def from_json(path, command=None):
     """(meta, rows) of a pytest-benchmark JSON, rows in the CSV's columns."""
     with open(path) as fh:
@@ -412,8 +431,36 @@ E2E_GPU_TARGETS = (("vit_base_patch16_224", "eager", 1.45),
                    ("vit_small_patch16_224", "eager", 1.1))
 
 
+# Issue 17's targets: (model, z, minimum PaPr speed-up at B = 256, bf16, CUDA), eager and
+# "the same or better under torch.compile".
+E2E_GPU_HIERARCHICAL_TARGETS = (("swin_tiny_patch4_window7_224", 0.65, 1.0),
+                                ("convnext_tiny", 0.65, 1.0),
+                                ("swin_tiny_patch4_window7_224", 0.5, 1.05),
+                                ("convnext_tiny", 0.5, 1.2))
+
+
 def e2e_gpu_targets(ratios):
-    """[(target, measured, met)] of issue 12 where this run measured CUDA bf16 rows."""
+    """[(target, measured, met)] of issues 12 (ViTs) and 17 (Swin-T, ConvNeXt-T) for the
+    families this run measured in CUDA bf16; a target of a family present but a case absent
+    is "not in this run"."""
+    out = e2e_gpu_vit_targets(ratios)
+    cuda = [r for r in ratios if r["device"] == "cuda" and r["dtype"] == "bf16"]
+    if not any(r["model"] == m for r in cuda for m, _, _ in E2E_GPU_HIERARCHICAL_TARGETS):
+        return out
+    for mode in ("eager", "compile"):
+        for model, z, want in E2E_GPU_HIERARCHICAL_TARGETS:
+            t = f"{model} {mode}, B=256, z={z:g}: PaPr >= {want:g}x unpruned (issue 17)"
+            r = next((r for r in cuda if (r["model"], r["mode"], r["B"], r["z"]) ==
+                      (model, mode, 256, z)), None)
+            if r is None or r["speedup"] is None:
+                out.append((t, "not in this run", None))
+            else:
+                out.append((t, f"{r['speedup']:.2f}x", r["speedup"] >= want))
+    return out
+
+
+def e2e_gpu_vit_targets(ratios):
+    """[(target, measured, met)] of issue 12 where this run measured CUDA bf16 ViT rows."""
     gpu = [r for r in ratios if r["device"] == "cuda" and r["dtype"] == "bf16"
            and r["model"].startswith("vit_")]
     if not gpu:
@@ -521,7 +568,8 @@ def sections(meta, rows, name, link_prefix=""):
                 e2e_gpu_table(gpu), ""]
         gt = e2e_gpu_targets(gpu)
         if gt:
-            out += ["**Targets of issue 12** (CUDA, bf16):", "", targets_table(gt), ""]
+            out += ["**Targets of issues 12 and 17** (CUDA, bf16):", "", targets_table(gt),
+                    ""]
     rest = kernel_table(groups, other_keys, providers) if other_keys else ""
     return "\n".join(out), rest
 
@@ -582,18 +630,29 @@ def write_doc(doc, results_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="<machine>.json (pytest-benchmark) or <machine>.csv")
+    ap.add_argument("results", nargs="+", help="<machine>.json (pytest-benchmark) or "
+                    "<machine>.csv; several JSONs need --combined")
+    ap.add_argument("--combined", help="several JSON runs of one machine are combined into this "
+                                       "JSON first, and it is reported")
     ap.add_argument("--command", help="the command that produced the run (when not recorded)")
     ap.add_argument("--doc", help="regenerate this page (docs/performance.md) from every CSV "
                                   "in the results' folder")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    stem = build(args.results, make_plot=not args.no_plot, command=args.command)
-    made = ([".csv"] if args.results.endswith(".json") else []) + [".md"] + \
+    if args.combined:
+        if not all(p.endswith(".json") for p in args.results):
+            ap.error("--combined takes pytest-benchmark JSONs")
+        results = combine_json(args.results, args.combined)
+    elif len(args.results) > 1:
+        ap.error("several results need --combined PATH.json")
+    else:
+        results = args.results[0]
+    stem = build(results, make_plot=not args.no_plot, command=args.command)
+    made = ([".csv"] if results.endswith(".json") else []) + [".md"] + \
         ([] if args.no_plot else [".png"])
     print(f"wrote {stem}{{{','.join(made)}}}")
     if args.doc:
-        write_doc(args.doc, os.path.dirname(os.path.abspath(args.results)))
+        write_doc(args.doc, os.path.dirname(os.path.abspath(results)))
         print(f"regenerated {args.doc}")
     return 0
 

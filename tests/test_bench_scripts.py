@@ -1,6 +1,7 @@
 """The GPU per-call benchmark (benchmarks/per_call_gpu.py) runs end to end in its CPU dry run, so
 that a lent GPU, which is rare, gets a script that works: every provider timed forward and
 forward + backward, and the tables built from the timings."""
+import json
 import os
 import sys
 
@@ -10,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
 import per_call_gpu  # noqa: E402
+import report  # noqa: E402
 from conftest import requires  # noqa: E402
 
 
@@ -42,3 +44,65 @@ def test_per_call_triton_python_path_restores_the_kernels():
         "| forward", "| forward + backward", "| cpp forward (kernels run)"]
     assert all(float(line.split(" | ")[1].split()[0]) > 0 for line in lines[2:])
     assert (triton_prune._prune_fwd_kernel, triton_prune._prune_bwd_kernel) == kernels
+
+
+def _e2e_gpu_run(path, command, cases):
+    """A pytest-benchmark JSON of test_e2e_gpu cases: (model, mode, B, provider, z, median_s)."""
+    benchmarks = [{
+        "name": f"test_e2e_gpu[{model}-bf16-{mode}-B{batch}-{provider}]",
+        "stats": {"median": 2 * median, "iqr": 0.0, "rounds": 10},   # wall: the events win
+        "extra_info": dict(suite="e2e-gpu", model=model, shape=model, batch=batch,
+                           provider=provider, z=z, mode=mode, dtype="bf16", device="cuda",
+                           event_median_s=median)}
+        for model, mode, batch, provider, z, median in cases]
+    machine = {"papr_kernels": {"slug": "cuda-nvidia-h200", "device": "cuda", "gpu": "NVIDIA H200",
+                                "command": command}}
+    with open(path, "w") as fh:
+        json.dump({"machine_info": machine, "commit_info": {"id": "0123456789abcdef"},
+                   "datetime": "2026-12-02T03:00:00", "benchmarks": benchmarks}, fh)
+    return str(path)
+
+
+def test_report_combines_the_e2e_runs_and_checks_the_targets_of_issues_12_and_17(tmp_path):
+    vit, swin = "vit_base_patch16_224", "swin_tiny_patch4_window7_224"
+    eager = _e2e_gpu_run(tmp_path / "eager.json", "pytest eager", [
+        (vit, "eager", 256, "unpruned", 1.0, 0.024),
+        (vit, "eager", 256, "papr-z0.5", 0.5, 0.015),
+        (vit, "eager", 256, "bound-z0.5", 0.5, 0.013),
+        (vit, "eager", 256, "proposal", None, 0.003),
+        (swin, "eager", 256, "unpruned", 1.0, 0.010),
+        (swin, "eager", 256, "papr-z0.65", 0.65, 0.0095),
+        (swin, "eager", 256, "papr-z0.5", 0.5, 0.0096)])
+    compiled = _e2e_gpu_run(tmp_path / "compile.json", "pytest compile", [
+        (vit, "compile", 256, "unpruned", 1.0, 0.020),
+        (vit, "compile", 256, "papr-z0.5", 0.5, 0.0124)])
+    combined = str(tmp_path / "all.json")
+    assert report.main([eager, compiled, "--combined", combined, "--no-plot"]) == 0
+    md = (tmp_path / "all.md").read_text()
+    assert "command: `pytest eager; pytest compile`" in md
+    cells = [line.split(" | ") for line in md.splitlines() if line.startswith("| ")]
+    rows = {(c[0][2:], c[2]): c for c in cells if len(c) == 12}
+    # 256 images / 15 ms; speed-up 24 / 15 and 20 / 12.4; PaPr / bound 13 / 15; proposal 3 / 15
+    assert rows[(vit, "eager")][3:] == ["256", "0.5", "10667", "19692", "17067", "1.60x", "1.85x",
+                                        "0.87", "20% |"]
+    assert rows[(vit, "compile")][8] == "1.61x"
+    targets = {c[0][2:]: c[1:] for c in cells if len(c) == 3}
+    assert targets[f"{vit} eager, B=256, z=0.5: PaPr >= 1.45x unpruned"] == ["1.60x", "yes |"]
+    assert targets[f"{vit} compile, B=256, z=0.5: PaPr >= 1.6x unpruned"] == ["1.61x", "yes |"]
+    assert targets[f"{vit} eager, B=256, z=0.5: PaPr / bound >= 0.8"] == ["0.87", "yes |"]
+    # issue 17: 10 / 9.5 and 10 / 9.6; ConvNeXt-T and the compiled hierarchical rows absent
+    assert targets[f"{swin} eager, B=256, z=0.65: PaPr >= 1x unpruned (issue 17)"] == \
+        ["1.05x", "yes |"]
+    assert targets[f"{swin} eager, B=256, z=0.5: PaPr >= 1.05x unpruned (issue 17)"] == \
+        ["1.04x", "no |"]
+    assert targets["convnext_tiny eager, B=256, z=0.5: PaPr >= 1.2x unpruned (issue 17)"] == \
+        ["not in this run", "not measured |"]
+    assert targets[f"{swin} compile, B=256, z=0.65: PaPr >= 1x unpruned (issue 17)"] == \
+        ["not in this run", "not measured |"]
+
+
+def test_report_refuses_several_results_without_a_combined_path(tmp_path):
+
+    runs = [_e2e_gpu_run(tmp_path / f"{i}.json", "pytest", []) for i in range(2)]
+    with pytest.raises(SystemExit):
+        report.main(runs)
