@@ -3,6 +3,8 @@ that a lent GPU, which is rare, gets a script that works: every provider timed f
 forward + backward, and the tables built from the timings."""
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -106,3 +108,28 @@ def test_report_refuses_several_results_without_a_combined_path(tmp_path):
     runs = [_e2e_gpu_run(tmp_path / f"{i}.json", "pytest", []) for i in range(2)]
     with pytest.raises(SystemExit):
         report.main(runs)
+
+
+def test_gpu_check_dry_run_measures_the_checkout_and_brings_back_every_table(tmp_path):
+    """tools/gpu_check.sh percall e2e, as the lent GPU runs it (python3 without this package
+    installed: `-S` leaves out the editable install's .pth) on tiny CPU cases: both per-call
+    tables and the end-to-end tables on stdout (only the output's tail comes back), and in $OUT
+    at most 8 plain files with plain names (what the device tool brings back)."""
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", OUT=str(tmp_path / "out"),
+               PY=f"{sys.executable} -S", PYTHONPATH=os.pathsep.join(site))
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    run = subprocess.run(["bash", "tools/gpu_check.sh", "percall", "e2e"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    out = run.stdout
+    assert out.count("| dtype | B | floor GPU | user eager host / GPU | auto (cpp) host / GPU |") \
+        == 2, out + run.stderr
+    assert "| fp32 | 2 | - | " in out
+    assert "bench-e2e-gpu rc=0" in out and "bench-e2e-gpu-hierarchical rc=0" in out
+    table = out[out.index("**End to end, side by side**"):]
+    assert "| vit_tiny_patch16_224-depth2 | fp32 | eager | 1 | 0.5 |" in table
+    assert "| convnext_atto-depths1111 | fp32 | eager | 1 | 0.5 |" in table
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
+    assert {"bench-e2e-gpu.json", "bench-e2e-gpu-hierarchical.json", "per-call-gpu.md"} <= \
+        set(files)
