@@ -18,6 +18,9 @@ the bound of any pruner and the proposal alone; `tools/gpu_check.sh e2e` / `e2e-
 """
 import copy
 import functools
+import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -215,8 +218,9 @@ def gpu_cases(device, quick):
         vit = _is_vit(model)
         zs = (0.5,) if quick else GPU_Z if vit else HIERARCHICAL_GPU_Z
         dtypes = ("fp32",) if device != "cuda" else ("bf16",) if vit else ("bf16", "fp32")
-        provs = ["unpruned"] + ([f"bound-z{z}" for z in zs] if vit else []) + \
-            [f"papr-z{z}" for z in zs] + ["proposal"]
+        # PaPr before its bound at each z: a run stopped by its timeout keeps the pairs it timed
+        provs = ["unpruned"] + [p for z in zs for p in (f"papr-z{z}", f"bound-z{z}")
+                                if vit or p.startswith("papr")] + ["proposal"]
         cases += [(model, dtype, mode, b, p) for dtype in dtypes for mode in modes
                   for b in batches for p in provs]
         if model == COMPILED_PROPOSAL_MODEL and "eager" in modes:
@@ -259,7 +263,7 @@ class BoundViT(torch.nn.Module):
         return v.forward_head(x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)   # cases come model by model: one model on the device at a time
 def _gpu_models(device, model_name, quick, dtype):
     """(unpruned, patched copy) of one model in `dtype`, random weights."""
     from papr_kernels import timm as papr_timm
@@ -325,8 +329,7 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
             return fn(img)
 
     timed = pb.Timed(run, device)
-    for _ in range(warmup):   # compiles (compile mode), loads kernels, picks cuDNN algorithms
-        timed()
+    rounds = warm_up(timed, warmup, quick)
     pb.sync(device)
     timed.event_times_s.clear()
     benchmark.group = f"e2e-gpu {model_name} {mode} B={batch}"
@@ -335,6 +338,31 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
         shape=model_name if not quick else _quick_id(model_name), batch=batch,
         provider=provider, z=z, mode=mode, dtype=dtype_name,
         device=device, proposal="mobileone_s0", pipeline=pipeline, backend=backend)
-    benchmark.pedantic(timed, rounds=2 if quick else 10, warmup_rounds=0)
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0)
     if timed.event_median_s() is not None:
         benchmark.extra_info["event_median_s"] = timed.event_median_s()
+
+
+# Warm-up and rounds of a GPU case: each model's first case (unpruned) follows seconds of model
+# set-up on the host, with the GPU idle and its clocks down; a few ms of warm-up would time it
+# partly at idle clocks and inflate every speed-up over it.
+GPU_WARMUP_S = 0.1
+GPU_TIMED_S = 0.25
+GPU_ROUNDS = (10, 50)
+
+
+def warm_up(timed, calls, quick):
+    """Runs `timed` `calls` times (compiles, loads kernels), then (not in quick mode) until
+    GPU_WARMUP_S more have passed; returns the rounds to time: 2 in quick mode, else enough for
+    GPU_TIMED_S within GPU_ROUNDS."""
+    for _ in range(calls):
+        timed()
+    if quick:
+        return 2
+    first, start, loops = len(timed.event_times_s), time.perf_counter(), 0
+    while time.perf_counter() - start < GPU_WARMUP_S:
+        timed()
+        loops += 1
+    recent = timed.event_times_s[first:]   # CUDA events; wall time elsewhere
+    per_call = statistics.median(recent) if recent else (time.perf_counter() - start) / loops
+    return min(GPU_ROUNDS[1], max(GPU_ROUNDS[0], math.ceil(GPU_TIMED_S / per_call)))

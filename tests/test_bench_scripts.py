@@ -4,8 +4,10 @@ forward + backward, and the tables built from the timings."""
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -133,3 +135,50 @@ def test_gpu_check_dry_run_measures_the_checkout_and_brings_back_every_table(tmp
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
     assert {"bench-e2e-gpu.json", "bench-e2e-gpu-hierarchical.json", "per-call-gpu.md"} <= \
         set(files)
+
+
+class _FakeTimed:
+    """Stands for papr_bench.Timed on a GPU: each call takes `seconds[i]` (the last repeats)
+    and records it as its CUDA-event time."""
+
+    def __init__(self, seconds):
+        self.seconds, self.event_times_s = list(seconds), []
+
+    def __call__(self):
+        s = self.seconds[min(len(self.event_times_s), len(self.seconds) - 1)]
+        time.sleep(s)
+        self.event_times_s.append(s)
+
+    def event_median_s(self):
+        return statistics.median(self.event_times_s)
+
+
+def test_e2e_gpu_warms_up_past_idle_clocks_and_times_enough_rounds():
+    test_e2e = pytest.importorskip("test_e2e")   # needs timm
+    # a first call that compiles (0.5 s), then 2 ms calls: 0.1 s more of warm-up, and rounds
+    # for 0.25 s of them capped at 50 (the compile call does not count)
+    timed = _FakeTimed([0.5, 0.002])
+    assert test_e2e.warm_up(timed, 1, quick=False) == 50
+    assert len(timed.event_times_s) > 10   # ~0.1 s of 2 ms calls (sleep overshoots)
+    # 60 ms calls (ViT-L at B = 256): at least 10 rounds
+    timed = _FakeTimed([0.06])
+    assert test_e2e.warm_up(timed, 1, quick=False) == 10 and len(timed.event_times_s) >= 3
+    # 20 ms: 0.25 / 0.02 rounds
+    assert test_e2e.warm_up(_FakeTimed([0.02]), 3, quick=False) == 13
+    timed = _FakeTimed([0.002])
+    assert test_e2e.warm_up(timed, 1, quick=True) == 2 and len(timed.event_times_s) == 1
+
+
+def test_e2e_gpu_cases_time_each_papr_before_its_bound_one_model_at_a_time():
+    test_e2e = pytest.importorskip("test_e2e")
+    cases = test_e2e.gpu_cases("cuda", quick=False)
+    vit_b = [p for m, dt, mode, b, p in cases
+             if (m, mode, b) == ("vit_base_patch16_224", "compile", 256)]
+    assert vit_b == ["unpruned", "papr-z0.7", "bound-z0.7", "papr-z0.5", "bound-z0.5",
+                     "papr-z0.3", "bound-z0.3", "proposal"]
+    swin = [p for m, dt, mode, b, p in cases
+            if (m, dt, mode, b) == ("swin_tiny_patch4_window7_224", "bf16", "eager", 256)]
+    assert swin == ["unpruned", "papr-z0.65", "papr-z0.5", "proposal"]
+    models = [m for m, *_ in cases]
+    assert [m for i, m in enumerate(models) if i == 0 or models[i - 1] != m] == \
+        list(test_e2e.GPU_MODELS)   # each model's cases together (one model cached at a time)
