@@ -182,12 +182,20 @@ def sync(device: str) -> None:
 def time_per_call(fn: Callable, calls: int, device: str = "cpu") -> float:
     """Wall seconds per call of `calls` calls issued back to back (synchronised before and after
     on CUDA: what a Python loop sees)."""
+    return issue_and_wall_per_call(fn, calls, device)[1]
+
+
+def issue_and_wall_per_call(fn: Callable, calls: int, device: str = "cpu") -> Tuple[float, float]:
+    """(issue, wall) seconds per call of `calls` calls issued back to back: issue until the last
+    call returns (the host's own cost; on CUDA the GPU may still be running them), wall until the
+    device is done too (the larger of the host's and the GPU's time)."""
     sync(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    issued = time.perf_counter()
     sync(device)
-    return (time.perf_counter() - start) / calls
+    return (issued - start) / calls, (time.perf_counter() - start) / calls
 
 
 def calls_per_block(fn: Callable, target_s: float, device: str = "cpu") -> int:

@@ -26,6 +26,9 @@ def test_per_call_gpu_dry_run_times_every_provider_and_reports_the_targets(f_lay
     for t in times.values():
         assert len(t["host"]) == 2 and min(t["host"]) > 0
         assert len(t["fwdbwd"]) == 2 and min(t["fwdbwd"]) > 0
+        # the host's own time: the same calls, read before the synchronize
+        assert all(0 < i <= w for i, w in zip(t["issue"], t["host"]))
+        assert all(0 < i <= w for i, w in zip(t["fwdbwd_issue"], t["fwdbwd"]))
         assert t["gpu"] is None                              # CUDA graphs: on a GPU only
     results = {("fp32", 2): times}
     table = per_call_gpu.table(results, "cpp")
@@ -34,7 +37,8 @@ def test_per_call_gpu_dry_run_times_every_provider_and_reports_the_targets(f_lay
     assert table.splitlines()[2].startswith("| fp32 | 2 | - | ")
     targets = per_call_gpu.targets(results).splitlines()[2]
     host_us = per_call_gpu._med(times["auto"]["host"]) * 1e6
-    assert targets.startswith(f"| fp32 | 2 | {host_us:.1f} us (")
+    alone_us = per_call_gpu._med(times["auto"]["issue"]) * 1e6
+    assert targets.startswith(f"| fp32 | 2 | {alone_us:.1f} us, {host_us:.1f} us (")
 
 
 @requires("cpp", "cpu")
