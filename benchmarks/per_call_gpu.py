@@ -53,11 +53,13 @@ def forward_providers(device: str) -> Dict[str, Callable]:
 
 
 def with_backward(name: str, fn: Callable) -> Callable:
-    """fn(x, f) -> a callable of forward + backward (x requiring grad)."""
+    """fn(x, f) -> a callable of forward + backward (x requiring grad), each from no gradient
+    (as after `optimizer.zero_grad()`): accumulating into x.grad would add a pass over x."""
     def run(x, f, grad):
         if name == "floor":
             out, _ = fn(x, f)
             return pb.floor_bwd(grad, SHAPE.num_tokens)
+        x.grad = None
         fn(x, f).backward(grad)
     return run
 
@@ -108,6 +110,10 @@ def measure(dtype: torch.dtype, batch: int, rounds: int, device: str,
                 print(f"B = {batch} {dtype}: no CUDA graph of {name}: {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}")
                 torch.cuda.synchronize()
+    for name in fwd:   # compiles, autograd and allocator set-up: out of the blocks' sizing
+        for _ in range(3):
+            fwd[name]()
+            both[name]()
     calls = {name: (pb.calls_per_block(fwd[name], 2e-3, device),
                     pb.calls_per_block(both[name], 2e-3, device))
              for name in fwd}
