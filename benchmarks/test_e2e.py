@@ -278,6 +278,13 @@ def _gpu_models(device, model_name, quick, dtype):
     return model, patched
 
 
+@functools.lru_cache(maxsize=1)   # consecutive cases share it (B = 256: ~0.3 s of randn on a CPU)
+def gpu_images(batch, device, dtype):
+    """Random (batch, 3, 224, 224) images in `dtype` on `device`, the same for every provider."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, 224, 224, generator=gen).to(device, dtype)
+
+
 def _allow_recompiles():
     import torch._dynamo
     # Every (model, provider, batch, z) is its own static graph: let them all compile, so that
@@ -298,8 +305,7 @@ def _proposal_runner(patched):
 def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, provider):
     dtype = GPU_DTYPES[dtype_name]
     unpruned, patched = _gpu_models(device, model_name, quick, dtype)
-    img = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(
-        device, dtype)
+    img = gpu_images(batch, device, dtype)
     compiled_proposal = provider.endswith("-cp")
     provider_base = provider[:-len("-cp")] if compiled_proposal else provider
     z = None if provider_base == "proposal" else 1.0 if provider == "unpruned" else \

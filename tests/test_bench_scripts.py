@@ -210,6 +210,14 @@ def test_e2e_gpu_warms_up_past_idle_clocks_and_times_enough_rounds():
     assert test_e2e.warm_up(timed, 1, quick=True) == 2 and len(timed.event_times_s) == 1
 
 
+def test_e2e_gpu_cases_share_their_images_drawn_once():
+    test_e2e = pytest.importorskip("test_e2e")
+    images = test_e2e.gpu_images(2, "cpu", torch.bfloat16)
+    expected = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    assert images.dtype == torch.bfloat16 and torch.equal(images, expected.bfloat16())
+    assert test_e2e.gpu_images(2, "cpu", torch.bfloat16) is images   # not drawn again
+
+
 def test_e2e_gpu_cases_time_each_papr_before_its_bound_one_model_at_a_time():
     test_e2e = pytest.importorskip("test_e2e")
     cases = test_e2e.gpu_cases("cuda", quick=False)
