@@ -124,15 +124,23 @@ echo "compile bench rc=$? in $((SECONDS - start)) s"
 fi
 # Issue 14: host and GPU (CUDA graph) time per call of every backend, the floor and the user's
 # eager code, forward and forward+backward, bf16 and fp32, B = 1/64/256/1024 (about a minute).
+# per_call_tables FROM: what per_call_gpu.py appended to per-call-gpu.md from line FROM on: its
+# heading and final tables, or (stopped by its timeout) the rows it measured. The output's tail
+# that comes back is short: no row twice.
+per_call_tables() {
+    local part; part=$(tail -n +"$1" "$OUT/per-call-gpu.md")
+    if grep -q "^| dtype" <<<"$part"; then sed -n '1p;/^| dtype/,$p' <<<"$part"; else echo "$part"; fi
+}
 if step percall; then
 start=$SECONDS
 timeout 200 $PY benchmarks/per_call_gpu.py $PERCALL_CPU >"$OUT/per-call-gpu.md" \
     2>"$OUT/per-call-gpu.log"
-echo "per-call rc=$? in $((SECONDS - start)) s"; cat "$OUT/per-call-gpu.md"
+echo "per-call rc=$? in $((SECONDS - start)) s"; per_call_tables 1
 # f as the proposal hands it over (channels_last): read without a copy since 2026-11-30
+from=$(( $(wc -l <"$OUT/per-call-gpu.md") + 1 ))
 timeout 80 $PY benchmarks/per_call_gpu.py --f-layout channels_last --dtypes bf16 \
     --batches 64 256 $PERCALL_CPU >>"$OUT/per-call-gpu.md" 2>>"$OUT/per-call-gpu.log"
-echo "per-call channels_last rc=$? in $((SECONDS - start)) s"; tail -12 "$OUT/per-call-gpu.md"
+echo "per-call channels_last rc=$? in $((SECONDS - start)) s"; per_call_tables "$from"
 tail -5 "$OUT/per-call-gpu.log"
 fi
 # Issues 12 and 17: side by side in one process per run (CUDA-event medians of >= 10 rounds).
