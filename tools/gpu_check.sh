@@ -43,7 +43,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # A step's timeout sends SIGINT first: pytest then reports the failures so far and
 # pytest-benchmark writes the JSON of what was measured (SIGTERM lost both); SIGKILL 20 s later.
 STOP="timeout -s INT -k 20"
-{ nvidia-smi -L; nproc; $PY -c "import torch, triton, timm, sys; print(sys.version); \
+# The card as found (its clocks are never changed here: METHOD.md), read before and after timing.
+gpu_state() {
+    nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
+        --format=csv,noheader 2>/dev/null |
+        sed "s/^/GPU state $1 (SM, max SM, memory clocks, temperature, power): /"
+}
+{ nvidia-smi -L; gpu_state "at start"; nproc; $PY -c "import torch, triton, timm, sys; print(sys.version); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, \
 'timm', timm.__version__, *((torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)) \
 if torch.cuda.is_available() else ('no CUDA device',)))"
@@ -172,6 +178,7 @@ e2e_run bench-e2e-gpu 170 "test_e2e_gpu and eager and vit_ and $BF16 and not cp"
 e2e_run bench-e2e-gpu-hierarchical 120 "test_e2e_gpu and eager and not vit_ and $BF16"
 e2e_run bench-e2e-gpu-compile 300 "$COMPILE_CASES"
 E2E_END=
+gpu_state "after the e2e runs"
 fi
 if step e2e-compile && ! step e2e; then
 e2e_run bench-e2e-gpu-compile 300 "$COMPILE_CASES"
