@@ -361,6 +361,7 @@ E2E_GPU = "e2e-gpu"
 
 
 COMPILED_PROPOSAL = "-cp"  # provider suffix: the proposal run with Proposal(compiled=True)
+UNPRUNED_AGAIN = "unpruned-again"  # the unpruned model timed again, last in its group
 
 
 def e2e_gpu_groups(rows):
@@ -392,7 +393,7 @@ def e2e_gpu_ratios(groups):
         g = groups[key]
         zs = sorted({p.split("z", 1)[1] for p in g if p.startswith(("papr-z", "bound-z"))},
                     key=float, reverse=True)
-        base, prop = g.get("unpruned"), g.get("proposal")
+        base, prop, again = g.get("unpruned"), g.get("proposal"), g.get(UNPRUNED_AGAIN)
         for z in zs:
             papr, bound = g.get(f"papr-z{z}"), g.get(f"bound-z{z}")
             batch = key[3]
@@ -403,7 +404,8 @@ def e2e_gpu_ratios(groups):
                 speedup=base / papr if base and papr else None,
                 bound_speedup=base / bound if base and bound else None,
                 papr_vs_bound=bound / papr if bound and papr else None,
-                proposal_share=prop / papr if prop and papr else None))
+                proposal_share=prop / papr if prop and papr else None,
+                drift=again / base - 1 if again and base else None))
     return out
 
 
@@ -412,15 +414,16 @@ def e2e_gpu_table(ratios):
         return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
     lines = ["| model | dtype | mode | B | z | unpruned img/s | bound img/s | PaPr img/s | "
-             "PaPr speed-up | bound speed-up | PaPr / bound | proposal share |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "PaPr speed-up | bound speed-up | PaPr / bound | proposal share | unpruned drift |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ratios:
         share = "-" if r["proposal_share"] is None else f"{100 * r['proposal_share']:.0f}%"
+        drift = "-" if r["drift"] is None else f"{100 * r['drift']:+.1f}%"
         pvb = "-" if r["papr_vs_bound"] is None else f"{r['papr_vs_bound']:.2f}"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['B']} | {r['z']:g} | "
                      f"{ips(r['unpruned'])} | {ips(r['bound'])} | {ips(r['papr'])} | "
                      f"{fmt_ratio(r['speedup'])} | {fmt_ratio(r['bound_speedup'])} | {pvb} | "
-                     f"{share} |")
+                     f"{share} | {drift} |")
     return "\n".join(lines)
 
 
@@ -564,7 +567,9 @@ def sections(meta, rows, name, link_prefix=""):
         out += ["**End to end, side by side** (suite e2e-gpu: images/s with the proposal's cost "
                 "included; speed-ups over unpruned; bound: the same model keeping the first k "
                 "patch tokens at zero cost, ViTs only; PaPr / bound: PaPr's images/s over the "
-                "bound's; proposal share: the proposal network alone over PaPr's time):", "",
+                "bound's; proposal share: the proposal network alone over PaPr's time; "
+                "unpruned drift: the unpruned model timed again after the others, over its "
+                "first time, minus 1: speed-ups closer to a target than it are noise):", "",
                 e2e_gpu_table(gpu), ""]
         gt = e2e_gpu_targets(gpu)
         if gt:

@@ -173,6 +173,8 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
 # selection: `-k "test_e2e_gpu and compile"`), one provider per case, every ratio of two medians
 # of one process:
 #   unpruned      the timm model as is
+#   unpruned-again  the same, timed last: its time over the first one's is the drift over the
+#                 group (METHOD.md: time the same version twice; a smaller difference is noise)
 #   bound-z<z>    ViTs only: the same model keeping the first k patch tokens at zero cost (a
 #                 view, no proposal, no selection): the best any pruner can do at that z
 #   papr-z<z>     `papr_kernels.timm.patch(copy, proposal, z)`, the proposal's cost included
@@ -193,6 +195,7 @@ HIERARCHICAL_GPU_Z = (0.65, 0.5)
 GPU_MODES = ("eager", "compile")
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILED_PROPOSAL_MODEL = "vit_base_patch16_224"
+UNPRUNED_AGAIN = "unpruned-again"
 
 
 def _quick_id(name):
@@ -220,7 +223,7 @@ def gpu_cases(device, quick):
         dtypes = ("fp32",) if device != "cuda" else ("bf16",) if vit else ("bf16", "fp32")
         # PaPr before its bound at each z: a run stopped by its timeout keeps the pairs it timed
         provs = ["unpruned"] + [p for z in zs for p in (f"papr-z{z}", f"bound-z{z}")
-                                if vit or p.startswith("papr")] + ["proposal"]
+                                if vit or p.startswith("papr")] + ["proposal", UNPRUNED_AGAIN]
         cases += [(model, dtype, mode, b, p) for dtype in dtypes for mode in modes
                   for b in batches for p in provs]
         if model == COMPILED_PROPOSAL_MODEL and "eager" in modes:
@@ -308,12 +311,12 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
     img = gpu_images(batch, device, dtype)
     compiled_proposal = provider.endswith("-cp")
     provider_base = provider[:-len("-cp")] if compiled_proposal else provider
-    z = None if provider_base == "proposal" else 1.0 if provider == "unpruned" else \
+    z = None if provider_base == "proposal" else 1.0 if provider.startswith("unpruned") else \
         float(provider_base.split("z")[1])
     patched.papr_proposal.compiled = compiled_proposal
     backend = None
-    if provider == "unpruned":
-        fn, pipeline = unpruned, "timm forward"
+    if provider.startswith("unpruned"):
+        fn, pipeline = unpruned, "timm forward" + (", again (last)" if provider != "unpruned" else "")
     elif provider.startswith("bound"):
         fn, pipeline = BoundViT(unpruned, z), "first k patch tokens (a view)"
     elif provider_base == "proposal":
