@@ -4,6 +4,7 @@ forward + backward, and the tables built from the timings."""
 import json
 import os
 import re
+import site
 import statistics
 import subprocess
 import sys
@@ -156,14 +157,14 @@ def test_report_refuses_several_results_without_a_combined_path(tmp_path):
         report.main(runs)
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_measures_the_checkout_and_brings_back_every_table(tmp_path):
     """tools/gpu_check.sh percall e2e, as the lent GPU runs it (python3 without this package
     installed: `-S` leaves out the editable install's .pth) on tiny CPU cases: both per-call
     tables and the end-to-end tables on stdout (only the output's tail comes back), and in $OUT
     at most 8 plain files with plain names (what the device tool brings back)."""
-    site = [p for p in sys.path if p.endswith("site-packages")]
     env = dict(os.environ, GPU_CHECK_DEVICE="cpu", OUT=str(tmp_path / "out"),
-               PY=f"{sys.executable} -S", PYTHONPATH=os.pathsep.join(site))
+               PY=f"{sys.executable} -S", PYTHONPATH=os.pathsep.join(site.getsitepackages()))
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     run = subprocess.run(["bash", "tools/gpu_check.sh", "percall", "e2e"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
