@@ -59,11 +59,18 @@ def machine_line(data):
 
 def combine_json(paths, out):
     """Several pytest-benchmark JSONs of one machine (e.g. the e2e runs of tools/gpu_check.sh)
-    as one at `out`: every benchmark, the first run's machine and commit, each run's command."""
+    as one at `out`: every benchmark, the first run's machine and commit, each run's command.
+    A file that is not a complete JSON (a run killed while writing it) is named on stderr and
+    left out: the other runs are still reported."""
     runs = []
     for path in paths:
-        with open(path) as fh:
-            runs.append(json.load(fh))
+        try:
+            with open(path) as fh:
+                runs.append(json.load(fh))
+        except ValueError as exc:
+            print(f"report.py: {path} left out, not a complete JSON ({exc})", file=sys.stderr)
+    if not runs:
+        raise SystemExit(f"report.py: no readable JSON among {', '.join(paths)}")
     data = dict(runs[0], benchmarks=[b for run in runs for b in run["benchmarks"]])
     commands = [run["machine_info"].get("papr_kernels", {}).get("command") for run in runs]
     if any(commands):

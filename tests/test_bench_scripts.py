@@ -150,6 +150,18 @@ def test_report_combines_the_e2e_runs_and_checks_the_targets_of_issues_12_and_17
         ["not in this run", "not measured |"]
 
 
+def test_report_combines_the_runs_it_can_read(tmp_path, capsys):
+    vit = "vit_base_patch16_224"
+    whole = _e2e_gpu_run(tmp_path / "a.json", "pytest a", [
+        (vit, "eager", 256, "unpruned", 1.0, 0.024), (vit, "eager", 256, "papr-z0.5", 0.5, 0.015)])
+    cut = tmp_path / "b.json"
+    cut.write_text(open(whole).read()[:100])   # a run killed while pytest-benchmark wrote it
+    assert report.main([whole, str(cut), "--combined", str(tmp_path / "all.json"),
+                        "--no-plot"]) == 0
+    assert f"{cut} left out, not a complete JSON" in capsys.readouterr().err
+    assert "| eager | 256 | 0.5 | 10667 | - | 17067 | 1.60x |" in (tmp_path / "all.md").read_text()
+
+
 def test_report_refuses_several_results_without_a_combined_path(tmp_path):
 
     runs = [_e2e_gpu_run(tmp_path / f"{i}.json", "pytest", []) for i in range(2)]

@@ -129,7 +129,8 @@ $STOP 300 $BENCH benchmarks/test_prune.py --benchmark-json="$OUT/bench-compile.j
 echo "compile bench rc=$? in $((SECONDS - start)) s"
 fi
 # Issue 14: host and GPU (CUDA graph) time per call of every backend, the floor and the user's
-# eager code, forward and forward+backward, bf16 and fp32, B = 1/64/256/1024 (about a minute).
+# eager code, forward and forward+backward, bf16 and fp32, B = 1/64/256/1024 (about a minute;
+# the timeouts of tests and percall, 280 + 230 s at most, fit one 10-minute call).
 # per_call_tables FROM: what per_call_gpu.py appended to per-call-gpu.md from line FROM on: its
 # heading and final tables, or (stopped by its timeout) the rows it measured. The output's tail
 # that comes back is short: no row twice.
@@ -139,7 +140,7 @@ per_call_tables() {
 }
 if step percall; then
 start=$SECONDS
-timeout 200 $PY benchmarks/per_call_gpu.py $PERCALL_CPU >"$OUT/per-call-gpu.md" \
+timeout 150 $PY benchmarks/per_call_gpu.py $PERCALL_CPU >"$OUT/per-call-gpu.md" \
     2>"$OUT/per-call-gpu.log"
 echo "per-call rc=$? in $((SECONDS - start)) s"; per_call_tables 1
 # f as the proposal hands it over (channels_last): read without a copy since 2026-11-30
