@@ -316,7 +316,8 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
     patched.papr_proposal.compiled = compiled_proposal
     backend = None
     if provider.startswith("unpruned"):
-        fn, pipeline = unpruned, "timm forward" + (", again (last)" if provider != "unpruned" else "")
+        again = ", again (last)" if provider == UNPRUNED_AGAIN else ""
+        fn, pipeline = unpruned, "timm forward" + again
     elif provider.startswith("bound"):
         fn, pipeline = BoundViT(unpruned, z), "first k patch tokens (a view)"
     elif provider_base == "proposal":
