@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import spec
+from ..api import refuse_script
 from ..proposal import Proposal
 
 MARKER = "_papr_original_class"
@@ -116,6 +117,9 @@ class Patched:
     def __reduce_ex__(self, protocol):
         mixin = type(self).__bases__[0]        # patched_class(mixin, original)
         return _rebuild, (mixin, self.__dict__[MARKER]), self.__getstate__()
+
+    def __prepare_scriptable__(self):
+        refuse_script(f"a patched {self.__dict__[MARKER].__name__}")
 
 
 def _rebuild(mixin: type, original: type):
