@@ -75,6 +75,24 @@ def test_export_of_the_module_with_a_dynamic_batch():
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
+def test_compile_of_the_module_with_mark_dynamic_does_not_recompile(backend):
+    """mark_dynamic on the batch of x and f (tests/test_cpp.py has dynamic=True of prune)."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(papr_kernels.PaPr(0.5, return_indices=True, backend=backend),
+                             backend=counter, fullgraph=True)
+    for batch in (2, 3, 5):
+        x, f = tokens_and_features(batch, 197, batch)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(f, 0)
+        got = compiled(x, f)
+        want = reference.prune(x, f, 0.5, return_indices=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 def tiny(family, **kwargs):
     torch.manual_seed(0)
     if family == "vit":
