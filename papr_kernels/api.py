@@ -1,4 +1,5 @@
 """`prune`: checks, backend dispatch and the autograd Functions every backend plugs into."""
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -107,6 +108,21 @@ def prune(
     plan = spec.check_prune_args(x, f, z, num_prefix_tokens, grid, align_corners, order)
     out, indices = run(x, f, plan, backends.prune_backend(backend, x.device))
     return (out, indices) if return_indices else out
+
+
+def refuse_script(what: str):
+    """What `torch.jit.script` of `what` raises, before TorchScript's own error (which points
+    at a keyword-only argument of `prune` or a state attribute, not at what to do instead):
+    script calls an object's `__prepare_scriptable__` first, also for the functions and
+    modules it compiles recursively."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {what}: TorchScript supports none of the Python "
+        f"behind it (prune's keyword-only arguments, the backend dispatch, the patch state), "
+        f"and torch deprecates it. Use torch.jit.trace, torch.export.export or torch.compile, "
+        f"which record the package's ops.")
+
+
+prune.__prepare_scriptable__ = functools.partial(refuse_script, "papr_kernels.prune")
 
 
 def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = True

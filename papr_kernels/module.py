@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import backends, spec
-from .api import prune
+from .api import prune, refuse_script
 
 
 class PaPr(nn.Module):
@@ -47,6 +47,9 @@ class PaPr(nn.Module):
         return prune(x, f, self.z, num_prefix_tokens=self.num_prefix_tokens, grid=self.grid,
                      align_corners=self.align_corners, order=self.order,
                      return_indices=self.return_indices, backend=self.backend)
+
+    def __prepare_scriptable__(self):
+        refuse_script("papr_kernels.PaPr")
 
     def extra_repr(self) -> str:
         return f"z={self.z}, num_prefix_tokens={self.num_prefix_tokens}, order={self.order!r}"

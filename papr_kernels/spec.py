@@ -293,9 +293,10 @@ def check_channel_param(name: str, p, x, x_name: str, scalar: bool = False) -> N
 
 
 def check_eps(eps) -> float:
-    """A norm's epsilon: a finite real number >= 0."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or \
-            not math.isfinite(eps) or eps < 0:
+    """A norm's epsilon: a finite real number >= 0 (compared, not math.isfinite: under
+    torch.compile(dynamic=True) a module's float is symbolic, and math.isfinite of it breaks
+    the graph; NaN fails the comparison)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 

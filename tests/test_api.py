@@ -64,6 +64,30 @@ def test_jit_trace_of_prune_and_the_module_replays_on_new_inputs(grid):
     assert torch.equal(traced(x2, f2), want) and torch.equal(module(x2, f2), want)
 
 
+class _UserModule(torch.nn.Module):
+    def forward(self, x, f):
+        return papr_kernels.prune(x, f, 0.5)
+
+
+def test_jit_script_says_what_to_use_instead():
+    """TorchScript cannot compile prune (keyword-only arguments, Python dispatch) nor a patched
+    model (its state); it raised its own error at prune's signature, or at a state attribute of
+    a patched ConvNeXt, without a word on what works (trace, export, compile: tested)."""
+    timm = pytest.importorskip("timm")
+    from papr_kernels.timm import patch
+
+    convnext = patch(timm.create_model("convnext_atto", pretrained=False).eval(),
+                     torch.nn.Conv2d(3, 8, 32, stride=32))
+    for what, obj in [("papr_kernels.PaPr", papr_kernels.PaPr(0.5)),
+                      ("papr_kernels.prune", papr_kernels.prune),
+                      ("papr_kernels.prune", _UserModule()),      # scripted recursively
+                      ("a patched ConvNeXt", convnext)]:
+        with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile {what}: .*Use "
+                                               f"torch.jit.trace, torch.export.export or "
+                                               f"torch.compile"):
+            torch.jit.script(obj)
+
+
 @pytest.mark.parametrize("f_size", [7, 14], ids=["resized", "same-size"])
 def test_meta_tensors_give_shapes(f_size):
     x, f = torch.empty(3, 197, 8, device="meta"), torch.empty(3, 4, f_size, f_size, device="meta")

@@ -1,7 +1,8 @@
 """Deployment: `torch.onnx.export(..., dynamo=True)` of `prune` and of a patched timm ViT gives a
 graph of standard ONNX ops only, which ONNX Runtime (CPU) runs with PyTorch's results on inputs
 other than the export example (the selection is computed in the graph, not baked in); and
-`torch.export` of a patched ViT keeps working."""
+`torch.export` of a patched ViT keeps working. The exports have a dynamic batch
+(`torch.export.Dim`) and run at other batch sizes than the example's."""
 import warnings
 
 import pytest
@@ -19,11 +20,16 @@ timm = pytest.importorskip("timm")
 from papr_kernels.timm import patch  # noqa: E402
 
 
-def export_onnx(module, args, path):
+BATCH = torch.export.Dim("batch", min=1, max=64)
+
+
+def export_onnx(module, args, path, dynamic_batch=False):
     """torch.onnx.export (dynamo) of `module` to `path`; the checked ONNX model."""
+    dynamic_shapes = tuple({0: BATCH} for _ in args) if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), dynamo=True, verbose=False)
+        torch.onnx.export(module, args, str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=dynamic_shapes)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}, model.opset_import
@@ -87,12 +93,13 @@ def test_prune_exports_and_matches(tmp_path, prefix, order):
     grid, channels = (6, 8), 5
     x = torch.randn(2, prefix + 48, channels, generator=gen)
     f = torch.randn(2, 3, 4, 5, generator=gen)
-    module = Prune(0.4, num_prefix_tokens=prefix, grid=grid, order=order)
-    model = export_onnx(module, (x, f), tmp_path / "prune.onnx")
+    module = papr_kernels.PaPr(0.4, num_prefix_tokens=prefix, grid=grid, order=order,
+                               return_indices=True)
+    model = export_onnx(module, (x, f), tmp_path / "prune.onnx", dynamic_batch=True)
     assert_float64_scores(model)
     sess = session(tmp_path / "prune.onnx")
-    for name, f2 in feature_maps(gen, (2, 3, 4, 5)).items():
-        x2 = torch.randn(2, prefix + 48, channels, generator=gen)
+    for name, f2 in feature_maps(gen, (3, 3, 4, 5)).items():     # batch 3, exported at 2
+        x2 = torch.randn(3, prefix + 48, channels, generator=gen)
         out, indices = run_session(sess, x2, f2)
         want_out, want_indices = reference.prune(x2, f2, 0.4, num_prefix_tokens=prefix,
                                                  grid=grid, order=order, return_indices=True)
@@ -152,16 +159,17 @@ def test_patched_vit_onnx_runtime(tmp_path, prefix, order):
     model = patched_vit(prefix, order)
     gen = torch.Generator().manual_seed(1)
     example = torch.randn(2, 3, 224, 224, generator=gen)
-    onnx_model = export_onnx(model, (example,), tmp_path / "vit.onnx")
+    onnx_model = export_onnx(model, (example,), tmp_path / "vit.onnx", dynamic_batch=True)
     assert_float64_scores(onnx_model)
     sess = session(tmp_path / "vit.onnx")
     for images in (torch.randn(2, 3, 224, 224, generator=gen),
-                   torch.rand(2, 3, 224, 224, generator=gen) * 4 - 2):
-        assert not torch.equal(kept(model, images), kept(model, example))  # not baked in
+                   torch.rand(3, 3, 224, 224, generator=gen) * 4 - 2,
+                   torch.randn(1, 3, 224, 224, generator=gen)):
+        assert not torch.equal(kept(model, images)[0], kept(model, example)[0])  # not baked in
         with torch.no_grad():
             want = model(images)
         (got,) = run_session(sess, images)
-        assert got.shape == want.shape == (2, 10)
+        assert got.shape == want.shape == (images.shape[0], 10)
         assert (got - want).abs().max().item() <= 1e-3
 
 

@@ -16,16 +16,27 @@ import torch
 from torch import nn
 
 from .. import spec
+from ..api import refuse_script
 from ..proposal import Proposal
 
 MARKER = "_papr_original_class"
 STATE = "_papr"
 
 
-class _ThreadFeatures(threading.local):
-    """Per-thread slot of the proposal features; None outside a forward. Set in each thread's
-    first use (threading.local runs __init__ there), so that what torch.compile guards on (the
-    slot's presence) is the same before and after the first forward."""
+class PerThread(threading.local):
+    """One plain object per thread, `factory()`, as `.slot`, made in each thread's first use
+    (threading.local runs __init__ there, so what torch.compile guards on, the slot's presence,
+    is the same before and after the first forward). Stores go into the slot's attributes:
+    torch.compile replays those when it resumes after a graph break, where a store into an
+    attribute of the threading.local itself is lost (torch 2.14: a patched Swin / ConvNeXt
+    then ran unpruned, a merging ViT pooled unweighted)."""
+
+    def __init__(self, factory: Callable[[], object]):
+        self.slot = factory()
+
+
+class _Features:
+    """The proposal features of the forward in progress; None outside a forward."""
 
     def __init__(self):
         self.features: Optional[torch.Tensor] = None
@@ -48,7 +59,7 @@ class PaPrState:
         self.merge_r = merge_r
         self.stages = stages
         self.align_corners = align_corners
-        self._local = _ThreadFeatures()
+        self._local = PerThread(_Features)
 
     @property
     def z(self) -> float:
@@ -62,11 +73,11 @@ class PaPrState:
 
     @property
     def features(self) -> Optional[torch.Tensor]:
-        return self._local.features
+        return self._local.slot.features
 
     @features.setter
     def features(self, value: Optional[torch.Tensor]) -> None:
-        self._local.features = value
+        self._local.slot.features = value
 
     def proposal_features(self, images: torch.Tensor) -> torch.Tensor:
         """The proposal's features of `images` (the proposal follows their device and dtype:
@@ -91,7 +102,7 @@ class PaPrState:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._local = _ThreadFeatures()
+        self._local = PerThread(_Features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +117,9 @@ class Patched:
     def __reduce_ex__(self, protocol):
         mixin = type(self).__bases__[0]        # patched_class(mixin, original)
         return _rebuild, (mixin, self.__dict__[MARKER]), self.__getstate__()
+
+    def __prepare_scriptable__(self):
+        refuse_script(f"a patched {self.__dict__[MARKER].__name__}")
 
 
 def _rebuild(mixin: type, original: type):

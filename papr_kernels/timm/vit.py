@@ -12,7 +12,6 @@ sum(x * size) / sum(size) over the pooled tokens, 'map' adds log(size) to its at
 The sizes go from `forward_features` to `pool` through a per-thread slot (`_MergeSizes`).
 """
 import inspect
-import threading
 from typing import Optional, Tuple
 
 import torch
@@ -23,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import merge
 from ..api import prune
-from ._core import Family, PatchedModel, register_family, swap_class
+from ._core import Family, PatchedModel, PerThread, register_family, swap_class
 
 
 def token_grid(model: VisionTransformer, images: torch.Tensor, tokens: torch.Tensor) -> Tuple[int, int]:
@@ -37,18 +36,18 @@ def token_grid(model: VisionTransformer, images: torch.Tensor, tokens: torch.Ten
     return tuple(int(s) for s in embed.grid_size)
 
 
-class _MergeSizes(threading.local):
-    """Per thread: the token sizes (B, t, 1) that the last merging `forward_features` of this
-    thread returned with its tokens, and the `PaPrState` of the model that ran it. `pool` uses
-    them for tokens of that model with that batch and token count; `forward` clears them when
-    its head is done. Set in each thread's first use, as `_core._ThreadFeatures`."""
+class _MergeSizes:
+    """The token sizes (B, t, 1) that the last merging `forward_features` of this thread
+    returned with its tokens, and the `PaPrState` of the model that ran it. `pool` uses them
+    for tokens of that model with that batch and token count; `forward` clears them when its
+    head is done."""
 
     def __init__(self):
         self.state = None
         self.size: Optional[torch.Tensor] = None
 
 
-_SIZES = _MergeSizes()
+_SIZES = PerThread(_MergeSizes)   # per thread: `_SIZES.slot`
 
 
 class PaPrVisionTransformer(PatchedModel):
@@ -62,11 +61,11 @@ class PaPrVisionTransformer(PatchedModel):
         try:
             return super().forward(x, *args, **kwargs)
         finally:
-            _SIZES.state = None
-            _SIZES.size = None
+            _SIZES.slot.state = None
+            _SIZES.slot.size = None
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        size = _SIZES.size if _SIZES.state is self._papr else None
+        size = _SIZES.slot.size if _SIZES.slot.state is self._papr else None
         if size is None or tuple(size.shape[:2]) != tuple(x.shape[:2]):
             return super().pool(x, pool_type)
         pool_type = self.global_pool if pool_type is None else pool_type
@@ -113,8 +112,8 @@ class PaPrVisionTransformer(PatchedModel):
                 else:
                     x, size = merge.proportional_block_forward(block, x, size, merge_r,
                                                                self.num_prefix_tokens)
-            _SIZES.state = state if size is not None else None
-            _SIZES.size = size
+            _SIZES.slot.state = state if size is not None else None
+            _SIZES.slot.size = size
         elif attn_mask is not None or is_causal:
             for block in self.blocks:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
