@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import spec
 from ..proposal import create as create_proposal
-from . import convnext, swin, vit  # noqa: F401  (each registers its family)
+from . import convnext, eva, swin, vit  # noqa: F401  (each registers its family)
 from ._core import (MARKER, Family, PaPrState, family_of, follow_model, register_family,
                     restore_classes)
 
@@ -85,8 +85,10 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
 def _check_options(family: Family, **given: bool) -> None:
     for option, is_set in given.items():
         if is_set and option not in family.options:
-            raise ValueError(f"{option} does not apply to {family.model_class.__name__} models "
-                             f"(options: {', '.join(family.options) or 'none'})")
+            reason = family.refusals.get(option)
+            raise ValueError(f"{option} does not apply to {family.model_class.__name__} models"
+                             + (f": {reason}" if reason else "")
+                             + f" (options: {', '.join(family.options) or 'none'})")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
