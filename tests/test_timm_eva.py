@@ -113,8 +113,12 @@ def count_block_tokens(model):
 MODELS = [
     # name, extra arguments, prefix tokens
     ("eva02_tiny_patch14_224", dict(img_size=112), 1),     # class token, abs pos + ROPE (cat)
-    ("vit_betwixt_patch16_rope_reg4_gap_256", dict(embed_dim=64, num_heads=2, init_values=None), 4),  # registers
-    ("vit_small_patch16_rope_mixed_224", dict(embed_dim=64, num_heads=2, init_values=None), 1),       # mixed ROPE
+    ("vit_betwixt_patch16_rope_reg4_gap_256",              # 4 registers, no class token
+     dict(embed_dim=64, num_heads=2, init_values=None), 4),
+    ("vit_small_patch16_rope_mixed_224",                   # depth-dependent ('mixed') ROPE
+     dict(embed_dim=64, num_heads=2, init_values=None), 1),
+    ("vit_small_patch16_dinov3",                           # class + 4 registers, DINOv3 ROPE
+     dict(img_size=64, embed_dim=64, num_heads=2), 5),
 ]
 
 
@@ -236,7 +240,8 @@ def test_save_load_and_deepcopy_keep_the_patch():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    model = make_eva("vit_small_patch16_rope_mixed_224", embed_dim=64, num_heads=2, init_values=None)
+    model = make_eva("vit_small_patch16_rope_mixed_224", embed_dim=64, num_heads=2,
+                     init_values=None)
     papr_timm.patch(model, make_proposal(), z=0.5)
     images = images_for(model)
     grads = []

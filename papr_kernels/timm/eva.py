@@ -63,8 +63,8 @@ class PaPrEva(PatchedModel):
         per_block = rope is not None and getattr(self, "rope_mixed", False)
         checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
         for i, block in enumerate(self.blocks):
-            block_rope = rope[i] if per_block else rope
-            x = checkpoint(block, x, rope=block_rope) if checkpointing else block(x, rope=block_rope)
+            rope_i = rope[i] if per_block else rope
+            x = checkpoint(block, x, rope=rope_i) if checkpointing else block(x, rope=rope_i)
         return self.norm(x)
 
 
