@@ -1,13 +1,11 @@
-"""papr_kernels.timm on timm's `Eva` (EVA-02, ROPE ViTs) against a hand-written pipeline.
+"""papr_kernels.timm on timm's `Eva` (EVA-02, ROPE ViTs) against a hand-written pipeline
+(saving, deepcopy, torch.compile(fullgraph=True), threads, tracing: tests/test_timm_usage.py).
 
 Random weights only (pretrained=False), 2 blocks. The reference runs timm's public pieces
 (patch_embed, prefix tokens, pos_embed, the model's ROPE table, blocks, norm, head) itself, with
 the tokens and the ROPE rows gathered at `papr_kernels.reference`'s kept indices by plain
 indexing, not through the patched forward or timm's `apply_keep_indices_nlc`.
 """
-import copy
-import io
-
 import pytest
 import torch
 from torch import nn
@@ -202,41 +200,6 @@ def test_bf16_model():
         expected, _ = reference_features(model, net.bfloat16(), images, 0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
-
-
-def test_compiled_fullgraph_follows_z():
-    model = make_eva("eva02_tiny_patch14_224", img_size=112)
-    papr_timm.patch(model, make_proposal(), z=0.5)
-    images = images_for(model)
-    compiles = []
-
-    def counting_backend(gm, example_inputs):
-        compiles.append(1)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
-    with torch.no_grad():
-        for z in (0.5, 0.3, 0.5, 1.0):
-            model.papr_z = z
-            torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
-    assert len(compiles) == 3
-
-
-def test_save_load_and_deepcopy_keep_the_patch():
-    model = make_eva("eva02_tiny_patch14_224", img_size=112)
-    papr_timm.patch(model, make_proposal(), z=0.5)
-    images = images_for(model)
-    with torch.no_grad():
-        expected = model(images)
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        buffer.seek(0)
-        loaded = torch.load(buffer, weights_only=False)
-        assert papr_timm.is_patched(loaded) and loaded.papr_z == 0.5
-        assert torch.equal(loaded(images), expected)
-        assert torch.equal(copy.deepcopy(model)(images), expected)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
