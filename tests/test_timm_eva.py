@@ -80,16 +80,19 @@ def reference_features(model, net, images, z, order="score", rope_rows=None):
     x = torch.cat(prefix + [x], dim=1)
     if pos is not None and not model.no_embed_class:
         x = x + pos
-    rope = model.rope.get_embed(shape=list(grid))  # (N, dim), or (depth, heads, N, dim) mixed
+    rope = None if model.rope is None else model.rope.get_embed(shape=list(grid))
+    # (N, dim), or (depth, heads, N, dim) for mixed ROPE
     if rope_rows is not None:
         rope = rope[..., rope_rows, :]
     if z < 1:
         scores = reference.significance(net(images), grid, True)
         kept = reference.top_k(scores, reference.keep_count(x.shape[1], z, num_prefix), order)
         x = reference.gather(x, kept, num_prefix)
-        if is_mixed(model):   # per block (heads, N, dim) -> (B, heads, k, dim)
+        if rope is None:
+            pass
+        elif is_mixed(model):   # per block (heads, N, dim) -> (B, heads, k, dim)
             rope = [table[:, kept].transpose(0, 1) for table in rope]
-        else:                 # (N, dim) -> (B, 1, k, dim)
+        else:                   # (N, dim) -> (B, 1, k, dim)
             rope = rope[kept.reshape(-1)].reshape(batch, 1, kept.shape[1], -1)
     x = model.norm_pre(x)
     for i, block in enumerate(model.blocks):
@@ -169,6 +172,20 @@ def test_spatial_order_class_token_and_registers():
         expected, _ = reference_features(model, net, images, 0.4, order="spatial")
         torch.testing.assert_close(model.forward_features(images), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(images), model.forward_head(expected),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_eva_without_rope():
+    """The first EVA: an absolute position embedding only (`rope` None)."""
+    model = make_eva("eva_giant_patch14_224", img_size=56, embed_dim=64, num_heads=2)
+    assert model.rope is None
+    net = make_proposal()
+    images = images_for(model)
+    papr_timm.patch(model, net, z=0.3)
+    with torch.no_grad():
+        expected, _ = reference_features(model, net, images, 0.3)
+        assert expected.shape[1] == 1 + reference.keep_count(17, 0.3, 1)
+        torch.testing.assert_close(model.forward_features(images), expected,
                                    rtol=1e-5, atol=1e-5)
 
 
