@@ -1,7 +1,7 @@
 """What users do with a patched timm model beyond one forward: pretrained proposals, saving and
 reloading, compiling while z changes, training settings, tracing, the command line.
 
-Every family (ViT, Swin, ConvNeXt) goes through `papr_kernels.timm.patch`; random weights only.
+Every family (ViT, Eva, Swin, ConvNeXt) goes through `papr_kernels.timm.patch`; random weights only.
 """
 import copy
 import io
@@ -53,7 +53,13 @@ def _convnext():
     return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1)).eval()
 
 
-FAMILIES = {"vit": _vit, "swin": _swin, "convnext": _convnext}
+def _eva():
+    torch.manual_seed(0)
+    return timm.models.eva.Eva(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                               num_classes=10, use_rot_pos_emb=True).eval()
+
+
+FAMILIES = {"vit": _vit, "eva": _eva, "swin": _swin, "convnext": _convnext}
 
 
 def _patched(family, z=0.5):
@@ -246,7 +252,7 @@ def test_threads_sharing_a_hierarchical_model_use_their_own_features(family):
 
 
 def test_patch_of_an_unsupported_model_names_every_family():
-    with pytest.raises(TypeError, match="ConvNeXt, SwinTransformer, VisionTransformer"):
+    with pytest.raises(TypeError, match="ConvNeXt, Eva, SwinTransformer, VisionTransformer"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
 
 

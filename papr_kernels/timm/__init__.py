@@ -10,6 +10,9 @@
 Families (each in its own module, registered with `register_family`):
 - `VisionTransformer` and subclasses (DeiT distilled, register tokens, gap): `vit.py`; tokens
   are pruned once before the blocks (options `order`, `merge_r`).
+- `Eva` and subclasses (EVA-02, timm's `vit_*_rope_*` and DINOv3 ViTs): `eva.py`; pruned at the
+  place of the ViT one, the blocks get each sample's rotary embedding of its kept tokens
+  (option `order`; `merge_r` is refused: merging is not defined with rotary embeddings).
 - `SwinTransformer` (`swin.py`) and `ConvNeXt` (`convnext.py`): the dense grid is kept and each
   pruned stage runs the per-token part of its blocks on the kept positions (option `stages`).
 
@@ -30,7 +33,7 @@ from torch import nn
 
 from .. import spec
 from ..proposal import create as create_proposal
-from . import convnext, swin, vit  # noqa: F401  (each registers its family)
+from . import convnext, eva, swin, vit  # noqa: F401  (each registers its family)
 from ._core import (MARKER, Family, PaPrState, family_of, follow_model, register_family,
                     restore_classes)
 
@@ -49,15 +52,15 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
     """Make `model` prune its patch tokens with PaPr; returns the same (modified) model.
 
     Args:
-        model: a timm `VisionTransformer`, `SwinTransformer` or `ConvNeXt` (or subclass).
+        model: a timm `VisionTransformer`, `Eva`, `SwinTransformer` or `ConvNeXt` (or subclass).
         proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
             pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
             to (B, K, h, w) features (a module is put in eval mode and frozen, in place).
-        z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs; 0.65 for Swin
+        z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs, Eva; 0.65 for Swin
             and ConvNeXt, as in the published evaluation). `model.papr_z` changes it later.
         pretrained: for a proposal given by name: load its pretrained weights (default; offline
             the error says how to load a local file). False: random weights, for tests only.
-        order: ViTs: "score" (the published order, needed by merging) or "spatial".
+        order: ViTs, Eva: "score" (the published order, needed by merging) or "spatial".
         merge_r: ViTs: tokens merged per block (ToMe bipartite soft matching with proportional
             attention) in the second half of the blocks; 0 disables merging.
         stages: Swin / ConvNeXt: the stages to prune (default: all four).
@@ -85,8 +88,10 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
 def _check_options(family: Family, **given: bool) -> None:
     for option, is_set in given.items():
         if is_set and option not in family.options:
-            raise ValueError(f"{option} does not apply to {family.model_class.__name__} models "
-                             f"(options: {', '.join(family.options) or 'none'})")
+            reason = family.refusals.get(option)
+            raise ValueError(f"{option} does not apply to {family.model_class.__name__} models"
+                             + (f": {reason}" if reason else "")
+                             + f" (options: {', '.join(family.options) or 'none'})")
 
 
 def unpatch(model: nn.Module) -> nn.Module:

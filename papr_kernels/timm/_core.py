@@ -9,8 +9,8 @@ and `parameters()` are the model's own):
     _papr                  the `PaPrState` shared by the model and its swapped submodules
 """
 import threading
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -207,7 +207,7 @@ class Family:
     `check(model, state)` raises on a model or setting the family cannot patch (and normalizes
     `state.stages`) before anything changes; `apply(model, state)` then swaps the classes of the
     model and of the submodules it changes (with `swap_class`); `options` names the `patch`
-    options that apply to the family.
+    options that apply to the family, `refusals` says why some other option does not.
     """
 
     model_class: type
@@ -215,6 +215,7 @@ class Family:
     apply: Callable[[nn.Module, PaPrState], None]
     default_z: float
     options: Tuple[str, ...]
+    refusals: Mapping[str, str] = field(default_factory=dict)
 
 
 FAMILIES: Dict[type, Family] = {}
