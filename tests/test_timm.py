@@ -4,6 +4,8 @@ Random weights only (pretrained=False): nothing is downloaded. The reference pip
 written from timm's public pieces (patch_embed, pos_embed, blocks, norm, head) and
 `papr_kernels.reference`, not from the patched forward.
 """
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -312,3 +314,23 @@ def test_forward_intermediates_stays_dense_on_a_patched_vit():
     assert len(maps) == 2 and all(torch.equal(a, b) for a, b in zip(maps, dense_maps))
     assert maps[0].shape == (2, 768, 14, 14)
     assert (pruned_logits - dense_logits).abs().max() > 1e-3
+
+
+def test_attention_masks_are_refused_only_while_pruning():
+    """timm's attn_mask / is_causal are per token of the full sequence: a pruned ViT refuses
+    them (named), z = 1 passes them to timm's blocks as the unpatched model does."""
+    model = tiny_vit()
+    images = images_for(model, batch=2)
+    tokens = 1 + model.patch_embed.num_patches
+    mask = torch.ones(2, 1, tokens, tokens, dtype=torch.bool).tril()
+    if "attn_mask" not in inspect.signature(model.forward_features).parameters:
+        pytest.skip(f"timm {timm.__version__}: forward_features takes no attn_mask")
+    with torch.no_grad():
+        expected = model.forward_features(images, attn_mask=mask)
+        papr_timm.patch(model, make_proposal(), z=0.5)
+        with pytest.raises(ValueError, match="attn_mask / is_causal are not supported"):
+            model.forward_features(images, attn_mask=mask)
+        with pytest.raises(ValueError, match="attn_mask / is_causal are not supported"):
+            model.forward_features(images, is_causal=True)
+        model.papr_z = 1.0
+        assert torch.equal(model.forward_features(images, attn_mask=mask), expected)

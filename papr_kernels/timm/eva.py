@@ -23,7 +23,7 @@ from timm.models.eva import Eva
 
 from ..api import prune
 from ._core import Family, PatchedModel, register_family, swap_class
-from .vit import token_grid
+from .vit import check_no_mask, token_grid
 
 MERGE_REASON = ("ToMe merging is not defined with rotary position embeddings (a merged token has "
                 "no single position to rotate by)")
@@ -70,9 +70,7 @@ class PaPrEva(PatchedModel):
 
 def _check_forward(model: Eva, attn_mask: Optional[torch.Tensor] = None,
                    is_causal: bool = False) -> None:
-    if attn_mask is not None or is_causal:
-        raise ValueError("attn_mask / is_causal are not supported on a PaPr-pruned model (the "
-                         "token count changes); set model.papr_z = 1 or unpatch")
+    check_no_mask(attn_mask, is_causal)
     if model.training and model.patch_drop is not None:
         raise ValueError("timm's patch dropout (patch_drop_rate > 0) in train mode is not "
                          "supported on a PaPr-pruned Eva (timm drops tokens inside _pos_embed, "

@@ -36,6 +36,13 @@ def token_grid(model: VisionTransformer, images: torch.Tensor, tokens: torch.Ten
     return tuple(int(s) for s in embed.grid_size)
 
 
+def check_no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    """timm's `attn_mask` / `is_causal` are per token of the full sequence: refused when pruning."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("attn_mask / is_causal are not supported on a PaPr-pruned model (the "
+                         "token count changes); set model.papr_z = 1 or unpatch")
+
+
 class _MergeSizes:
     """The token sizes (B, t, 1) that the last merging `forward_features` of this thread
     returned with its tokens, and the `PaPrState` of the model that ran it. `pool` uses them
@@ -88,9 +95,7 @@ class PaPrVisionTransformer(PatchedModel):
         grid = token_grid(self, images, x)
         x = self._pos_embed(x)
         if z < 1:
-            if attn_mask is not None or is_causal:
-                raise ValueError("attn_mask / is_causal are not supported on a PaPr-pruned model "
-                                 "(the token count changes); set model.papr_z = 1 or unpatch")
+            check_no_mask(attn_mask, is_causal)
             f = state.proposal_features(images)
             x = prune(x, f, z, num_prefix_tokens=self.num_prefix_tokens, grid=grid,
                       align_corners=state.align_corners, order=state.order)
