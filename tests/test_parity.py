@@ -34,7 +34,7 @@ class Case:
     f_dtype: torch.dtype = torch.float32
     order: str = "score"
     align_corners: bool = True
-    features: str = "random"       # random | integers | nan | inf | signed_zeros
+    features: str = "random"       # random | integers | nan | inf | signed_zeros | subnormal
     strided: bool = False
     pass_grid: Optional[bool] = None   # default: pass grid unless it is square 2-D
     kwargs: dict = field(default_factory=dict)
@@ -73,6 +73,10 @@ CASES = [
     Case("x_fp64", x_dtype=torch.float64),
     Case("f_fp16", f_dtype=torch.float16),
     Case("f_bf16", f_dtype=torch.bfloat16),
+    Case("f_bf16_subnormal", f_dtype=torch.bfloat16, features="subnormal"),
+    Case("f_fp16_subnormal", f_dtype=torch.float16, features="subnormal"),
+    Case("video_bf16_subnormal", prefix=0, grid=(4, 6, 6), f_size=(2, 3, 3),
+         f_dtype=torch.bfloat16, features="subnormal"),
     Case("strided", strided=True),
     Case("ties", features="integers", grid=(14, 14), f_size=(14, 14)),
     Case("ties_spatial", features="integers", grid=(14, 14), f_size=(14, 14), order="spatial"),
@@ -99,6 +103,8 @@ def make_inputs(case: Case, device: str, seed: int = 0):
         f[:, :, 1, 1] = 1.0
     else:
         f = torch.randn(f_shape, generator=gen)
+    if case.features == "subnormal":   # below the normal range of f_dtype (fp16, bf16)
+        f = f * torch.finfo(case.f_dtype).tiny / 8
     if case.features == "nan":
         f[:, 0, 2, 3] = float("nan")
     if case.features == "inf":
