@@ -1,7 +1,8 @@
 """SPEC's rule for "a backend matches the reference", usable from tests, the demo and benchmarks.
 
 Scores are computed in float64 and rounded once to float32, so backends agree on them except
-where a float64 value lies a few float64 ULP from a float32 rounding boundary. A backend's result
+where a float64 value lies a few float64 ULP from a float32 rounding boundary or cancels to nearly
+0 (the ULP are those of the map's magnitude, not of the score). A backend's result
 (out, indices) matches when:
 1. out equals x gathered at the backend's own indices, exactly;
 2. its indices equal the reference's, except where the two patches' reference scores differ
