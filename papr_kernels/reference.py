@@ -29,8 +29,17 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
 
     The proposal features are averaged over channels, then resized to the token grid: bicubic
     (A = -0.75, clamped border taps) for images (B, K, h, w), trilinear for video (B, K, t, h, w).
-    Both steps run in float64 and the result is rounded once to float32 (SPEC, semantics 1), so
-    every backend gets the same scores and a constant region of f ties exactly.
+    Both steps run in float64 (`significance64`) and the result is rounded once to float32
+    (SPEC, semantics 1), so every backend gets the same scores and a constant region of f ties
+    exactly.
+    """
+    return significance64(f, grid, align_corners).float()
+
+
+def significance64(f: torch.Tensor, grid: Sequence[int], align_corners: bool = True
+                   ) -> torch.Tensor:
+    """The float64 scores (B, prod(grid)) of `significance`, before their rounding to float32
+    (`papr_kernels.testing` bounds how far another summation order can move them).
     Under torch.onnx.export the resize is written as float64 taps (`_resize_by_taps`), so the
     ONNX graph keeps SPEC's float64 scores (ONNX Runtime's Resize has no float64 kernel).
     """
@@ -48,7 +57,7 @@ def significance(f: torch.Tensor, grid: Sequence[int], align_corners: bool = Tru
     else:
         resized = F.interpolate(channel_mean, size=tuple(grid), mode=mode,
                                 align_corners=align_corners)
-    return resized.flatten(1).float()
+    return resized.flatten(1)
 
 
 def proposal_map(f: torch.Tensor) -> torch.Tensor:

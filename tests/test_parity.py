@@ -9,12 +9,15 @@ the CPU, so a CUDA backend is held to the CPU's indices.
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
 
 import papr_kernels
 from papr_kernels import hierarchical, reference
 from papr_kernels.testing import assert_matches_reference
+
+import numpy_oracle
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Case:
     f_dtype: torch.dtype = torch.float32
     order: str = "score"
     align_corners: bool = True
-    features: str = "random"       # random | integers | nan | inf | signed_zeros
+    features: str = "random"       # random | integers | nan | inf | signed_zeros | subnormal
     strided: bool = False
     pass_grid: Optional[bool] = None   # default: pass grid unless it is square 2-D
     kwargs: dict = field(default_factory=dict)
@@ -70,6 +73,10 @@ CASES = [
     Case("x_fp64", x_dtype=torch.float64),
     Case("f_fp16", f_dtype=torch.float16),
     Case("f_bf16", f_dtype=torch.bfloat16),
+    Case("f_bf16_subnormal", f_dtype=torch.bfloat16, features="subnormal"),
+    Case("f_fp16_subnormal", f_dtype=torch.float16, features="subnormal"),
+    Case("video_bf16_subnormal", prefix=0, grid=(4, 6, 6), f_size=(2, 3, 3),
+         f_dtype=torch.bfloat16, features="subnormal"),
     Case("strided", strided=True),
     Case("ties", features="integers", grid=(14, 14), f_size=(14, 14)),
     Case("ties_spatial", features="integers", grid=(14, 14), f_size=(14, 14), order="spatial"),
@@ -96,6 +103,8 @@ def make_inputs(case: Case, device: str, seed: int = 0):
         f[:, :, 1, 1] = 1.0
     else:
         f = torch.randn(f_shape, generator=gen)
+    if case.features == "subnormal":   # below the normal range of f_dtype (fp16, bf16)
+        f = f * torch.finfo(case.f_dtype).tiny / 8
     if case.features == "nan":
         f[:, 0, 2, 3] = float("nan")
     if case.features == "inf":
@@ -206,6 +215,47 @@ def test_tie_rich_maps_give_the_reference_positions_in_hierarchical_select(
         scores = reference.significance(f, grid_align)
         want = reference.top_k(scores, got.shape[1], order)
         assert torch.equal(got.cpu(), want), (name, z)
+
+
+# Scores that another summation order moves (the compiled kernels weigh the taps without FMA,
+# PyTorch's CPU kernel with): (name, f, grid, align_corners).
+ORDER_NOISE_MAPS = [
+    # Trilinear along t = 1 and w = 1: every score is 0.5 * (m[1] + m[2]), a float64 value on a
+    # float32 rounding boundary; the weights 0.8 and 0.2 of w move it one float64 ULP down in
+    # the kernels (v * 0.8 + v * 0.2), not in PyTorch (fma): the reference's tie is split.
+    ("video-rounding-boundary", torch.tensor(
+        [0.6702473759651184, 0.37225034832954407, 0.47455716133117676, -0.7595356702804565,
+         -0.12291081994771957, 0.8490941524505615, 0.9611973762512207, 1.182681918144226,
+         -1.9625160694122314, -1.6227751970291138, 0.49365687370300293, -1.1157249212265015]
+    ).view(1, 3, 1, 4, 1), (3, 1, 5), False),
+    # Bicubic of the column (-1, 1) to one row: true zeros, computed as +-1e-17 noise that
+    # depends on the order (no float32 rounding erases noise around 0).
+    ("cancellation-to-zero", torch.tensor([-1.0, 1.0]).view(1, 1, 2, 1), (1, 6), False),
+]
+
+
+@pytest.mark.parametrize("name,f,grid,align", ORDER_NOISE_MAPS, ids=[m[0] for m in ORDER_NOISE_MAPS])
+def test_scores_moved_by_the_summation_order_match_by_the_rule(backend, name, f, grid, align):
+    backend_name, device = backend
+    x = torch.randn(1, int(torch.tensor(grid).prod()), 3)
+    kwargs = dict(num_prefix_tokens=0, grid=grid, align_corners=align)
+    for z in (0.3, 0.5):
+        out, idx = papr_kernels.prune(x.to(device), f.to(device), z, return_indices=True,
+                                      backend=backend_name, **kwargs)
+        assert_matches_reference(x, f, z, out.cpu(), idx.cpu(), **kwargs)
+
+
+@pytest.mark.parametrize("name,f,grid,align", ORDER_NOISE_MAPS, ids=[m[0] for m in ORDER_NOISE_MAPS])
+def test_an_independent_summation_order_matches_by_the_rule(name, f, grid, align):
+    """The NumPy oracle (matrix products: yet another order) ranks these maps; the rule that
+    holds the backends to the reference accepts its indices too."""
+    x = torch.randn(1, int(torch.tensor(grid).prod()), 3)
+    scores = numpy_oracle.significance(f.double().numpy(), grid, align).astype(np.float32)
+    for z in (0.3, 0.5):
+        k = reference.keep_count(x.shape[1], z, 0)
+        idx = torch.from_numpy(numpy_oracle.rank(scores.astype(np.float64))[:, :k].copy())
+        assert_matches_reference(x, f, z, reference.gather(x, idx, 0), idx, num_prefix_tokens=0,
+                                 grid=grid, align_corners=align)
 
 
 def test_source_index_is_rounded_once_as_in_pytorch(backend):

@@ -26,6 +26,23 @@ except Exception as exc:  # pragma: no cover - triton is pinned with torch
     tl = None
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
+
+if triton is not None:
+    @triton.jit
+    def widen(v):
+        """fp16 / bf16 to fp32, exactly, on the GPU and in the interpreter (fp32, fp64
+        unchanged). bf16 goes through its bits (the top half of the fp32 bits): the
+        interpreter's bf16 -> fp32 cast renormalizes subnormals as if fp32 had a wider exponent
+        range (bf16 0x0001, 9.2e-41, became +0.0, 0x8002, -1.8e-40, -0.0)."""
+        if v.dtype == tl.bfloat16:
+            return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        if v.dtype == tl.float16:
+            return v.to(tl.float32)
+        return v
+else:
+    widen = None
+
+
 # Test overrides (monkeypatched by tests/test_triton*.py to reach every mask and chunk path on
 # tiny shapes):
 #   SPLIT_OVERRIDE = (item chunks, channel chunks) per batch row, instead of the SM-based split

@@ -81,7 +81,7 @@ import torch
 
 from ... import backends
 from . import common
-from .common import launch_guard, next_pow2, tl, triton
+from .common import launch_guard, next_pow2, tl, triton, widen
 
 MAX_SOURCE = 1024          # largest f spatial size (h*w or t*h*w): its float64 mean lives in registers
 LANES = 16                 # papr_core.h's kChannelLanes: the channel mean's summation order
@@ -259,7 +259,7 @@ if triton is not None:
             kk = k0 + offs_k
             mask = (kk[:, None] < K) & (offs_s[None, :] < S)
             ptrs = f_row + kk[:, None].to(tl.int64) * stride_fk + f_pos
-            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float64)
+            acc += widen(tl.load(ptrs, mask=mask, other=0.0)).to(tl.float64)
         total = tl.zeros((S_CHUNK,), dtype=tl.float64)
         for lane in tl.static_range(LANES_C):
             total += tl.sum(tl.where(offs_k[:, None] == lane, acc, 0.0), axis=0)

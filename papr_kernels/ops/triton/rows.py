@@ -63,7 +63,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import common
-from .common import launch_guard, next_pow2, tl, triton
+from .common import launch_guard, next_pow2, tl, triton, widen
 
 __all__ = ["kept_row_map", "gather_rows", "scatter_rows", "scatter_back", "gather_layer_norm",
            "masked_residual", "ROW_MAP_OPS"]
@@ -132,11 +132,6 @@ if triton is not None:
             tl.store(dst[:, None] + c[None, :], vals, mask=(j < KEEP)[:, None] & cmask[None, :])
 
     @triton.jit
-    def _bf16_to_f32(v):
-        # exact: the bf16 bits are the top half of the fp32 bits
-        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _f32_to_bf16(s):
         """Round to nearest even, as c10::BFloat16 does (NaN -> 0x7FC0). Done by hand on the bits:
         the interpreter's fp32 -> bf16 cast truncates, so the cast would differ between the
@@ -145,13 +140,6 @@ if triton is not None:
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         rounded = tl.where(s != s, 0x7FC0, rounded)
         return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _to_f32(v):
-        """fp16/bf16 to fp32, exactly."""
-        if v.dtype == tl.bfloat16:
-            return _bf16_to_f32(v)
-        return v.to(tl.float32)
 
     @triton.jit
     def _round_to(s, like):
@@ -165,14 +153,14 @@ if triton is not None:
         """torch's elementwise a + v: fp16/bf16 in fp32, rounded once (to nearest even) to the
         dtype; fp32 in fp32, fp64 in fp64."""
         if UPCAST:
-            return _round_to(_to_f32(a) + _to_f32(v), a)
+            return _round_to(widen(a) + widen(v), a)
         return a + v
 
     @triton.jit
     def _mul(a, v, UPCAST: tl.constexpr):
         """torch's elementwise a * v, rounded as `_add`."""
         if UPCAST:
-            return _round_to(_to_f32(a) * _to_f32(v), a)
+            return _round_to(widen(a) * widen(v), a)
         return a * v
 
     @triton.jit
@@ -259,7 +247,7 @@ if triton is not None:
         cmask = c < C
         xv = tl.load(src[:, None] + c[None, :].to(tl.int64) * s_xc,
                      mask=ok[:, None] & cmask[None, :], other=0)
-        acc = _to_f32(xv) if UPCAST else xv          # fp16/bf16/fp32 in fp32, fp64 in fp64
+        acc = widen(xv) if UPCAST else xv          # fp16/bf16/fp32 in fp32, fp64 in fp64
         mean = tl.sum(acc, axis=1) / C
         centered = tl.where(cmask[None, :], acc - mean[:, None], 0)
         rstd = 1 / tl.sqrt(tl.sum(centered * centered, axis=1) / C + eps)
