@@ -23,6 +23,7 @@ from conftest import requires
 
 timm = pytest.importorskip("timm")
 from papr_kernels.timm import patch  # noqa: E402
+from test_timm_eva import make_eva  # noqa: E402
 
 BATCH = torch.export.Dim("batch", min=1, max=64)
 EXPORT_BACKENDS = [pytest.param("cpp", marks=requires("cpp", "cpu")),
@@ -98,10 +99,8 @@ def tiny(family, **kwargs):
     if family == "vit":
         return timm.create_model("vit_tiny_patch16_224", pretrained=False,
                                  **dict(dict(depth=2), **kwargs)).eval()
-    if family == "eva":   # EVA-02 (class token, absolute position embedding, ROPE); its MIM
-        # config has no head
-        return timm.create_model("eva02_tiny_patch14_224", pretrained=False,
-                                 **dict(dict(depth=2, num_classes=1000), **kwargs)).eval()
+    if family == "eva":   # EVA-02 (class token, absolute position embedding, ROPE), 2 blocks
+        return make_eva("eva02_tiny_patch14_224", **dict(dict(num_classes=1000), **kwargs))
     if family == "swin":
         return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
                                  depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8),
