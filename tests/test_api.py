@@ -78,10 +78,12 @@ def test_jit_script_says_what_to_use_instead():
 
     convnext = patch(timm.create_model("convnext_atto", pretrained=False).eval(),
                      torch.nn.Conv2d(3, 8, 32, stride=32))
+    eva = patch(timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56,
+                                  depth=1).eval(), torch.nn.Conv2d(3, 8, 32, stride=32))
     for what, obj in [("papr_kernels.PaPr", papr_kernels.PaPr(0.5)),
                       ("papr_kernels.prune", papr_kernels.prune),
                       ("papr_kernels.prune", _UserModule()),      # scripted recursively
-                      ("a patched ConvNeXt", convnext)]:
+                      ("a patched ConvNeXt", convnext), ("a patched Eva", eva)]:
         with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile {what}: .*Use "
                                                f"torch.jit.trace, torch.export.export or "
                                                f"torch.compile"):

@@ -1,5 +1,5 @@
 """PyTorch's graph tooling as a deployment uses it, on CPU: `torch.export` with a dynamic batch
-(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Swin / ConvNeXt, run at batch sizes
+(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Eva / Swin / ConvNeXt, run at batch sizes
 other than the traced one; AOTInductor packages (the extension's ops run through the proxy
 executor); `torch.compile(dynamic=True)` and `mark_dynamic` without a recompile per batch size;
 a graph break inside a patched model (the per-forward state survives it); a compiled training
@@ -23,6 +23,7 @@ from conftest import requires
 
 timm = pytest.importorskip("timm")
 from papr_kernels.timm import patch  # noqa: E402
+from test_timm_eva import make_eva  # noqa: E402
 
 BATCH = torch.export.Dim("batch", min=1, max=64)
 EXPORT_BACKENDS = [pytest.param("cpp", marks=requires("cpp", "cpu")),
@@ -98,6 +99,8 @@ def tiny(family, **kwargs):
     if family == "vit":
         return timm.create_model("vit_tiny_patch16_224", pretrained=False,
                                  **dict(dict(depth=2), **kwargs)).eval()
+    if family == "eva":   # EVA-02 (class token, absolute position embedding, ROPE), 2 blocks
+        return make_eva("eva02_tiny_patch14_224", **dict(dict(num_classes=1000), **kwargs))
     if family == "swin":
         return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
                                  depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8),
@@ -116,7 +119,7 @@ def images(batch, seed=0):
     return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["vit", "convnext",
+@pytest.mark.parametrize("family", ["vit", "eva", "convnext",
                                     pytest.param("swin", marks=pytest.mark.slow)])  # 14 s
 def test_export_of_a_patched_model_with_a_dynamic_batch(family):
     """The MobileOne-S0 proposal (random weights) as `patch` would build it."""
@@ -129,7 +132,8 @@ def test_export_of_a_patched_model_with_a_dynamic_batch(family):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,modes", [("vit", (True, None)), ("convnext", (True, None)),
+@pytest.mark.parametrize("family,modes", [("vit", (True, None)), ("eva", (True, None)),
+                                          ("convnext", (True, None)),
                                           pytest.param("swin", (True,), marks=pytest.mark.slow)])
 def test_compile_dynamic_batch_of_patched_models_does_not_recompile(family, modes):
     """dynamic=True (fullgraph) and mark_dynamic (None): one graph for batches 2, 3 and 5.
@@ -158,6 +162,7 @@ def _graph_break(module, args, output):
 @pytest.mark.parametrize("family,where,kwargs", [
     ("convnext", "stages.1.blocks.0.mlp", {}),   # Swin shares the mechanism (22 s: by hand)
     ("vit", "norm", dict(merge_r=8)),          # between the merged tokens and the pooling
+    ("eva", "blocks.1", {}),                   # between blocks reading the gathered ROPE rows
 ])
 def test_a_graph_break_inside_a_patched_model_keeps_its_pruning(family, where, kwargs):
     """A graph break (here a user's hook; dynamic=True made one too) resumed with the proposal
