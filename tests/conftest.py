@@ -17,7 +17,9 @@ except ImportError:  # hypothesis is only needed by the property tests
     pass
 
 import pytest  # noqa: E402
+from torch import nn  # noqa: E402
 
+import papr_kernels  # noqa: E402
 from papr_kernels import backends  # noqa: E402
 
 # Every backend the parity matrix, the bad-input list and the autograd tests run on: add a
@@ -107,3 +109,14 @@ def run_in_threads(fn, inputs, repeats):
     if errors:
         raise errors[0]
     return results
+
+
+class Prune(nn.Module):
+    """`prune` with fixed arguments as a module (what export and ONNX take), returning indices."""
+
+    def __init__(self, z, **kwargs):
+        super().__init__()
+        self.z, self.kwargs = z, kwargs
+
+    def forward(self, x, f):
+        return papr_kernels.prune(x, f, self.z, return_indices=True, **self.kwargs)

@@ -19,7 +19,7 @@ import papr_kernels
 from papr_kernels import proposal as papr_proposal
 from papr_kernels import reference
 
-from conftest import requires
+from conftest import Prune, requires
 
 timm = pytest.importorskip("timm")
 from papr_kernels.timm import patch  # noqa: E402
@@ -29,15 +29,6 @@ BATCH = torch.export.Dim("batch", min=1, max=64)
 EXPORT_BACKENDS = [pytest.param("cpp", marks=requires("cpp", "cpu")),
                    pytest.param("torch", marks=requires("torch", "cpu")),
                    pytest.param("triton", marks=requires("triton", "cpu"))]
-
-
-class Prune(nn.Module):
-    def __init__(self, z, **kwargs):
-        super().__init__()
-        self.z, self.kwargs = z, kwargs
-
-    def forward(self, x, f):
-        return papr_kernels.prune(x, f, self.z, return_indices=True, **self.kwargs)
 
 
 def tokens_and_features(batch, num_tokens, seed):

@@ -12,6 +12,8 @@ from torch import nn
 import papr_kernels
 from papr_kernels import reference
 
+from conftest import Prune
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch.onnx's dynamo exporter needs it
@@ -64,15 +66,6 @@ def session(path):
 def run_session(sess, *inputs):
     feeds = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)}
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
-
-
-class Prune(nn.Module):
-    def __init__(self, z, **kwargs):
-        super().__init__()
-        self.z, self.kwargs = z, kwargs
-
-    def forward(self, x, f):
-        return papr_kernels.prune(x, f, self.z, return_indices=True, **self.kwargs)
 
 
 def feature_maps(generator, shape):

@@ -17,22 +17,7 @@ from timm.models.eva import Eva  # noqa: E402
 import papr_kernels.timm as papr_timm  # noqa: E402
 from papr_kernels import reference  # noqa: E402
 
-
-class TinyProposal(nn.Module):
-    """(B, 3, H, W) -> (B, 8, ceil(H/32), ceil(W/32)), cheap."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 32, stride=32)
-
-    def forward(self, x):
-        h, w = x.shape[-2:]
-        return self.conv(nn.functional.pad(x, (0, -w % 32, 0, -h % 32)))
-
-
-def make_proposal(seed=0):
-    torch.manual_seed(seed)
-    return TinyProposal().eval()
+from test_timm import count_block_tokens, make_proposal  # noqa: E402
 
 
 def make_eva(name, seed=0, **kwargs):
@@ -102,13 +87,6 @@ def reference_features(model, net, images, z, order="score", rope_rows=None):
 
 def reference_logits(model, net, images, z, order="score"):
     return model.forward_head(reference_features(model, net, images, z, order)[0])
-
-
-def count_block_tokens(model):
-    counts = []
-    for block in model.blocks:
-        block.mlp.register_forward_hook(lambda mod, inp, out: counts.append(inp[0].shape[1]))
-    return counts
 
 
 MODELS = [
