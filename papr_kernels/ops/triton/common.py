@@ -34,11 +34,15 @@ if triton is not None:
         unchanged). bf16 goes through its bits (the top half of the fp32 bits): the
         interpreter's bf16 -> fp32 cast renormalizes subnormals as if fp32 had a wider exponent
         range (bf16 0x0001, 9.2e-41, became +0.0, 0x8002, -1.8e-40, -0.0)."""
+        # One return after constexpr branches: the compiler (unlike the interpreter) also visits
+        # the statements after a taken `if ...: return`, and refuses returns of two types.
         if v.dtype == tl.bfloat16:
-            return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        if v.dtype == tl.float16:
-            return v.to(tl.float32)
-        return v
+            wide = (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        elif v.dtype == tl.float16:
+            wide = v.to(tl.float32)
+        else:
+            wide = v
+        return wide
 else:
     widen = None
 
