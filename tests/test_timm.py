@@ -325,8 +325,10 @@ def test_attention_masks_are_refused_only_while_pruning():
     mask = torch.ones(2, 1, tokens, tokens, dtype=torch.bool).tril()
     if "attn_mask" not in inspect.signature(model.forward_features).parameters:
         pytest.skip(f"timm {timm.__version__}: forward_features takes no attn_mask")
+    causal = "is_causal" in inspect.signature(model.forward_features).parameters  # timm > 1.0.20
     with torch.no_grad():
         expected = model.forward_features(images, attn_mask=mask)
+        expected_causal = model.forward_features(images, is_causal=True) if causal else None
         papr_timm.patch(model, make_proposal(), z=0.5)
         with pytest.raises(ValueError, match="attn_mask / is_causal are not supported"):
             model.forward_features(images, attn_mask=mask)
@@ -334,3 +336,5 @@ def test_attention_masks_are_refused_only_while_pruning():
             model.forward_features(images, is_causal=True)
         model.papr_z = 1.0
         assert torch.equal(model.forward_features(images, attn_mask=mask), expected)
+        if causal:
+            assert torch.equal(model.forward_features(images, is_causal=True), expected_causal)
