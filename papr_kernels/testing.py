@@ -44,7 +44,8 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
         problems += _first_differences("indices vs reference", indices, ref_indices, max_items)
         if plan.identity:
             return problems
-    scores = _ranking_key(reference.significance(f, plan.grid, plan.align_corners))
+    exact = reference.significance64(f, plan.grid, plan.align_corners)
+    scores = _ranking_key(exact.float())   # reference.significance: exact rounded once
     if plan.order == "spatial":
         bad_rows = torch.nonzero((indices[:, 1:] <= indices[:, :-1]).any(dim=1)).flatten()
         problems += [f"row {b}: indices not ascending" for b in bad_rows[:max_items].tolist()]
@@ -54,7 +55,7 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
             1, ranked, torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked))
         indices = indices.gather(1, position.gather(1, indices).argsort(dim=1))
         ref_indices = reference.top_k(scores, plan.keep, "score")
-    problems += _unexplained_swaps(scores, score_ranges(f, plan), indices, ref_indices,
+    problems += _unexplained_swaps(scores, score_ranges(f, exact), indices, ref_indices,
                                       max_items)
     if (indices.sort(dim=1).values.diff(dim=1) == 0).any():
         problems.append("indices of a row are not unique")
@@ -68,11 +69,11 @@ def mismatches(x, f, z, out, indices, *, exact_indices=False, max_items=5,
 ORDER_NOISE_ULPS = 64
 
 
-def score_ranges(f, plan):
+def score_ranges(f, exact):
     """(low, high), float32 (B, N) ranking keys: the scores a backend may compute from f, the
-    reference's float64 scores moved by up to ORDER_NOISE_ULPS of the map's magnitude, then
-    rounded to float32. low == high wherever no summation order can change the score."""
-    exact = reference.significance64(f, plan.grid, plan.align_corners)
+    reference's float64 scores `exact` (`reference.significance64`) moved by up to
+    ORDER_NOISE_ULPS of the map's magnitude, then rounded to float32. low == high wherever no
+    summation order can change the score."""
     mean = reference.proposal_map(f).flatten(1)
     magnitude = torch.where(mean.isfinite(), mean.abs(), 0.0).amax(dim=1, keepdim=True)
     noise = ORDER_NOISE_ULPS * torch.finfo(torch.float64).eps * magnitude
