@@ -120,8 +120,9 @@ class PaPrVisionTransformer(PatchedModel):
             _SIZES.slot.state = state if size is not None else None
             _SIZES.slot.size = size
         elif attn_mask is not None or is_causal:
-            # is_causal only when set: timm 1.0.20's blocks take attn_mask alone
-            masks = dict(attn_mask=attn_mask, **({"is_causal": True} if is_causal else {}))
+            masks = {"attn_mask": attn_mask}
+            if is_causal:   # only when set: timm 1.0.20's blocks take attn_mask alone
+                masks["is_causal"] = True
             for block in self.blocks:
                 x = block(x, **masks)
         elif checkpointing:
