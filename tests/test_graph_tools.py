@@ -96,6 +96,10 @@ def tiny(family, **kwargs):
         return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
                                  depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8),
                                  **kwargs).eval()
+    if family == "swinv2":
+        return timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=224,
+                                 window_size=7, depths=(1, 1, 1, 1), embed_dim=32,
+                                 num_heads=(1, 2, 4, 8), **kwargs).eval()
     return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1),
                              **kwargs).eval()
 
@@ -111,7 +115,8 @@ def images(batch, seed=0):
 
 
 @pytest.mark.parametrize("family", ["vit", "eva", "convnext",
-                                    pytest.param("swin", marks=pytest.mark.slow)])  # 14 s
+                                    pytest.param("swin", marks=pytest.mark.slow),     # 14 s
+                                    pytest.param("swinv2", marks=pytest.mark.slow)])
 def test_export_of_a_patched_model_with_a_dynamic_batch(family):
     """The MobileOne-S0 proposal (random weights) as `patch` would build it."""
     model = patched(family, papr_proposal.create("mobileone_s0", pretrained=False))

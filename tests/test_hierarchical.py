@@ -162,6 +162,27 @@ def _swin(**kw):
                              embed_dim=16, num_heads=(1, 2, 2, 4), **kw).eval()
 
 
+def _swinv2(**kw):
+    """A small Swin V2 at 224 px (window 7, as Swin-T). timm zero-initializes its residual
+    post-norms (norm1, norm2), which makes every branch vanish: random affine weights here, so
+    that a wrong row in the pruned MLP branch changes the output."""
+    torch.manual_seed(3)
+    kw = {"img_size": 224, **kw}
+    return _randomize_post_norms(timm.create_model(
+        "swinv2_tiny_window8_256", pretrained=False, window_size=7, depths=(2, 2, 2, 2),
+        embed_dim=16, num_heads=(1, 2, 2, 4), **kw).eval())
+
+
+def _randomize_post_norms(swinv2):
+    with torch.no_grad():
+        for stage in swinv2.layers:
+            for blk in stage.blocks:
+                for norm in (blk.norm1, blk.norm2):
+                    norm.weight.normal_(1.0, 0.3)
+                    norm.bias.normal_(0.0, 0.3)
+    return swinv2
+
+
 def _convnext(**kw):
     torch.manual_seed(2)
     # ls_init_value=1: random layer scales of order one, so the pruned branch matters numerically
@@ -192,6 +213,19 @@ def swin_by_hand(model, proposal, images, z, stages):
     return model.forward_head(model.norm(x))
 
 
+def swinv2_by_hand(model, proposal, images, z, stages):
+    f = proposal(images)
+    x = model.patch_embed(images)                                   # (B, H, W, C)
+    for s, stage in enumerate(model.layers):
+        x = stage.downsample(x)
+        mask = _kept_mask(f, x.shape[1:3], z) if s in stages else None
+        for blk in stage.blocks:
+            x = x + blk.drop_path1(blk.norm1(blk._attn(x)))         # attention: every token
+            with_mlp = x + blk.drop_path2(blk.norm2(blk.mlp(x)))    # MLP computed densely ...
+            x = with_mlp if mask is None else torch.where(mask, with_mlp, x)  # ... kept only
+    return model.forward_head(model.norm(x))
+
+
 def convnext_by_hand(model, proposal, images, z, stages):
     f = proposal(images)
     x = model.stem(images)                                          # (B, C, H, W)
@@ -213,6 +247,7 @@ def convnext_by_hand(model, proposal, images, z, stages):
 
 MODELS = {
     "swin": (_swin, ptimm.patch, swin_by_hand),
+    "swinv2": (_swinv2, ptimm.patch, swinv2_by_hand),
     "convnext": (_convnext, ptimm.patch, convnext_by_hand),
     "convnext-conv_mlp": (lambda: _convnext(conv_mlp=True), ptimm.patch, convnext_by_hand),
 }
@@ -263,7 +298,7 @@ def test_z_one_is_the_unpatched_model_and_unpatch_restores_it(models, images, na
         assert torch.equal(model(x), dense)
 
 
-@pytest.mark.parametrize("name", ["swin", "convnext"])
+@pytest.mark.parametrize("name", ["swin", "swinv2", "convnext"])
 def test_proposal_runs_once_and_selection_once_per_pruned_stage(models, images, name, monkeypatch):
     model, (_, patch, _) = models[name], MODELS[name]
     proposal, calls = _proposal(), {"proposal": 0, "select": []}
@@ -294,6 +329,7 @@ def test_training_gradients_match_the_hand_written_reference():
     # smaller images keep float64 training affordable: Swin at 112 px, ConvNeXt at 64 px
     # (drop_path_rate=0: stochastic depth would draw different masks in the two runs)
     cases = ((_swin(img_size=112, drop_path_rate=0.0), ptimm.patch, swin_by_hand, 112),
+             (_swinv2(img_size=112, drop_path_rate=0.0), ptimm.patch, swinv2_by_hand, 112),
              (_convnext(), ptimm.patch, convnext_by_hand, 64))
     for model, patch, by_hand, size in cases:
         model = model.double().train()
@@ -357,16 +393,20 @@ def test_timm_patch_dispatches_hierarchical_models(models, images, name):
 
 
 @pytest.mark.parametrize("model_name,by_hand", [("swin_tiny_patch4_window7_224", swin_by_hand),
+                                                ("swinv2_tiny_window8_256", swinv2_by_hand),
                                                 ("convnext_tiny", convnext_by_hand)])
 def test_full_models_with_mobileone_proposal(model_name, by_hand):
-    """The published setting: the full Swin-T / ConvNeXt-T (random weights), MobileOne-S0
+    """The published setting: the full Swin-T / ConvNeXt-T (and Swin V2-T; random weights), MobileOne-S0
     proposal, `papr_kernels.timm.patch` defaults (z = 0.65, all four stages)."""
     from papr_kernels import proposal as papr_proposal
     from papr_kernels import timm as papr_timm
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval()
+    if model_name.startswith("swinv2"):
+        _randomize_post_norms(model)
     proposal = papr_proposal.create("mobileone_s0", pretrained=False)
-    images = torch.randn(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(6))
+    size = model.pretrained_cfg["input_size"][-1]                  # Swin V2-T: 256 px
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = by_hand(model, proposal, images, 0.65, (0, 1, 2, 3))
         dense = model(images)
@@ -376,7 +416,7 @@ def test_full_models_with_mobileone_proposal(model_name, by_hand):
     assert (got - dense).abs().max() > 1e-3                      # pruning changed the output
 
 
-@pytest.mark.parametrize("name", ["swin", "convnext"])
+@pytest.mark.parametrize("name", ["swin", "swinv2", "convnext"])
 def test_patched_model_compiles_without_graph_breaks(models, images, name):
     """torch.compile(fullgraph=True) of a patched model: the selection, gathers and scatters
     trace (fake kernels, no data-dependent check under compile) and match eager. aot_eager

@@ -200,12 +200,16 @@ def patched_hierarchical(name):
     if name == "swin":
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
                                   depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8))
+    elif name == "swinv2":
+        model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=224,
+                                  window_size=7, depths=(1, 1, 1, 1), embed_dim=32,
+                                  num_heads=(1, 2, 4, 8))
     else:
         model = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1))
     return patch(model.eval(), nn.Conv2d(3, 8, 32, stride=32), z=0.5)
 
 
-@pytest.mark.parametrize("name", ["swin", "convnext"])
+@pytest.mark.parametrize("name", ["swin", "swinv2", "convnext"])
 def test_patched_hierarchical_onnx_runtime(tmp_path, name):
     """Swin / ConvNeXt: each stage's select and the row ops export as standard ops too."""
     model = patched_hierarchical(name)

@@ -1,7 +1,7 @@
 """What users do with a patched timm model beyond one forward: pretrained proposals, saving and
 reloading, compiling while z changes, training settings, tracing, the command line.
 
-Every family (ViT, Eva, Swin, ConvNeXt) goes through `papr_kernels.timm.patch`; random weights only.
+Every family (ViT, Eva, Swin, Swin V2, ConvNeXt) goes through `papr_kernels.timm.patch`; random weights only.
 """
 import copy
 import io
@@ -48,6 +48,17 @@ def _swin():
                              embed_dim=32, num_heads=(1, 2, 4, 8)).eval()
 
 
+def _swinv2():
+    torch.manual_seed(0)
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=224,
+                              window_size=7, depths=(1, 1, 1, 1), embed_dim=32,
+                              num_heads=(1, 2, 4, 8)).eval()
+    with torch.no_grad():   # timm zero-initializes the residual post-norms: no branch would act
+        for norm in (m for n, m in model.named_modules() if n.endswith(("norm1", "norm2"))):
+            norm.weight.normal_(1.0, 0.3)
+    return model
+
+
 def _convnext():
     torch.manual_seed(0)
     return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1)).eval()
@@ -59,7 +70,7 @@ def _eva():
                                num_classes=10, use_rot_pos_emb=True).eval()
 
 
-FAMILIES = {"vit": _vit, "eva": _eva, "swin": _swin, "convnext": _convnext}
+FAMILIES = {"vit": _vit, "eva": _eva, "swin": _swin, "swinv2": _swinv2, "convnext": _convnext}
 
 
 def _patched(family, z=0.5):

@@ -13,8 +13,9 @@ Families (each in its own module, registered with `register_family`):
 - `Eva` and subclasses (EVA-02, timm's `vit_*_rope_*` and DINOv3 ViTs): `eva.py`; pruned at the
   place of the ViT one, the blocks get each sample's rotary embedding of its kept tokens
   (option `order`; `merge_r` is refused: merging is not defined with rotary embeddings).
-- `SwinTransformer` (`swin.py`) and `ConvNeXt` (`convnext.py`): the dense grid is kept and each
-  pruned stage runs the per-token part of its blocks on the kept positions (option `stages`).
+- `SwinTransformer`, `SwinTransformerV2` (`swin.py`) and `ConvNeXt` (`convnext.py`): the dense
+  grid is kept and each pruned stage runs the per-token part of its blocks on the kept
+  positions (option `stages`).
 
 `patch` swaps classes (see `_core`): weights, `state_dict()` and other instances of the class are
 untouched. The proposal network lives outside the module tree (not in `parameters()` or
@@ -52,7 +53,8 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
     """Make `model` prune its patch tokens with PaPr; returns the same (modified) model.
 
     Args:
-        model: a timm `VisionTransformer`, `Eva`, `SwinTransformer` or `ConvNeXt` (or subclass).
+        model: a timm `VisionTransformer`, `Eva`, `SwinTransformer`, `SwinTransformerV2` or
+            `ConvNeXt` (or subclass).
         proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
             pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
             to (B, K, h, w) features (a module is put in eval mode and frozen, in place).

@@ -1,9 +1,11 @@
-"""PaPr for timm `SwinTransformer`: window attention runs on all tokens; the MLP branch (norm2,
-mlp, drop_path2) runs on the kept tokens only and is added back in place; pruned tokens keep
-their residual unchanged. The gather of the kept rows is fused with norm2
-(`_stages.gather_norm`), the add back is one in-place read-modify-write of the kept rows."""
+"""PaPr for timm `SwinTransformer` and `SwinTransformerV2`: window attention runs on all tokens;
+the MLP branch runs on the kept tokens only and is added back in place; pruned tokens keep their
+residual unchanged. Swin (pre-norm): norm2, mlp, drop_path2, with the gather of the kept rows
+fused with norm2 (`_stages.gather_norm`). Swin V2 (residual post-norm): mlp, norm2, drop_path2
+on the gathered rows. The add back is one in-place read-modify-write of the kept rows."""
 import torch
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
 
 from .. import hierarchical
 from . import _stages
@@ -25,24 +27,39 @@ class PaPrSwinBlock(Patched):
     def _papr_forward(self, x, indices, row_of):
         x = x + self.drop_path1(self._attn(self.norm1(x)))           # dense: (B, H, W, C)
         rows = _stages.gather_norm(self.norm2, x, indices)            # (B, k, C), normalized
-        delta = self.drop_path2(self.mlp(rows))
-        if delta.dtype != x.dtype:        # autocast: promote as the dense `x + delta` would
-            dtype = torch.promote_types(x.dtype, delta.dtype)
-            x, delta = x.to(dtype), delta.to(dtype)
-        return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta),
-                                         row_of=row_of)
+        return _add_back(x, indices, self.drop_path2(self.mlp(rows)), row_of)
+
+
+class PaPrSwinV2Block(Patched):
+    def _papr_forward(self, x, indices, row_of):
+        x = x + self.drop_path1(self.norm1(self._attn(x)))           # dense: (B, H, W, C)
+        rows = hierarchical.gather_rows(x, indices)                   # (B, k, C)
+        return _add_back(x, indices, self.drop_path2(self.norm2(self.mlp(rows))), row_of)
+
+
+def _add_back(x, indices, delta, row_of):
+    """x plus `delta` at the kept positions (in place where no gradient is recorded)."""
+    if delta.dtype != x.dtype:        # autocast: promote as the dense `x + delta` would
+        dtype = torch.promote_types(x.dtype, delta.dtype)
+        x, delta = x.to(dtype), delta.to(dtype)
+    return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta),
+                                     row_of=row_of)
 
 
 def _can_write_inplace(*tensors) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _check(model: SwinTransformer, state) -> None:
-    list(_stages.pruned_blocks(state, model.layers, SwinTransformerBlock))  # checks each block
+def _register(model_class: type, block_class: type, block_mixin: type) -> None:
+    def check(model, state) -> None:
+        list(_stages.pruned_blocks(state, model.layers, block_class))  # checks each block
+
+    register_family(Family(
+        model_class, check=check,
+        apply=lambda model, state: _stages.apply(model, state, model.layers, PaPrSwinStage,
+                                                 block_mixin),
+        default_z=_stages.DEFAULT_Z, options=_stages.OPTIONS))
 
 
-register_family(Family(
-    SwinTransformer, check=_check,
-    apply=lambda model, state: _stages.apply(model, state, model.layers, PaPrSwinStage,
-                                             PaPrSwinBlock),
-    default_z=_stages.DEFAULT_Z, options=_stages.OPTIONS))
+_register(SwinTransformer, SwinTransformerBlock, PaPrSwinBlock)
+_register(SwinTransformerV2, SwinTransformerV2Block, PaPrSwinV2Block)
