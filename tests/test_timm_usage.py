@@ -263,7 +263,7 @@ def test_threads_sharing_a_hierarchical_model_use_their_own_features(family):
 
 
 def test_patch_of_an_unsupported_model_names_every_family():
-    with pytest.raises(TypeError, match="ConvNeXt, Eva, SwinTransformer, VisionTransformer"):
+    with pytest.raises(TypeError, match="ConvNeXt, Eva, SwinTransformer, SwinTransformerV2, VisionTransformer"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
 
 
