@@ -16,6 +16,8 @@ part is the MLP alone.
 `test_e2e_gpu` (issue 12, at the end of this file) is the bf16 GPU benchmark, side by side with
 the bound of any pruner and the proposal alone; `tools/gpu_check.sh e2e` / `e2e-compile` run it.
 """
+import concurrent.futures
+import contextlib
 import copy
 import functools
 import math
@@ -181,7 +183,19 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
 #   proposal      the proposal network alone, as the patched model runs it (its share of PaPr)
 #   papr-z0.5-cp, proposal-cp   (ViT-B, eager) the same with `Proposal(compiled=True)`: the
 #                 proposal through torch.compile, the rest of the model eager (issue 12's lever)
-# report.py tables images/s, the speed-ups over unpruned, PaPr / bound and the proposal's share.
+#   proposal-<lever>  (ViT-B bf16 eager; the quick ViT on CPU) the proposal alone, timed like
+#                 `proposal`, right after it (inside the drift check), no torch.compile:
+#                 fp32-nchw  fp32 weights and images, NCHW: the patch before issue 12
+#                 nchw       the model's dtype, NCHW (is channels_last the better layout?)
+#                 graph      `proposal` captured in a CUDA graph at the fixed batch (CUDA only)
+#                 cudnn-benchmark  `proposal` with torch.backends.cudnn.benchmark on, in a
+#                            thread of its own (cuDNN's chosen plans are kept per thread: the
+#                            plans it finds do not reach the later cases)
+#                 conv-relu  each reparameterized (biased conv, ReLU) pair as one
+#                            torch.cudnn_convolution_relu call (CUDA only), checked once against
+#                            `proposal`'s output before timing
+# report.py tables images/s, the speed-ups over unpruned, PaPr / bound and the proposal's share,
+# and the levers' times over `proposal`'s.
 # On CPU only quick mode runs it: tiny models (a ViT of depth 2, a ConvNeXt of one block per
 # stage) at B = 1, fp32, eager; `make bench` on CPU keeps the ViT-B B = 8 fp32 rows above.
 
@@ -196,6 +210,12 @@ GPU_MODES = ("eager", "compile")
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILED_PROPOSAL_MODEL = "vit_base_patch16_224"
 UNPRUNED_AGAIN = "unpruned-again"
+# Issue 12, "measure each lever and keep what pays": the proposal alone, each way (the comment
+# above). The cuDNN ones last: their first calls may search or build kernels.
+PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
+                   "proposal-cudnn-benchmark", "proposal-conv-relu")
+CUDA_ONLY_LEVERS = {"proposal-graph": "a CUDA graph",
+                    "proposal-conv-relu": "torch.cudnn_convolution_relu has no CPU kernel"}
 
 
 def _quick_id(name):
@@ -223,9 +243,14 @@ def gpu_cases(device, quick):
         dtypes = ("fp32",) if device != "cuda" else ("bf16",) if vit else ("bf16", "fp32")
         # PaPr before its bound at each z: a run stopped by its timeout keeps the pairs it timed
         provs = ["unpruned"] + [p for z in zs for p in (f"papr-z{z}", f"bound-z{z}")
-                                if vit or p.startswith("papr")] + ["proposal", UNPRUNED_AGAIN]
-        cases += [(model, dtype, mode, b, p) for dtype in dtypes for mode in modes
-                  for b in batches for p in provs]
+                                if vit or p.startswith("papr")] + ["proposal"]
+        # the proposal levers right after `proposal`, before the baseline's second timing
+        lever_model = model == COMPILED_PROPOSAL_MODEL or (quick and vit)
+        for dtype in dtypes:
+            for mode in modes:
+                levers = list(PROPOSAL_LEVERS) if lever_model and mode == "eager" else []
+                cases += [(model, dtype, mode, b, p) for b in batches
+                          for p in provs + levers + [UNPRUNED_AGAIN]]
         if model == COMPILED_PROPOSAL_MODEL and "eager" in modes:
             cases += [(model, "bf16", "eager", b, p) for b in batches
                       for p in ("papr-z0.5-cp", "proposal-cp")]
@@ -305,14 +330,180 @@ def _proposal_runner(patched):
     return run if run is not None else patched.papr_proposal
 
 
+# --------------------------------------------------------------------------- proposal levers
+# Benchmark code, not the package's: each builds the proposal another way from the patched
+# model's own network (reparameterized MobileOne-S0), left as it is.
+
+class ProposalVariant(torch.nn.Module):
+    """The proposal network in `dtype` and `memory_format` (weights and images, in place), run
+    as the patched model's proposal runs it, without `Proposal` (which makes it channels_last)."""
+
+    def __init__(self, network, dtype, memory_format):
+        super().__init__()
+        self.network = network.to(dtype=dtype, memory_format=memory_format)
+        self.dtype, self.memory_format = dtype, memory_format
+
+    def forward(self, images):
+        f = self.network(images.to(self.dtype).contiguous(memory_format=self.memory_format))
+        return f[-1] if isinstance(f, (list, tuple)) else f
+
+
+class ConvReLU(torch.nn.Module):
+    """relu(conv(x)) of a biased Conv2d as one call of
+    `op(x, weight, bias, stride, padding, dilation, groups)` (torch.cudnn_convolution_relu)."""
+
+    def __init__(self, conv, op):
+        super().__init__()
+        self.conv, self.op = conv, op
+
+    def forward(self, x):
+        c = self.conv
+        return self.op(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _is_conv_relu_block(module):
+    """A reparameterized timm MobileOneBlock: act(attn(reparam_conv(x))) with a biased,
+    zero-padded Conv2d, an identity attention (`attn`, or `se` if a timm names it so) and a ReLU."""
+    conv = getattr(module, "reparam_conv", None)
+    attn = getattr(module, "attn", getattr(module, "se", None))
+    return type(module).__name__ == "MobileOneBlock" and isinstance(conv, torch.nn.Conv2d) and \
+        conv.bias is not None and conv.padding_mode == "zeros" and \
+        not isinstance(conv.padding, str) and isinstance(attn, torch.nn.Identity) and \
+        isinstance(getattr(module, "act", None), torch.nn.ReLU)
+
+
+def fuse_conv_relu(network, op):
+    """(a deep copy of `network` with each reparameterized MobileOne block replaced by a
+    ConvReLU of its convolution and `op`, the number of blocks replaced)."""
+    fused = copy.deepcopy(network)
+    blocks = [name for name, m in fused.named_modules() if _is_conv_relu_block(m)]
+    for name in blocks:
+        parent, _, child = name.rpartition(".")
+        setattr(fused.get_submodule(parent), child,
+                ConvReLU(fused.get_submodule(name).reparam_conv, op))
+    return fused, len(blocks)
+
+
+# Relative L2 error of the conv-relu proposal's features against the plain one's: bf16 rounds
+# each of ~40 layers once either way (the fused op rounds after bias and ReLU, in fp32 before);
+# a wrong stride, padding, group count or bias is off by O(1).
+CONV_RELU_TOLERANCE = 0.05
+
+
+def relative_error(out, ref):
+    ref = ref.float()
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def conv_relu_proposal(network, images, reference, op):
+    """(fn, pipeline) of the proposal with each (conv, ReLU) pair as one `op` call, in the
+    images' dtype, or in fp16 where `op` refuses it (bf16 in an older cuDNN). Checked once
+    against `reference` (the plain proposal, in that dtype) before timing: pytest.skip names
+    what failed where `op` cannot run or the features differ by over CONV_RELU_TOLERANCE."""
+    fused, count = fuse_conv_relu(network, op)
+    fell_back = ""
+    with torch.inference_mode():
+        try:
+            fn = ProposalVariant(fused, images.dtype, torch.channels_last)
+            out = fn(images)
+        except RuntimeError as exc:
+            if images.dtype == torch.float16:
+                pytest.skip(f"cudnn_convolution_relu refused {images.dtype}: {exc}")
+            fell_back = f"; fp16: {images.dtype} refused ({str(exc).splitlines()[0][:120]})"
+            fn = ProposalVariant(fused, torch.float16, torch.channels_last)
+            try:
+                out = fn(images)
+            except RuntimeError as exc16:
+                pytest.skip(f"cudnn_convolution_relu refused {images.dtype} ({exc}) and "
+                            f"fp16 ({exc16})")
+            reference = ProposalVariant(copy.deepcopy(network), torch.float16,
+                                        torch.channels_last)
+        error = relative_error(out, reference(images))
+    if not error <= CONV_RELU_TOLERANCE:
+        pytest.skip(f"proposal-conv-relu: features differ from the plain proposal's by "
+                    f"{error:.3g} (relative L2, over {CONV_RELU_TOLERANCE}): not timed")
+    return fn, (f"proposal alone, {count} (conv, ReLU) pairs as cudnn_convolution_relu"
+                f"{fell_back}; relative error {error:.2g}")
+
+
+def graphed(fn, images):
+    """fn(images) captured in a CUDA graph at these images (warmed up on a side stream first,
+    as benchmarks/per_call_gpu.py does); returns a callable that replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(3):
+            fn(images)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        out = fn(images)
+
+    def replay(_images):
+        graph.replay()
+        return out
+    return replay
+
+
+@contextlib.contextmanager
+def cudnn_benchmark():
+    """torch.backends.cudnn.benchmark on inside the block; as it was after (also on error)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+class InOwnThread:
+    """Calls `timed` in a thread of its own (its CUDA events and timings as they are). torch
+    keeps cuDNN's chosen plans per thread (cuDNN v8 API: thread-local caches): cudnn.benchmark
+    searches the plans of this thread afresh, and what it finds does not reach later cases."""
+
+    def __init__(self, timed):
+        self.timed, self.event_times_s = timed, timed.event_times_s
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def __call__(self):
+        return self.pool.submit(self.timed).result()
+
+    def event_median_s(self):
+        return self.timed.event_median_s()
+
+    def close(self):
+        self.pool.shutdown()
+
+
+def proposal_lever(provider, patched, images):
+    """(fn, pipeline) of a proposal lever (PROPOSAL_LEVERS): fn(images) -> features."""
+    runner, network = _proposal_runner(patched), patched.papr_proposal.network
+    if provider == "proposal-fp32-nchw":
+        return ProposalVariant(copy.deepcopy(network), torch.float32, torch.contiguous_format), \
+            "proposal alone, fp32 weights and images, NCHW (the patch before issue 12)"
+    if provider == "proposal-nchw":
+        return ProposalVariant(copy.deepcopy(network), images.dtype, torch.contiguous_format), \
+            f"proposal alone, {images.dtype} NCHW weights and images"
+    if provider == "proposal-cudnn-benchmark":
+        return runner, "proposal alone, torch.backends.cudnn.benchmark (its own thread)"
+    if provider == "proposal-graph":
+        return graphed(runner, images), "proposal alone, CUDA graph replay"
+    if provider == "proposal-conv-relu":
+        return conv_relu_proposal(network, images, runner, torch.cudnn_convolution_relu)
+    raise ValueError(f"provider: not a proposal lever: {provider!r}")
+
+
 def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, provider):
+    if provider in CUDA_ONLY_LEVERS and device != "cuda":
+        pytest.skip(f"{provider}: CUDA only ({CUDA_ONLY_LEVERS[provider]})")
     dtype = GPU_DTYPES[dtype_name]
     unpruned, patched = _gpu_models(device, model_name, quick, dtype)
     img = gpu_images(batch, device, dtype)
     compiled_proposal = provider.endswith("-cp")
     provider_base = provider[:-len("-cp")] if compiled_proposal else provider
-    z = None if provider_base == "proposal" else 1.0 if provider.startswith("unpruned") else \
-        float(provider_base.split("z")[1])
+    lever = provider in PROPOSAL_LEVERS
+    z = None if provider_base == "proposal" or lever else 1.0 if provider.startswith(
+        "unpruned") else float(provider_base.split("z")[1])
     patched.papr_proposal.compiled = compiled_proposal
     backend = None
     if provider.startswith("unpruned"):
@@ -322,6 +513,8 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
         fn, pipeline = BoundViT(unpruned, z), "first k patch tokens (a view)"
     elif provider_base == "proposal":
         fn, pipeline = _proposal_runner(patched), "proposal network alone"
+    elif lever:
+        fn, pipeline = proposal_lever(provider, patched, img)
     else:
         patched.papr_z = z
         fn, pipeline = patched, "papr_kernels.timm.patch"
@@ -339,16 +532,21 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
             return fn(img)
 
     timed = pb.Timed(run, device)
-    rounds = warm_up(timed, warmup, quick)
-    pb.sync(device)
-    timed.event_times_s.clear()
-    benchmark.group = f"e2e-gpu {model_name} {mode} B={batch}"
-    benchmark.extra_info.update(
-        suite="e2e-gpu", model=model_name if not quick else _quick_id(model_name),
-        shape=model_name if not quick else _quick_id(model_name), batch=batch,
-        provider=provider, z=z, mode=mode, dtype=dtype_name,
-        device=device, proposal="mobileone_s0", pipeline=pipeline, backend=backend)
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0)
+    with contextlib.ExitStack() as stack:   # warm-up and timing alike
+        if provider == "proposal-cudnn-benchmark":
+            stack.enter_context(cudnn_benchmark())
+            timed = InOwnThread(timed)
+            stack.callback(timed.close)
+        rounds = warm_up(timed, warmup, quick)
+        pb.sync(device)
+        timed.event_times_s.clear()
+        benchmark.group = f"e2e-gpu {model_name} {mode} B={batch}"
+        benchmark.extra_info.update(
+            suite="e2e-gpu", model=model_name if not quick else _quick_id(model_name),
+            shape=model_name if not quick else _quick_id(model_name), batch=batch,
+            provider=provider, z=z, mode=mode, dtype=dtype_name,
+            device=device, proposal="mobileone_s0", pipeline=pipeline, backend=backend)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=0)
     if timed.event_median_s() is not None:
         benchmark.extra_info["event_median_s"] = timed.event_median_s()
 

@@ -244,6 +244,156 @@ def test_e2e_gpu_cases_time_each_papr_before_its_bound_and_the_baseline_twice():
     swin = [p for m, dt, mode, b, p in cases
             if (m, dt, mode, b) == ("swin_tiny_patch4_window7_224", "bf16", "eager", 256)]
     assert swin == ["unpruned", "papr-z0.65", "papr-z0.5", "proposal", "unpruned-again"]
+    # ViT-B eager: the proposal levers right after `proposal`, inside the drift check; then the
+    # compiled-proposal pair after both batches
+    for batch in (64, 256):
+        assert [p for m, dt, mode, b, p in cases
+                if (m, dt, mode, b) == ("vit_base_patch16_224", "bf16", "eager", batch)] == [
+            "unpruned", "papr-z0.7", "bound-z0.7", "papr-z0.5", "bound-z0.5", "papr-z0.3",
+            "bound-z0.3", "proposal", "proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
+            "proposal-cudnn-benchmark", "proposal-conv-relu", "unpruned-again", "papr-z0.5-cp",
+            "proposal-cp"]
+    levers = {(m, mode) for m, dt, mode, b, p in cases if p.startswith("proposal-")
+              and not p.endswith("-cp")}
+    assert levers == {("vit_base_patch16_224", "eager")}
     models = [m for m, *_ in cases]
     assert [m for i, m in enumerate(models) if i == 0 or models[i - 1] != m] == \
         list(test_e2e.GPU_MODELS)   # each model's cases together (one model cached at a time)
+
+
+def test_e2e_gpu_quick_cases_exercise_the_proposal_levers_on_the_tiny_vit():
+    test_e2e = pytest.importorskip("test_e2e")
+    cases = test_e2e.gpu_cases("cpu", quick=True)
+    assert [p for m, *_, p in cases if m == "vit_tiny_patch16_224"] == [
+        "unpruned", "papr-z0.5", "bound-z0.5", "proposal", "proposal-fp32-nchw", "proposal-nchw",
+        "proposal-graph", "proposal-cudnn-benchmark", "proposal-conv-relu", "unpruned-again"]
+    assert [p for m, *_, p in cases if m == "convnext_atto"] == [
+        "unpruned", "papr-z0.5", "proposal", "unpruned-again"]
+
+
+def _random_mobileone(seed=0):
+    """MobileOne-S0 reparameterized, with random convolution weights and biases (timm's random
+    init folds into zero biases, which a lost bias would pass), as Proposal leaves it."""
+    torch.manual_seed(seed)
+    from papr_kernels.proposal import create
+    network = create("mobileone_s0", pretrained=False).network
+    with torch.no_grad():
+        for conv in network.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.normal_(0, (2 / conv.weight[0].numel()) ** 0.5)
+                conv.bias.normal_(0, 0.1)
+    return network
+
+
+def _conv_then_relu(x, weight, bias, stride, padding, dilation, groups):
+    """A CPU stand-in for torch.cudnn_convolution_relu (which has no CPU kernel)."""
+    return torch.relu(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation,
+                                                 groups))
+
+
+def test_fuse_conv_relu_swaps_every_reparameterized_block_of_a_copy():
+    test_e2e = pytest.importorskip("test_e2e")
+    network = _random_mobileone()
+    images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = network(images)[-1]
+    fused, count = test_e2e.fuse_conv_relu(network, _conv_then_relu)
+    # MobileOne-S0: the stem, then 2 x (2, 8, 10, 1) blocks (a depthwise and a pointwise each)
+    assert count == 1 + 2 * (2 + 8 + 10 + 1) == 43
+    assert sum(isinstance(m, test_e2e.ConvReLU) for m in fused.modules()) == 43
+    assert not any(type(m).__name__ == "MobileOneBlock" for m in fused.modules())
+    assert sum(type(m).__name__ == "MobileOneBlock" for m in network.modules()) == 43  # untouched
+    assert not {p.data_ptr() for p in fused.parameters()} & \
+        {p.data_ptr() for p in network.parameters()}
+    with torch.no_grad():
+        out = fused(images)[-1]
+    assert out.shape == (2, 1024, 2, 2) and (out > 0).float().mean() > 0.05
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # a fused op that loses the bias is caught: the biases are not zero
+    no_bias, _ = test_e2e.fuse_conv_relu(
+        network, lambda x, w, b, *args: _conv_then_relu(x, w, None, *args))
+    with torch.no_grad():
+        assert not torch.allclose(no_bias(images)[-1], expected, rtol=1e-2, atol=1e-2)
+
+
+def _not_skipped(fn, *args):
+    """fn(*args), a pytest.skip inside it a failure (not a skipped test)."""
+    try:
+        return fn(*args)
+    except pytest.skip.Exception as exc:
+        pytest.fail(f"skipped: {exc}")
+
+
+def test_conv_relu_proposal_checks_its_features_against_the_plain_proposal():
+    test_e2e = pytest.importorskip("test_e2e")
+    from papr_kernels.proposal import Proposal
+    network = _random_mobileone()
+    plain = Proposal(network)
+    images = torch.randn(2, 3, 64, 64).bfloat16()
+    fn, pipeline = _not_skipped(test_e2e.conv_relu_proposal, network, images, plain,
+                                _conv_then_relu)
+    with torch.no_grad():
+        expected = plain(images)
+        out = fn(images)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert test_e2e.relative_error(out, expected) < 0.02
+    assert pipeline.startswith("proposal alone, 43 (conv, ReLU) pairs as cudnn_convolution_relu")
+    # an op that refuses bf16: timed in fp16, checked against the plain proposal in fp16
+    def no_bf16(x, *args):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+        return _conv_then_relu(x, *args)
+    fn16, pipeline16 = _not_skipped(test_e2e.conv_relu_proposal, network, images, plain, no_bf16)
+    with torch.no_grad():
+        assert fn16(images).dtype == torch.float16
+    assert "; fp16: torch.bfloat16 refused (cuDNN error: CUDNN_STATUS_NOT_SUPPORTED)" in pipeline16
+    # a wrong op (no ReLU) is not timed
+    with pytest.raises(pytest.skip.Exception, match="differ from the plain proposal's by"):
+        test_e2e.conv_relu_proposal(network, images, plain, lambda x, w, b, s, p, d, g:
+                                    torch.nn.functional.conv2d(x, w, b, s, p, d, g))
+
+
+def test_proposal_variant_runs_the_network_in_its_dtype_and_layout():
+    test_e2e = pytest.importorskip("test_e2e")
+    import copy
+    from papr_kernels.proposal import Proposal
+    network = _random_mobileone()
+    images = torch.randn(2, 3, 64, 64).bfloat16()
+    nchw = test_e2e.ProposalVariant(copy.deepcopy(network), torch.float32,
+                                    torch.contiguous_format)
+    stem = nchw.network.stem.reparam_conv.weight
+    assert stem.dtype == torch.float32 and stem.is_contiguous()
+    assert network.stem.reparam_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = nchw(images)
+        expected = Proposal(network, dtype=torch.float32)(images)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cudnn_benchmark_is_on_inside_and_restored_after_an_error():
+    test_e2e = pytest.importorskip("test_e2e")
+    before = torch.backends.cudnn.benchmark
+    with pytest.raises(KeyError):
+        with test_e2e.cudnn_benchmark():
+            assert torch.backends.cudnn.benchmark is True
+            raise KeyError("a failed case")
+    assert torch.backends.cudnn.benchmark == before
+
+
+def test_in_own_thread_calls_the_timed_function_in_one_other_thread():
+    import threading
+    test_e2e = pytest.importorskip("test_e2e")
+
+    class ThreadRecording(_FakeTimed):
+        def __call__(self):
+            threads.append(threading.get_ident())
+            super().__call__()
+
+    threads, timed = [], ThreadRecording([0.001])
+    in_thread = test_e2e.InOwnThread(timed)
+    assert test_e2e.warm_up(in_thread, 1, quick=True) == 2   # warm-up sees its event times
+    in_thread()
+    in_thread.close()
+    assert len(threads) == 2 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert in_thread.event_times_s == [0.001] * 2 and in_thread.event_median_s() == 0.001
