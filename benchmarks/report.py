@@ -369,6 +369,10 @@ E2E_GPU = "e2e-gpu"
 
 COMPILED_PROPOSAL = "-cp"  # provider suffix: the proposal run with Proposal(compiled=True)
 UNPRUNED_AGAIN = "unpruned-again"  # the unpruned model timed again, last in its group
+PROPOSAL = "proposal"              # the proposal alone, as the patched model runs it
+# Other ways to run the proposal alone (benchmarks/test_e2e.py, ViT-B bf16 eager), beside it
+PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
+                   "proposal-cudnn-benchmark", "proposal-conv-relu")
 
 
 def e2e_gpu_groups(rows):
@@ -431,6 +435,34 @@ def e2e_gpu_table(ratios):
                      f"{ips(r['unpruned'])} | {ips(r['bound'])} | {ips(r['papr'])} | "
                      f"{fmt_ratio(r['speedup'])} | {fmt_ratio(r['bound_speedup'])} | {pvb} | "
                      f"{share} | {drift} |")
+    return "\n".join(lines)
+
+
+def proposal_levers(groups):
+    """One dict per proposal variant of each e2e-gpu group that timed a lever: its median and
+    its time over the default `proposal`'s (None where that is missing)."""
+    models = {"vit": 0, "swin": 1, "convnext": 2}
+    out = []
+    for key in sorted(groups, key=lambda k: (models.get(k[0].split("_")[0], 9), k[0], k[1],
+                                             k[2], k[3])):
+        g = groups[key]
+        if not any(p in g for p in PROPOSAL_LEVERS):
+            continue
+        base = g.get(PROPOSAL)
+        for p in (PROPOSAL,) + PROPOSAL_LEVERS:
+            if p in g:
+                out.append(dict(model=key[0], dtype=key[1], mode=key[2], B=key[3], variant=p,
+                                median_s=g[p], vs_proposal=g[p] / base if base else None))
+    return out
+
+
+def proposal_levers_table(levers):
+    lines = ["| model | dtype | mode | B | proposal run as | ms / batch | time / proposal's |",
+             "|---|---|---|---|---|---|---|"]
+    for r in levers:
+        ratio = "-" if r["vs_proposal"] is None else f"{r['vs_proposal']:.2f}"
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['B']} | {r['variant']} | "
+                     f"{r['median_s'] * 1e3:.2f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -569,7 +601,8 @@ def sections(meta, rows, name, link_prefix=""):
     if e2e:
         out += ["**End to end** (images/s with the proposal's cost included; GFLOPs = 2 x "
                 "multiply-adds per image):", "", e2e_table(e2e), ""]
-    gpu = e2e_gpu_ratios(e2e_gpu_groups(rows))
+    gpu_groups = e2e_gpu_groups(rows)
+    gpu = e2e_gpu_ratios(gpu_groups)
     if gpu:
         out += ["**End to end, side by side** (suite e2e-gpu: images/s with the proposal's cost "
                 "included; speed-ups over unpruned; bound: the same model keeping the first k "
@@ -582,6 +615,14 @@ def sections(meta, rows, name, link_prefix=""):
         if gt:
             out += ["**Targets of issues 12 and 17** (CUDA, bf16):", "", targets_table(gt),
                     ""]
+    levers = proposal_levers(gpu_groups)
+    if levers:
+        out += ["**Proposal levers** (suite e2e-gpu: the proposal network alone, run each way, "
+                "side by side with `proposal`, the patched model's own: fp32-nchw fp32 NCHW, "
+                "the patch before issue 12; nchw the model's dtype NCHW; graph a CUDA graph "
+                "replay; cudnn-benchmark torch.backends.cudnn.benchmark on; conv-relu each "
+                "(conv, ReLU) as one torch.cudnn_convolution_relu; below 1 is faster):", "",
+                proposal_levers_table(levers), ""]
     rest = kernel_table(groups, other_keys, providers) if other_keys else ""
     return "\n".join(out), rest
 

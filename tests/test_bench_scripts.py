@@ -150,6 +150,49 @@ def test_report_combines_the_e2e_runs_and_checks_the_targets_of_issues_12_and_17
         ["not in this run", "not measured |"]
 
 
+def test_report_tables_each_proposal_lever_against_the_default_proposal(tmp_path):
+    vit_s, vit_b, vit_l = ("vit_small_patch16_224", "vit_base_patch16_224",
+                           "vit_large_patch16_224")
+    run = _e2e_gpu_run(tmp_path / "levers.json", "pytest", [
+        (vit_s, "eager", 64, "unpruned", 1.0, 0.004),
+        (vit_s, "eager", 64, "proposal", None, 0.0017),   # no lever: not in the table
+        (vit_b, "eager", 64, "unpruned", 1.0, 0.0066),
+        (vit_b, "eager", 64, "papr-z0.5", 0.5, 0.0065),
+        (vit_b, "eager", 64, "proposal", None, 0.0016),
+        (vit_b, "eager", 64, "proposal-fp32-nchw", None, 0.0028),
+        (vit_b, "eager", 64, "proposal-nchw", None, 0.0020),
+        (vit_b, "eager", 64, "proposal-graph", None, 0.0012),
+        (vit_b, "eager", 64, "proposal-cudnn-benchmark", None, 0.00144),   # conv-relu skipped
+        (vit_b, "eager", 256, "proposal", None, 0.0058),
+        (vit_b, "eager", 256, "proposal-fp32-nchw", None, 0.0097),
+        (vit_b, "eager", 256, "proposal-nchw", None, 0.0071),
+        (vit_b, "eager", 256, "proposal-graph", None, 0.0050),
+        (vit_b, "eager", 256, "proposal-cudnn-benchmark", None, 0.0052),
+        (vit_b, "eager", 256, "proposal-conv-relu", None, 0.0046),
+        (vit_l, "eager", 256, "proposal-nchw", None, 0.007)])   # its proposal row missing
+    assert report.main([run, "--no-plot"]) == 0
+    md = (tmp_path / "levers.md").read_text()
+    printed = md[md.index("**End to end, side by side**"):]   # what gpu_check.sh prints
+    rows = [line for line in printed.splitlines() if line.startswith("| vit_")
+            and line.count(" | ") == 6]
+    # ms per batch; its time over `proposal`'s at that batch: 2.8 / 1.6, 2 / 1.6, 1.2 / 1.6,
+    # 1.44 / 1.6; 9.7 / 5.8, 7.1 / 5.8, 5 / 5.8, 5.2 / 5.8, 4.6 / 5.8
+    assert rows == [
+        f"| {vit_b} | bf16 | eager | 64 | proposal | 1.60 | 1.00 |",
+        f"| {vit_b} | bf16 | eager | 64 | proposal-fp32-nchw | 2.80 | 1.75 |",
+        f"| {vit_b} | bf16 | eager | 64 | proposal-nchw | 2.00 | 1.25 |",
+        f"| {vit_b} | bf16 | eager | 64 | proposal-graph | 1.20 | 0.75 |",
+        f"| {vit_b} | bf16 | eager | 64 | proposal-cudnn-benchmark | 1.44 | 0.90 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal | 5.80 | 1.00 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal-fp32-nchw | 9.70 | 1.67 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal-nchw | 7.10 | 1.22 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal-graph | 5.00 | 0.86 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal-cudnn-benchmark | 5.20 | 0.90 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal-conv-relu | 4.60 | 0.79 |",
+        f"| {vit_l} | bf16 | eager | 256 | proposal-nchw | 7.00 | - |"]
+    assert "**Proposal levers**" in printed
+
+
 def test_report_combines_the_runs_it_can_read(tmp_path, capsys):
     vit = "vit_base_patch16_224"
     whole = _e2e_gpu_run(tmp_path / "a.json", "pytest a", [
@@ -188,6 +231,10 @@ def test_gpu_check_dry_run_measures_the_checkout_and_brings_back_every_table(tmp
     table = out[out.index("**End to end, side by side**"):]
     assert "| vit_tiny_patch16_224-depth2 | fp32 | eager | 1 | 0.5 |" in table
     assert "| convnext_atto-depths1111 | fp32 | eager | 1 | 0.5 |" in table
+    levers = table[table.index("**Proposal levers**"):]   # those that run on CPU
+    for variant in ("proposal", "proposal-fp32-nchw", "proposal-nchw",
+                    "proposal-cudnn-benchmark"):
+        assert f"| vit_tiny_patch16_224-depth2 | fp32 | eager | 1 | {variant} |" in levers
     files = sorted(os.listdir(tmp_path / "out"))
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
     assert {"bench-e2e-gpu.json", "bench-e2e-gpu-hierarchical.json", "per-call-gpu.md"} <= \
@@ -269,6 +316,12 @@ def test_e2e_gpu_quick_cases_exercise_the_proposal_levers_on_the_tiny_vit():
         "proposal-graph", "proposal-cudnn-benchmark", "proposal-conv-relu", "unpruned-again"]
     assert [p for m, *_, p in cases if m == "convnext_atto"] == [
         "unpruned", "papr-z0.5", "proposal", "unpruned-again"]
+
+
+def test_e2e_and_report_name_the_same_proposal_levers():
+    test_e2e = pytest.importorskip("test_e2e")
+    assert test_e2e.PROPOSAL_LEVERS == report.PROPOSAL_LEVERS
+    assert set(test_e2e.CUDA_ONLY_LEVERS) == {"proposal-graph", "proposal-conv-relu"}
 
 
 def _random_mobileone(seed=0):
