@@ -1,10 +1,10 @@
 """PyTorch's graph tooling as a deployment uses it, on CPU: `torch.export` with a dynamic batch
-(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Eva / Swin / ConvNeXt, run at batch sizes
-other than the traced one; AOTInductor packages (the extension's ops run through the proxy
-executor); `torch.compile(dynamic=True)` and `mark_dynamic` without a recompile per batch size;
-a graph break inside a patched model (the per-forward state survives it); a compiled training
-step. Everything against eager or the reference. ONNX: tests/test_onnx.py; jit.trace and
-jit.script: tests/test_api.py."""
+(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Eva / Beit / Swin / ConvNeXt, run at
+batch sizes other than the traced one; AOTInductor packages (the extension's ops run through the
+proxy executor); `torch.compile(dynamic=True)` and `mark_dynamic` without a recompile per batch
+size; a graph break inside a patched model (the per-forward state survives it); a compiled
+training step. Everything against eager or the reference. ONNX: tests/test_onnx.py; jit.trace
+and jit.script: tests/test_api.py."""
 import glob
 import os
 import subprocess
@@ -23,6 +23,7 @@ from conftest import Prune, requires
 
 timm = pytest.importorskip("timm")
 from papr_kernels.timm import patch  # noqa: E402
+from test_timm_beit import make_beit  # noqa: E402
 from test_timm_eva import make_eva  # noqa: E402
 
 BATCH = torch.export.Dim("batch", min=1, max=64)
@@ -92,6 +93,9 @@ def tiny(family, **kwargs):
                                  **dict(dict(depth=2), **kwargs)).eval()
     if family == "eva":   # EVA-02 (class token, absolute position embedding, ROPE), 2 blocks
         return make_eva("eva02_tiny_patch14_224", **dict(dict(num_classes=1000), **kwargs))
+    if family == "beit":  # per-block and shared relative position bias, tables drawn
+        return make_beit("beit_base_patch16_224", **dict(dict(
+            img_size=224, num_classes=1000, use_shared_rel_pos_bias=True), **kwargs))
     if family == "swin":
         return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
                                  depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8),
@@ -114,7 +118,7 @@ def images(batch, seed=0):
     return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["vit", "eva", "convnext",
+@pytest.mark.parametrize("family", ["vit", "eva", "beit", "convnext",
                                     pytest.param("swin", marks=pytest.mark.slow),     # 14 s
                                     pytest.param("swinv2", marks=pytest.mark.slow)])
 def test_export_of_a_patched_model_with_a_dynamic_batch(family):
@@ -129,6 +133,7 @@ def test_export_of_a_patched_model_with_a_dynamic_batch(family):
 
 
 @pytest.mark.parametrize("family,modes", [("vit", (True, None)), ("eva", (True, None)),
+                                          ("beit", (True, None)),
                                           ("convnext", (True, None)),
                                           pytest.param("swin", (True,), marks=pytest.mark.slow)])
 def test_compile_dynamic_batch_of_patched_models_does_not_recompile(family, modes):
@@ -159,6 +164,7 @@ def _graph_break(module, args, output):
     ("convnext", "stages.1.blocks.0.mlp", {}),   # Swin shares the mechanism (22 s: by hand)
     ("vit", "norm", dict(merge_r=8)),          # between the merged tokens and the pooling
     ("eva", "blocks.1", {}),                   # between blocks reading the gathered ROPE rows
+    ("beit", "blocks.1.norm1", {}),            # in a block, before its attention reads the bias
 ])
 def test_a_graph_break_inside_a_patched_model_keeps_its_pruning(family, where, kwargs):
     """A graph break (here a user's hook; dynamic=True made one too) resumed with the proposal

@@ -1,7 +1,8 @@
 """What users do with a patched timm model beyond one forward: pretrained proposals, saving and
 reloading, compiling while z changes, training settings, tracing, the command line.
 
-Every family (ViT, Eva, Swin, Swin V2, ConvNeXt) goes through `papr_kernels.timm.patch`; random weights only.
+Every family (ViT, Eva, Beit, Swin, Swin V2, ConvNeXt) goes through `papr_kernels.timm.patch`;
+random weights only.
 """
 import copy
 import io
@@ -70,7 +71,21 @@ def _eva():
                                num_classes=10, use_rot_pos_emb=True).eval()
 
 
-FAMILIES = {"vit": _vit, "eva": _eva, "swin": _swin, "swinv2": _swinv2, "convnext": _convnext}
+def _beit():
+    """Both biases (per block and shared), their tables drawn (timm's are zero)."""
+    torch.manual_seed(0)
+    model = timm.models.beit.Beit(img_size=224, patch_size=16, embed_dim=64, depth=2,
+                                  num_heads=2, num_classes=10, use_rel_pos_bias=True,
+                                  use_shared_rel_pos_bias=True).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith("relative_position_bias_table"):
+                param.normal_()
+    return model
+
+
+FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "swin": _swin, "swinv2": _swinv2,
+            "convnext": _convnext}
 
 
 def _patched(family, z=0.5):
@@ -247,8 +262,9 @@ def test_jit_trace_of_a_patched_model(family):
         assert torch.equal(traced(images), model(images))
 
 
-@pytest.mark.parametrize("family", ["swin", "convnext"])
-def test_threads_sharing_a_hierarchical_model_use_their_own_features(family):
+@pytest.mark.parametrize("family", ["swin", "convnext", "beit"])
+def test_threads_sharing_a_patched_model_use_their_own_state(family):
+    """Swin / ConvNeXt: the proposal map; Beit: the kept tokens' bias positions."""
     model = _patched(family)
     inputs = [_images(batch=1, seed=s) for s in range(6)]
     with torch.no_grad():
@@ -263,7 +279,8 @@ def test_threads_sharing_a_hierarchical_model_use_their_own_features(family):
 
 
 def test_patch_of_an_unsupported_model_names_every_family():
-    with pytest.raises(TypeError, match="ConvNeXt, Eva, SwinTransformer, SwinTransformerV2, VisionTransformer"):
+    with pytest.raises(TypeError, match="Beit, ConvNeXt, Eva, SwinTransformer, SwinTransformerV2, "
+                                        "VisionTransformer"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
 
 
