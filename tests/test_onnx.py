@@ -20,6 +20,7 @@ pytest.importorskip("onnxscript")  # torch.onnx's dynamo exporter needs it
 
 timm = pytest.importorskip("timm")
 from papr_kernels.timm import patch  # noqa: E402
+from test_timm_beit import make_beit  # noqa: E402
 from test_timm_eva import make_eva  # noqa: E402
 
 
@@ -144,6 +145,11 @@ def patched_vit(prefix, order, family="vit"):
         vit = timm.models.vision_transformer.VisionTransformer(
             img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10,
             **VIT_PREFIX[prefix]).eval()
+    elif family == "beit":   # per-block and shared bias (drawn), absolute position embedding
+        vit = make_beit(img_size=224, use_abs_pos_emb=True, use_rel_pos_bias=True,
+                        use_shared_rel_pos_bias=True)
+        for block in vit.blocks:   # torch 2.14's ONNX export fails on timm's SDPA path with a
+            block.attn.fused_attn = False   # bias mask, the unpatched Beit too: the explicit one
     else:
         name, kwargs = EVA[family]
         vit = make_eva(name, **kwargs)
@@ -161,6 +167,7 @@ def kept(model, images):
 @pytest.mark.parametrize("family,prefix,order", [
     ("vit", 0, "score"), ("vit", 1, "score"), ("vit", 1, "spatial"), ("vit", 4, "spatial"),
     ("eva02", 1, "score"), ("eva-mixed", 1, "spatial"),    # the ROPE rows gathered in the graph
+    ("beit", 1, "score"),                       # each sample's relative position bias gathered
 ])
 def test_patched_vit_onnx_runtime(tmp_path, family, prefix, order):
     model = patched_vit(prefix, order, family)

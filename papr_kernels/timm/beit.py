@@ -9,7 +9,7 @@ tokens (class token first), so a sample keeping the tokens t = [0] + (1 + kept) 
 and columns at t: (B, heads, k + 1, k + 1), an additive attention mask that timm's attention
 takes as it takes its own (1, heads, n, n) one. The flat positions t[i] * n + t[j] of those
 entries (`kept_pairs`) are computed once per forward; the shared bias is gathered at them once
-per forward, each block's own bias in its `_get_rel_pos_bias` (one `index_select`, `kept_bias`).
+per forward, each block's own bias in its `_get_rel_pos_bias` (one `gather`, `kept_bias`).
 The blocks find the positions in a per-thread slot set around each block call (also around
 its recomputation under gradient checkpointing). `z = 1` runs timm's own `forward_features`.
 """
@@ -35,10 +35,14 @@ def kept_pairs(kept: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def kept_bias(bias: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """A (heads, n, n) bias at `pairs` (`kept_pairs`): each sample's (B, heads, k + 1, k + 1)."""
-    heads = bias.shape[0]
-    rows = bias.reshape(heads, -1).index_select(1, pairs.reshape(-1))
-    return rows.view(heads, *pairs.shape).transpose(0, 1)
+    """A (heads, n, n) bias at `pairs` (`kept_pairs`): each sample's (B, heads, k + 1, k + 1),
+    contiguous (one gather from the bias seen per sample without a copy): an attention mask
+    every SDPA kernel takes as it is, and that ONNX export's decomposition of SDPA keeps in
+    shape (a transposed mask made it emit strides its own reshape then refused)."""
+    batch, heads = pairs.shape[0], bias.shape[0]
+    flat = bias.reshape(1, heads, -1).expand(batch, -1, -1)
+    index = pairs.reshape(batch, 1, -1).expand(-1, heads, -1)
+    return flat.gather(2, index).view(batch, heads, *pairs.shape[1:])
 
 
 class _BlockPairs:
