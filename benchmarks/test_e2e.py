@@ -194,10 +194,17 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
 #                 conv-relu  each reparameterized (biased conv, ReLU) pair as one
 #                            torch.cudnn_convolution_relu call (CUDA only), checked once against
 #                            `proposal`'s output before timing
+#   unpruned-graph, papr-z0.5-graph  (ViT-B bf16 eager at the small batches SMALL_BATCHES, after
+#                 every other case) `unpruned` and `papr-z0.5` captured in a CUDA graph at that
+#                 batch and replayed (CUDA only): at small batches the host's launches dominate
+#                 eager time, and a CUDA graph is how latency-bound serving runs a model. The
+#                 group: unpruned, papr-z0.5, the two graphs, unpruned-again
 # report.py tables images/s, the speed-ups over unpruned, PaPr / bound and the proposal's share,
-# and the levers' times over `proposal`'s.
+# the levers' times over `proposal`'s, and the small batches eager and graphed with the smallest
+# batch at which PaPr is faster than unpruned (the crossover).
 # On CPU only quick mode runs it: tiny models (a ViT of depth 2, a ConvNeXt of one block per
-# stage) at B = 1, fp32, eager; `make bench` on CPU keeps the ViT-B B = 8 fp32 rows above.
+# stage) at B = 1 (the ViT's small-batch group also at B = 2), fp32, eager; `make bench` on CPU
+# keeps the ViT-B B = 8 fp32 rows above.
 
 GPU_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
               "swin_tiny_patch4_window7_224", "convnext_tiny")
@@ -216,6 +223,15 @@ PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
                    "proposal-cudnn-benchmark", "proposal-conv-relu")
 CUDA_ONLY_LEVERS = {"proposal-graph": "a CUDA graph",
                     "proposal-conv-relu": "torch.cudnn_convolution_relu has no CPU kernel"}
+# Issue 12, "small batches": ViT-B bf16 eager at batches where the host's launch overhead
+# dominates, each model also replayed from a CUDA graph captured at that batch (how latency-bound
+# serving runs one); the report's "Small batches" table and its crossover. Quick mode: the tiny
+# ViT at B = 1 (its regular group times B = 1 already: that group is not timed twice) and 2.
+SMALL_BATCHES = (1, 8, 32)
+QUICK_SMALL_BATCHES = (1, 2)
+GRAPHED_PROVIDERS = {"unpruned-graph": "unpruned", "papr-z0.5-graph": "papr-z0.5"}  # -> captured
+SMALL_BATCH_PROVIDERS = ("unpruned", "papr-z0.5", *GRAPHED_PROVIDERS, UNPRUNED_AGAIN)
+CUDA_ONLY_PROVIDERS = {**CUDA_ONLY_LEVERS, **dict.fromkeys(GRAPHED_PROVIDERS, "a CUDA graph")}
 
 
 def _quick_id(name):
@@ -229,7 +245,8 @@ def _is_vit(name):
 
 def gpu_cases(device, quick):
     """[(model, dtype, mode, batch, provider)] in run order (model and dtype outermost: one model
-    set up at a time). ViTs in bf16; Swin-T / ConvNeXt-T in bf16 and fp32 at z = 0.65 and 0.5."""
+    set up at a time). ViTs in bf16; Swin-T / ConvNeXt-T in bf16 and fp32 at z = 0.65 and 0.5;
+    then ViT-B's small-batch group."""
     if quick:
         models, modes, batches = tuple(QUICK_MODELS), ("eager",), (1,)
     elif device == "cuda":
@@ -254,7 +271,18 @@ def gpu_cases(device, quick):
         if model == COMPILED_PROPOSAL_MODEL and "eager" in modes:
             cases += [(model, "bf16", "eager", b, p) for b in batches
                       for p in ("papr-z0.5-cp", "proposal-cp")]
-    return cases
+    # last: a run stopped by its timeout loses them before any row of the targets (B = 256)
+    return cases + small_batch_cases(device, quick, batches)
+
+
+def small_batch_cases(device, quick, regular_batches):
+    """The small-batch group of ViT-B bf16 eager (quick: the tiny ViT) at each batch of
+    SMALL_BATCHES (QUICK_SMALL_BATCHES) that its regular group does not time."""
+    model = next(filter(_is_vit, QUICK_MODELS)) if quick else COMPILED_PROPOSAL_MODEL
+    dtype = "bf16" if device == "cuda" else "fp32"
+    return [(model, dtype, "eager", b, p)
+            for b in (QUICK_SMALL_BATCHES if quick else SMALL_BATCHES)
+            if b not in regular_batches for p in SMALL_BATCH_PROVIDERS]
 
 
 def _gpu_generate(metafunc):
@@ -494,13 +522,14 @@ def proposal_lever(provider, patched, images):
 
 
 def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, provider):
-    if provider in CUDA_ONLY_LEVERS and device != "cuda":
-        pytest.skip(f"{provider}: CUDA only ({CUDA_ONLY_LEVERS[provider]})")
+    if provider in CUDA_ONLY_PROVIDERS and device != "cuda":
+        pytest.skip(f"{provider}: CUDA only ({CUDA_ONLY_PROVIDERS[provider]})")
     dtype = GPU_DTYPES[dtype_name]
     unpruned, patched = _gpu_models(device, model_name, quick, dtype)
     img = gpu_images(batch, device, dtype)
     compiled_proposal = provider.endswith("-cp")
-    provider_base = provider[:-len("-cp")] if compiled_proposal else provider
+    captured = GRAPHED_PROVIDERS.get(provider)
+    provider_base = captured or (provider[:-len("-cp")] if compiled_proposal else provider)
     lever = provider in PROPOSAL_LEVERS
     z = None if provider_base == "proposal" or lever else 1.0 if provider.startswith(
         "unpruned") else float(provider_base.split("z")[1])
@@ -522,6 +551,8 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
             None, device, () if _is_vit(model_name) else papr_kernels.backends.ROW_OPS).__name__
     if compiled_proposal:
         pipeline += ", proposal torch.compile'd (Proposal(compiled=True))"
+    if captured:
+        fn, pipeline = graphed(fn, img), pipeline + ", CUDA graph replay (captured at this batch)"
     warmup = 3 if compiled_proposal else 1
     if mode == "compile":
         _allow_recompiles()
@@ -554,9 +585,11 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
 # Warm-up and rounds of a GPU case: each model's first case (unpruned) follows seconds of model
 # set-up on the host, with the GPU idle and its clocks down; a few ms of warm-up would time it
 # partly at idle clocks and inflate every speed-up over it.
+# Calls of 0.25 ms and up are timed for GPU_TIMED_S: a CUDA graph replay of ViT-B at B = 1
+# (~0.7 ms) gets ~350 rounds (at most 50 were 35 ms of it).
 GPU_WARMUP_S = 0.1
 GPU_TIMED_S = 0.25
-GPU_ROUNDS = (10, 50)
+GPU_ROUNDS = (10, 1000)
 
 
 def warm_up(timed, calls, quick):

@@ -260,10 +260,14 @@ class _FakeTimed:
 def test_e2e_gpu_warms_up_past_idle_clocks_and_times_enough_rounds():
     test_e2e = pytest.importorskip("test_e2e")   # needs timm
     # a first call that compiles (0.5 s), then 2 ms calls: 0.1 s more of warm-up, and rounds
-    # for 0.25 s of them capped at 50 (the compile call does not count)
+    # for 0.25 s of them (the compile call does not count)
     timed = _FakeTimed([0.5, 0.002])
-    assert test_e2e.warm_up(timed, 1, quick=False) == 50
+    assert test_e2e.warm_up(timed, 1, quick=False) == 125
     assert len(timed.event_times_s) > 10   # ~0.1 s of 2 ms calls (sleep overshoots)
+    # sub-millisecond calls (a CUDA graph of ViT-B at B = 1): 0.25 / 0.7 ms rounds; 0.1 ms calls
+    # capped at 1000 rounds
+    assert test_e2e.warm_up(_FakeTimed([0.0007]), 1, quick=False) == 358
+    assert test_e2e.warm_up(_FakeTimed([0.0001]), 1, quick=False) == 1000
     # 60 ms calls (ViT-L at B = 256): at least 10 rounds
     timed = _FakeTimed([0.06])
     assert test_e2e.warm_up(timed, 1, quick=False) == 10 and len(timed.event_times_s) >= 3
@@ -304,24 +308,49 @@ def test_e2e_gpu_cases_time_each_papr_before_its_bound_and_the_baseline_twice():
               and not p.endswith("-cp")}
     assert levers == {("vit_base_patch16_224", "eager")}
     models = [m for m, *_ in cases]
+    # each model's cases together (one model cached at a time), then ViT-B's small batches
     assert [m for i, m in enumerate(models) if i == 0 or models[i - 1] != m] == \
-        list(test_e2e.GPU_MODELS)   # each model's cases together (one model cached at a time)
+        list(test_e2e.GPU_MODELS) + ["vit_base_patch16_224"]
+
+
+def test_e2e_gpu_cases_time_vit_b_at_small_batches_eager_and_graphed_after_the_rest():
+    test_e2e = pytest.importorskip("test_e2e")
+    cases = test_e2e.gpu_cases("cuda", quick=False)
+    group = ["unpruned", "papr-z0.5", "unpruned-graph", "papr-z0.5-graph", "unpruned-again"]
+    small = [(m, dt, mode, b, p) for b in (1, 8, 32) for p in group
+             for m, dt, mode in [("vit_base_patch16_224", "bf16", "eager")]]
+    # last of all: a run stopped by its timeout loses them before any row at B = 64 / 256
+    assert cases[-len(small):] == small
+    assert not any(b < 64 for *_, b, p in cases[:-len(small)])
+    assert test_e2e.SMALL_BATCHES == (1, 8, 32)
+    # the graphs run on CUDA only; on CPU they are skipped with the reason
+    assert {p: test_e2e.CUDA_ONLY_PROVIDERS[p] for p in ("unpruned-graph", "papr-z0.5-graph")} \
+        == {"unpruned-graph": "a CUDA graph", "papr-z0.5-graph": "a CUDA graph"}
+    with pytest.raises(pytest.skip.Exception, match=r"unpruned-graph: CUDA only \(a CUDA graph\)"):
+        test_e2e.test_e2e_gpu(None, "cpu", True, "vit_tiny_patch16_224", "fp32", "eager", 2,
+                              "unpruned-graph")
 
 
 def test_e2e_gpu_quick_cases_exercise_the_proposal_levers_on_the_tiny_vit():
     test_e2e = pytest.importorskip("test_e2e")
     cases = test_e2e.gpu_cases("cpu", quick=True)
-    assert [p for m, *_, p in cases if m == "vit_tiny_patch16_224"] == [
+    assert [p for m, *_, b, p in cases if (m, b) == ("vit_tiny_patch16_224", 1)] == [
         "unpruned", "papr-z0.5", "bound-z0.5", "proposal", "proposal-fp32-nchw", "proposal-nchw",
         "proposal-graph", "proposal-cudnn-benchmark", "proposal-conv-relu", "unpruned-again"]
     assert [p for m, *_, p in cases if m == "convnext_atto"] == [
         "unpruned", "papr-z0.5", "proposal", "unpruned-again"]
+    # the small-batch group at B = 1 (the group above, not timed twice) and 2, last; its graphs
+    # are skipped on CPU
+    assert cases[-5:] == [("vit_tiny_patch16_224", "fp32", "eager", 2, p) for p in (
+        "unpruned", "papr-z0.5", "unpruned-graph", "papr-z0.5-graph", "unpruned-again")]
+    assert len(cases) == 10 + 4 + 5
 
 
 def test_e2e_and_report_name_the_same_proposal_levers():
     test_e2e = pytest.importorskip("test_e2e")
     assert test_e2e.PROPOSAL_LEVERS == report.PROPOSAL_LEVERS
     assert set(test_e2e.CUDA_ONLY_LEVERS) == {"proposal-graph", "proposal-conv-relu"}
+
 
 
 def _random_mobileone(seed=0):

@@ -8,7 +8,8 @@
 # Logs and results go to $OUT (default gpu-check/).
 #   4. (issue 12) `e2e`: the bf16 end-to-end benchmark, side by side in one process per run:
 #      ViT-S/B/L at B = 64/256 eager (unpruned, PaPr and the bound at z = 0.7/0.5/0.3, the
-#      proposal alone; ViT-B: also the proposal's levers, benchmarks/test_e2e.py PROPOSAL_LEVERS),
+#      proposal alone; ViT-B: also the proposal's levers, benchmarks/test_e2e.py PROPOSAL_LEVERS;
+#      last, ViT-B at B = 1/8/32 eager and replayed from a CUDA graph, SMALL_BATCHES),
 #      Swin-T / ConvNeXt-T at B = 64/256 bf16 eager at z = 0.65/0.5 (issue 17),
 #      then, in what is left of E2E_BUDGET_S (default 300 s), torch.compile of ViT-B at B = 256,
 #      z = 0.5 (unpruned, PaPr, bound, proposal). `e2e-compile`: that compile run with its own
@@ -195,9 +196,10 @@ e2e_run bench-e2e-gpu-fp32 150 "test_e2e_gpu and eager and not vit_ and fp32"
 fi
 # The compiled-proposal lever (Proposal(compiled=True), ViT-B eager, B = 64 and 256): two compiles
 # of MobileOne-S0, so a step of its own (the other proposal levers come with `proposal`: seconds).
+# Not the small batches (B < 64: the e2e step's).
 if step e2e-cp; then
-e2e_run bench-e2e-gpu-cp 240 \
-    "test_e2e_gpu and eager and vit_base_patch16_224 and (unpruned or z0.5 or proposal)"
+e2e_run bench-e2e-gpu-cp 240 "test_e2e_gpu and eager and vit_base_patch16_224 and \
+(B64 or B256) and (unpruned or z0.5 or proposal)"
 fi
 # Reports: made in a scratch folder (only 8 files come back from the lent machine: $OUT keeps
 # the JSON and logs), printed here. The e2e runs make one report, so that the targets of issues
