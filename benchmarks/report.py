@@ -20,6 +20,7 @@ import glob
 import io
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -373,6 +374,12 @@ PROPOSAL = "proposal"              # the proposal alone, as the patched model ru
 # Other ways to run the proposal alone (benchmarks/test_e2e.py, ViT-B bf16 eager), beside it
 PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
                    "proposal-cudnn-benchmark", "proposal-conv-relu")
+PAPR_OR_BOUND = re.compile(r"(?:papr|bound)-z([0-9.]+)")   # its z; not papr-z0.5-graph
+# The small-batch group (benchmarks/test_e2e.py SMALL_BATCHES): ViT-B bf16 eager, and the quick
+# ViT (the CPU dry run); each model also replayed from a CUDA graph captured at its batch.
+SMALL_BATCH_MODELS = ("vit_base_patch16_224", "vit_tiny_patch16_224-depth2")
+SMALL_BATCH_PAPR = "papr-z0.5"
+GRAPHED_PROVIDERS = {"unpruned-graph": "unpruned", "papr-z0.5-graph": "papr-z0.5"}  # -> captured
 
 
 def e2e_gpu_groups(rows):
@@ -402,7 +409,7 @@ def e2e_gpu_ratios(groups):
     for key in sorted(groups, key=lambda k: (models.get(k[0].split("_")[0], 9), k[0], k[1],
                                              k[2] != "eager", k[2], k[3])):
         g = groups[key]
-        zs = sorted({p.split("z", 1)[1] for p in g if p.startswith(("papr-z", "bound-z"))},
+        zs = sorted({m.group(1) for m in map(PAPR_OR_BOUND.fullmatch, g) if m},
                     key=float, reverse=True)
         base, prop, again = g.get("unpruned"), g.get("proposal"), g.get(UNPRUNED_AGAIN)
         for z in zs:
@@ -420,19 +427,24 @@ def e2e_gpu_ratios(groups):
     return out
 
 
-def e2e_gpu_table(ratios):
-    def ips(v):
-        return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+def fmt_ips(v):
+    return "-" if v is None else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
+
+def fmt_drift(d):
+    return "-" if d is None else f"{100 * d:+.1f}%"
+
+
+def e2e_gpu_table(ratios):
     lines = ["| model | dtype | mode | B | z | unpruned img/s | bound img/s | PaPr img/s | "
              "PaPr speed-up | bound speed-up | PaPr / bound | proposal share | unpruned drift |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ratios:
         share = "-" if r["proposal_share"] is None else f"{100 * r['proposal_share']:.0f}%"
-        drift = "-" if r["drift"] is None else f"{100 * r['drift']:+.1f}%"
+        drift = fmt_drift(r["drift"])
         pvb = "-" if r["papr_vs_bound"] is None else f"{r['papr_vs_bound']:.2f}"
         lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['B']} | {r['z']:g} | "
-                     f"{ips(r['unpruned'])} | {ips(r['bound'])} | {ips(r['papr'])} | "
+                     f"{fmt_ips(r['unpruned'])} | {fmt_ips(r['bound'])} | {fmt_ips(r['papr'])} | "
                      f"{fmt_ratio(r['speedup'])} | {fmt_ratio(r['bound_speedup'])} | {pvb} | "
                      f"{share} | {drift} |")
     return "\n".join(lines)
@@ -464,6 +476,68 @@ def proposal_levers_table(levers):
         lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['B']} | {r['variant']} | "
                      f"{r['median_s'] * 1e3:.2f} | {ratio} |")
     return "\n".join(lines)
+
+
+def small_batches(groups):
+    """{(model, dtype, device): one dict per eager batch that timed unpruned or PaPr (eager or
+    graphed), batches ascending: B, the medians of unpruned and PaPr eager and replayed from a
+    CUDA graph, the unpruned drift} of SMALL_BATCH_MODELS (the regular groups' batches too)."""
+    out = defaultdict(list)
+    keys = [k for k, g in groups.items() if k[0] in SMALL_BATCH_MODELS and k[2] == "eager"
+            and any(p in g for p in ("unpruned", SMALL_BATCH_PAPR, *GRAPHED_PROVIDERS))]
+    for key in sorted(keys, key=lambda k: (SMALL_BATCH_MODELS.index(k[0]), k[1], k[4] or "",
+                                           k[3])):
+        (model, dtype, _, batch, device), g = key, groups[key]
+        graph = {captured: g.get(p) for p, captured in GRAPHED_PROVIDERS.items()}
+        base, again = g.get("unpruned"), g.get(UNPRUNED_AGAIN)
+        out[(model, dtype, device)].append(dict(
+            B=batch, unpruned=base, papr=g.get(SMALL_BATCH_PAPR), unpruned_graph=graph["unpruned"],
+            papr_graph=graph[SMALL_BATCH_PAPR], drift=again / base - 1 if again and base else None))
+    return out
+
+
+def crossover(rows, unpruned, papr):
+    """The smallest measured batch at which PaPr (rows' `papr` median) is faster than unpruned
+    (`unpruned`): "B = <b>", "none measured (B = ...)" when it is at none, "not measured" when
+    no batch timed both."""
+    both = [r for r in rows if r[unpruned] and r[papr]]
+    if not both:
+        return "not measured"
+    faster = [r["B"] for r in both if r[papr] < r[unpruned]]
+    if faster:
+        return f"B = {min(faster)}"
+    return f"none measured (B = {', '.join(str(r['B']) for r in both)})"
+
+
+def small_batches_table(rows):
+    def cell(batch, t):
+        return "-" if t is None else f"{t * 1e3:.2f} ({fmt_ips(batch / t)})"
+
+    def speedup(base, t):
+        return fmt_ratio(base / t if base and t else None)
+
+    lines = ["| B | unpruned eager | PaPr eager | speed-up eager | unpruned graph | PaPr graph | "
+             "speed-up graph | unpruned drift |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["B"]
+        lines.append(f"| {b} | {cell(b, r['unpruned'])} | {cell(b, r['papr'])} | "
+                     f"{speedup(r['unpruned'], r['papr'])} | {cell(b, r['unpruned_graph'])} | "
+                     f"{cell(b, r['papr_graph'])} | "
+                     f"{speedup(r['unpruned_graph'], r['papr_graph'])} | "
+                     f"{fmt_drift(r['drift'])} |")
+    return "\n".join(lines)
+
+
+def small_batches_section(key, rows):
+    model, dtype, _ = key
+    z = SMALL_BATCH_PAPR.split("z", 1)[1]
+    return [f"**Small batches ({model} {dtype})** (suite e2e-gpu, ms per batch (images/s) of "
+            f"unpruned and PaPr at z = {z}: eager, each model called as is; graph, replayed from "
+            "a CUDA graph captured at that batch (one launch a call); speed-up: unpruned's time "
+            "over PaPr's; unpruned drift as above):", "", small_batches_table(rows), "",
+            f"Crossover, the smallest measured batch at which PaPr is faster than unpruned: "
+            f"eager {crossover(rows, 'unpruned', 'papr')}, CUDA graph "
+            f"{crossover(rows, 'unpruned_graph', 'papr_graph')}.", ""]
 
 
 # Issue 12's targets: (model, mode, minimum PaPr speed-up at z = 0.5, B = 256, bf16, CUDA).
@@ -623,6 +697,8 @@ def sections(meta, rows, name, link_prefix=""):
                 "replay; cudnn-benchmark torch.backends.cudnn.benchmark on; conv-relu each "
                 "(conv, ReLU) as one torch.cudnn_convolution_relu; below 1 is faster):", "",
                 proposal_levers_table(levers), ""]
+    for key, small in small_batches(gpu_groups).items():
+        out += small_batches_section(key, small)
     rest = kernel_table(groups, other_keys, providers) if other_keys else ""
     return "\n".join(out), rest
 

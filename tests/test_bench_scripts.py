@@ -193,6 +193,74 @@ def test_report_tables_each_proposal_lever_against_the_default_proposal(tmp_path
     assert "**Proposal levers**" in printed
 
 
+def test_report_tables_small_batches_eager_and_graphed_with_the_crossover(tmp_path):
+    vit_s, vit_b, tiny = ("vit_small_patch16_224", "vit_base_patch16_224",
+                          "vit_tiny_patch16_224-depth2")
+    run = _e2e_gpu_run(tmp_path / "small.json", "pytest", [
+        # the regular groups first (a rule taking the first batch found fails)
+        (vit_b, "eager", 256, "unpruned", 1.0, 0.024),
+        (vit_b, "eager", 256, "papr-z0.5", 0.5, 0.015),
+        (vit_b, "eager", 256, "bound-z0.5", 0.5, 0.013),
+        (vit_b, "eager", 64, "unpruned", 1.0, 0.0066),
+        (vit_b, "eager", 64, "papr-z0.5", 0.5, 0.0060),
+        (vit_b, "eager", 64, "unpruned-again", 1.0, 0.0067),
+        (vit_b, "compile", 256, "unpruned", 1.0, 0.020),         # not eager: not in the table
+        (vit_b, "compile", 256, "papr-z0.5", 0.5, 0.001),
+        (vit_s, "eager", 64, "unpruned", 1.0, 0.004),            # not a small-batch model
+        (vit_s, "eager", 64, "papr-z0.5", 0.5, 0.003),
+        # the small-batch group: PaPr eager slower at 1 and 8, as fast at 32 (not faster);
+        # graphed faster at 8 only
+        (vit_b, "eager", 1, "unpruned", 1.0, 0.0050),
+        (vit_b, "eager", 1, "papr-z0.5", 0.5, 0.0096),
+        (vit_b, "eager", 1, "unpruned-graph", 1.0, 0.00069),
+        (vit_b, "eager", 1, "papr-z0.5-graph", 0.5, 0.00097),
+        (vit_b, "eager", 1, "unpruned-again", 1.0, 0.0051),
+        (vit_b, "eager", 8, "unpruned", 1.0, 0.0052),
+        (vit_b, "eager", 8, "papr-z0.5", 0.5, 0.0098),
+        (vit_b, "eager", 8, "unpruned-graph", 1.0, 0.0016),
+        (vit_b, "eager", 8, "papr-z0.5-graph", 0.5, 0.0015),
+        (vit_b, "eager", 32, "unpruned", 1.0, 0.0060),
+        (vit_b, "eager", 32, "papr-z0.5", 0.5, 0.0060),
+        (vit_b, "eager", 32, "unpruned-graph", 1.0, 0.0032),
+        (vit_b, "eager", 32, "papr-z0.5-graph", 0.5, 0.0034),
+        (vit_b, "eager", 32, "unpruned-again", 1.0, 0.00606),
+        # the quick ViT: PaPr slower at every batch, no graph
+        (tiny, "eager", 2, "unpruned", 1.0, 0.003),
+        (tiny, "eager", 2, "papr-z0.5", 0.5, 0.004),
+        (tiny, "eager", 1, "unpruned", 1.0, 0.002),
+        (tiny, "eager", 1, "papr-z0.5", 0.5, 0.003)])
+    assert report.main([run, "--no-plot"]) == 0
+    md = (tmp_path / "small.md").read_text()
+    printed = md[md.index("**End to end, side by side**"):]   # what gpu_check.sh prints
+    # the small batches in the side-by-side table too (their drift), the graphs not as a z
+    assert f"| {vit_b} | bf16 | eager | 1 | 0.5 | 200 | - | 104 | 0.52x |" in printed
+    assert "| 0.5-graph |" not in printed
+
+    def section(model, dtype):
+        part = printed[printed.index(f"**Small batches ({model} {dtype})**"):]
+        lines = part.splitlines()
+        return lines[2:lines.index("", 2)], lines[lines.index("", 2) + 1]
+
+    rows, crossover = section(vit_b, "bf16")
+    assert rows[0] == ("| B | unpruned eager | PaPr eager | speed-up eager | unpruned graph | "
+                       "PaPr graph | speed-up graph | unpruned drift |")
+    # ms per batch (images/s: B / time); speed-ups 5 / 9.6, 0.69 / 0.97; 5.2 / 9.8, 1.6 / 1.5;
+    # 6 / 6, 3.2 / 3.4; 6.6 / 6; 24 / 15; drift 5.1 / 5, 6.06 / 6, 6.7 / 6.6, minus 1
+    assert rows[2:] == [
+        "| 1 | 5.00 (200) | 9.60 (104) | 0.52x | 0.69 (1449) | 0.97 (1031) | 0.71x | +2.0% |",
+        "| 8 | 5.20 (1538) | 9.80 (816) | 0.53x | 1.60 (5000) | 1.50 (5333) | 1.07x | - |",
+        "| 32 | 6.00 (5333) | 6.00 (5333) | 1.00x | 3.20 (10000) | 3.40 (9412) | 0.94x | +1.0% |",
+        "| 64 | 6.60 (9697) | 6.00 (10667) | 1.10x | - | - | - | +1.5% |",
+        "| 256 | 24.00 (10667) | 15.00 (17067) | 1.60x | - | - | - | - |"]
+    # eager: faster first at 64 (as fast at 32 is not faster); graph: at 8, though not at 32
+    assert crossover == ("Crossover, the smallest measured batch at which PaPr is faster than "
+                         "unpruned: eager B = 64, CUDA graph B = 8.")
+    rows, crossover = section(tiny, "bf16")
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| 1", "| 2"]
+    assert crossover.endswith("eager none measured (B = 1, 2), CUDA graph not measured.")
+    assert "**Small batches (vit_small" not in printed
+
+
 def test_report_combines_the_runs_it_can_read(tmp_path, capsys):
     vit = "vit_base_patch16_224"
     whole = _e2e_gpu_run(tmp_path / "a.json", "pytest a", [
@@ -235,6 +303,10 @@ def test_gpu_check_dry_run_measures_the_checkout_and_brings_back_every_table(tmp
     for variant in ("proposal", "proposal-fp32-nchw", "proposal-nchw",
                     "proposal-cudnn-benchmark"):
         assert f"| vit_tiny_patch16_224-depth2 | fp32 | eager | 1 | {variant} |" in levers
+    small = table[table.index("**Small batches (vit_tiny_patch16_224-depth2 fp32)**"):]
+    assert [line.split(" | ")[0] for line in small.splitlines()[4:6]] == ["| 1", "| 2"]
+    assert "Crossover, the smallest measured batch at which PaPr is faster than unpruned: eager " \
+        in small and ", CUDA graph not measured." in small
     files = sorted(os.listdir(tmp_path / "out"))
     assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
     assert {"bench-e2e-gpu.json", "bench-e2e-gpu-hierarchical.json", "per-call-gpu.md"} <= \
@@ -351,6 +423,17 @@ def test_e2e_and_report_name_the_same_proposal_levers():
     assert test_e2e.PROPOSAL_LEVERS == report.PROPOSAL_LEVERS
     assert set(test_e2e.CUDA_ONLY_LEVERS) == {"proposal-graph", "proposal-conv-relu"}
 
+
+def test_e2e_and_report_name_the_same_small_batch_providers_and_models():
+    test_e2e = pytest.importorskip("test_e2e")
+    assert test_e2e.GRAPHED_PROVIDERS == report.GRAPHED_PROVIDERS
+    assert report.SMALL_BATCH_PAPR in test_e2e.SMALL_BATCH_PROVIDERS
+    assert set(test_e2e.GRAPHED_PROVIDERS) | set(test_e2e.GRAPHED_PROVIDERS.values()) <= \
+        set(test_e2e.SMALL_BATCH_PROVIDERS)
+    # the models as the JSON names them: ViT-B on the GPU, the quick ViT in the dry run
+    small = {test_e2e._quick_id(m) if quick else m
+             for quick in (False, True) for m, *_ in test_e2e.small_batch_cases("cuda", quick, ())}
+    assert small == set(report.SMALL_BATCH_MODELS)
 
 
 def _random_mobileone(seed=0):
