@@ -7,6 +7,7 @@ loop over the stages and blocks that computes every block DENSELY (all positions
 pruned positions' values with a boolean mask (`torch.where`), instead of gathering and scattering
 rows. The kept positions come from `papr_kernels.reference` (SPEC's scores and total order).
 """
+import functools
 import math
 
 import numpy as np
@@ -200,30 +201,23 @@ def _kept_mask(f, grid, z):
     return mask.view(-1, h, w, 1)
 
 
-def swin_by_hand(model, proposal, images, z, stages):
+def swin_by_hand(model, proposal, images, z, stages, post_norm=False):
+    """Swin (pre-norm blocks) or, with `post_norm`, Swin V2 (residual post-norm blocks)."""
     f = proposal(images)
     x = model.patch_embed(images)                                   # (B, H, W, C)
     for s, stage in enumerate(model.layers):
         x = stage.downsample(x)
         mask = _kept_mask(f, x.shape[1:3], z) if s in stages else None
         for blk in stage.blocks:
-            x = x + blk.drop_path1(blk._attn(blk.norm1(x)))         # attention: every token
-            with_mlp = x + blk.drop_path2(blk.mlp(blk.norm2(x)))    # MLP computed densely ...
+            attn = blk.norm1(blk._attn(x)) if post_norm else blk._attn(blk.norm1(x))
+            x = x + blk.drop_path1(attn)                            # attention: every token
+            mlp = blk.norm2(blk.mlp(x)) if post_norm else blk.mlp(blk.norm2(x))
+            with_mlp = x + blk.drop_path2(mlp)                      # MLP computed densely ...
             x = with_mlp if mask is None else torch.where(mask, with_mlp, x)  # ... kept only
     return model.forward_head(model.norm(x))
 
 
-def swinv2_by_hand(model, proposal, images, z, stages):
-    f = proposal(images)
-    x = model.patch_embed(images)                                   # (B, H, W, C)
-    for s, stage in enumerate(model.layers):
-        x = stage.downsample(x)
-        mask = _kept_mask(f, x.shape[1:3], z) if s in stages else None
-        for blk in stage.blocks:
-            x = x + blk.drop_path1(blk.norm1(blk._attn(x)))         # attention: every token
-            with_mlp = x + blk.drop_path2(blk.norm2(blk.mlp(x)))    # MLP computed densely ...
-            x = with_mlp if mask is None else torch.where(mask, with_mlp, x)  # ... kept only
-    return model.forward_head(model.norm(x))
+swinv2_by_hand = functools.partial(swin_by_hand, post_norm=True)
 
 
 def convnext_by_hand(model, proposal, images, z, stages):

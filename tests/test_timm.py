@@ -87,6 +87,19 @@ def reference_logits(model, net, images, z, order="score", align_corners=True):
     return model.head(model.fc_norm(x[:, num_prefix:].mean(dim=1)))
 
 
+def checkpointing_grads(model, images):
+    """The parameter gradients {name: grad} of model(images).square().sum(), computed without
+    and then with gradient checkpointing (the blocks recomputed in the backward pass)."""
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        model(images).square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                      if p.grad is not None})
+    return grads
+
+
 def count_block_tokens(model):
     """A list that a forward fills with the token count entering each block's MLP."""
     counts = []

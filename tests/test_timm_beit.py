@@ -19,7 +19,7 @@ from timm.models.beit import Beit  # noqa: E402
 import papr_kernels.timm as papr_timm  # noqa: E402
 from papr_kernels import reference  # noqa: E402
 
-from test_timm import count_block_tokens, make_proposal  # noqa: E402
+from test_timm import checkpointing_grads, count_block_tokens, make_proposal  # noqa: E402
 
 TINY = dict(img_size=96, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
@@ -222,14 +222,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     must see its sample's bias again."""
     model = make_beit(use_shared_rel_pos_bias=True, use_rel_pos_bias=True, init_values=0.1)
     papr_timm.patch(model, make_proposal(), z=0.5).train()
-    images = images_for(model)
-    grads = []
-    for checkpointing in (False, True):
-        model.set_grad_checkpointing(checkpointing)
-        model.zero_grad()
-        model(images).square().sum().backward()
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
-                      if p.grad is not None})
+    grads = checkpointing_grads(model, images_for(model))
     assert grads[0].keys() == grads[1].keys()
     assert grads[0]["blocks.1.attn.relative_position_bias_table"].abs().sum() > 0
     assert grads[0]["rel_pos_bias.relative_position_bias_table"].abs().sum() > 0

@@ -17,7 +17,7 @@ from timm.models.eva import Eva  # noqa: E402
 import papr_kernels.timm as papr_timm  # noqa: E402
 from papr_kernels import reference  # noqa: E402
 
-from test_timm import count_block_tokens, make_proposal  # noqa: E402
+from test_timm import checkpointing_grads, count_block_tokens, make_proposal  # noqa: E402
 
 
 def make_eva(name, seed=0, **kwargs):
@@ -201,16 +201,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model = make_eva("vit_small_patch16_rope_mixed_224", embed_dim=64, num_heads=2,
                      init_values=None)
     papr_timm.patch(model, make_proposal(), z=0.5)
-    images = images_for(model)
-    grads = []
-    for checkpointing in (False, True):
-        model.set_grad_checkpointing(checkpointing)
-        model.zero_grad()
-        model(images).square().sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-    assert len(grads[0]) == len(grads[1]) > 0
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    grads = checkpointing_grads(model, images_for(model))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key in grads[0]:
+        torch.testing.assert_close(grads[0][key], grads[1][key])
 
 
 def test_merging_and_unsupported_forwards_are_refused():
