@@ -1,10 +1,10 @@
 """PyTorch's graph tooling as a deployment uses it, on CPU: `torch.export` with a dynamic batch
-(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Eva / Beit / Swin / ConvNeXt, run at
-batch sizes other than the traced one; AOTInductor packages (the extension's ops run through the
-proxy executor); `torch.compile(dynamic=True)` and `mark_dynamic` without a recompile per batch
-size; a graph break inside a patched model (the per-forward state survives it); a compiled
-training step. Everything against eager or the reference. ONNX: tests/test_onnx.py; jit.trace
-and jit.script: tests/test_api.py."""
+(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Eva / Beit / CaiT / Swin / ConvNeXt,
+run at batch sizes other than the traced one; AOTInductor packages (the extension's ops run
+through the proxy executor); `torch.compile(dynamic=True)` and `mark_dynamic` without a
+recompile per batch size; a graph break inside a patched model (the per-forward state survives
+it); a compiled training step. Everything against eager or the reference. ONNX:
+tests/test_onnx.py; jit.trace and jit.script: tests/test_api.py."""
 import glob
 import os
 import subprocess
@@ -24,6 +24,7 @@ from conftest import Prune, requires
 timm = pytest.importorskip("timm")
 from papr_kernels.timm import patch  # noqa: E402
 from test_timm_beit import make_beit  # noqa: E402
+from test_timm_cait import make_cait  # noqa: E402
 from test_timm_eva import make_eva  # noqa: E402
 
 BATCH = torch.export.Dim("batch", min=1, max=64)
@@ -96,6 +97,8 @@ def tiny(family, **kwargs):
     if family == "beit":  # per-block and shared relative position bias, tables drawn
         return make_beit("beit_base_patch16_224", **dict(dict(
             img_size=224, num_classes=1000, use_shared_rel_pos_bias=True), **kwargs))
+    if family == "cait":  # layer scales around 1
+        return make_cait(**dict(dict(img_size=224, num_classes=1000), **kwargs))
     if family == "swin":
         return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
                                  depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8),
@@ -118,7 +121,7 @@ def images(batch, seed=0):
     return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["vit", "eva", "beit", "convnext",
+@pytest.mark.parametrize("family", ["vit", "eva", "beit", "cait", "convnext",
                                     pytest.param("swin", marks=pytest.mark.slow),     # 14 s
                                     pytest.param("swinv2", marks=pytest.mark.slow)])
 def test_export_of_a_patched_model_with_a_dynamic_batch(family):

@@ -1,8 +1,8 @@
 """What users do with a patched timm model beyond one forward: pretrained proposals, saving and
 reloading, compiling while z changes, training settings, tracing, the command line.
 
-Every family (ViT, Eva, Beit, Swin, Swin V2, ConvNeXt) goes through `papr_kernels.timm.patch`;
-random weights only.
+Every family (ViT, Eva, Beit, CaiT, Swin, Swin V2, ConvNeXt) goes through
+`papr_kernels.timm.patch`; random weights only.
 """
 import copy
 import io
@@ -84,8 +84,20 @@ def _beit():
     return model
 
 
-FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "swin": _swin, "swinv2": _swinv2,
-            "convnext": _convnext}
+def _cait():
+    """Layer scales around 1 (timm's are 1e-5: the blocks would hardly act)."""
+    torch.manual_seed(0)
+    model = timm.models.cait.Cait(img_size=224, patch_size=16, embed_dim=64, depth=2,
+                                  num_heads=2, num_classes=10).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith(("gamma_1", "gamma_2")):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "cait": _cait, "swin": _swin,
+            "swinv2": _swinv2, "convnext": _convnext}
 
 
 def _patched(family, z=0.5):
@@ -262,9 +274,10 @@ def test_jit_trace_of_a_patched_model(family):
         assert torch.equal(traced(images), model(images))
 
 
-@pytest.mark.parametrize("family", ["swin", "convnext", "beit"])
+@pytest.mark.parametrize("family", ["swin", "convnext", "beit", "cait"])
 def test_threads_sharing_a_patched_model_use_their_own_state(family):
-    """Swin / ConvNeXt: the proposal map; Beit: the kept tokens' bias positions."""
+    """Swin / ConvNeXt: the proposal map; Beit: the kept tokens' bias positions; CaiT: the
+    pruned tokens through the class attention."""
     model = _patched(family)
     inputs = [_images(batch=1, seed=s) for s in range(6)]
     with torch.no_grad():
@@ -279,8 +292,8 @@ def test_threads_sharing_a_patched_model_use_their_own_state(family):
 
 
 def test_patch_of_an_unsupported_model_names_every_family():
-    with pytest.raises(TypeError, match="Beit, ConvNeXt, Eva, SwinTransformer, SwinTransformerV2, "
-                                        "VisionTransformer"):
+    with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, SwinTransformer, "
+                                        "SwinTransformerV2, VisionTransformer"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
 
 
