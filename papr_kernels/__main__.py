@@ -172,8 +172,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo_parser.add_argument("--repeats", type=_positive_int, default=None,
                              help="timed runs (default 20; 3 with --model)")
     demo_parser.add_argument("--model", default=None,
-                             help="run this timm model (ViT, Eva, Beit, CaiT, Swin, ConvNeXt) "
-                                  "patched end to end (e.g. vit_base_patch16_224)")
+                             help="run this timm model (ViT, Eva, Beit, ViT RelPos, CaiT, "
+                                  "Swin, ConvNeXt) patched end to end (e.g. "
+                                  "vit_base_patch16_224)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()

@@ -1,7 +1,7 @@
 """PyTorch's graph tooling as a deployment uses it, on CPU: `torch.export` with a dynamic batch
-(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Eva / Beit / CaiT / Swin / ConvNeXt,
-run at batch sizes other than the traced one; AOTInductor packages (the extension's ops run
-through the proxy executor); `torch.compile(dynamic=True)` and `mark_dynamic` without a
+(`torch.export.Dim`) of `prune`, `PaPr` and patched ViT / Eva / Beit / CaiT / ViT RelPos / Swin /
+ConvNeXt, run at batch sizes other than the traced one; AOTInductor packages (the extension's
+ops run through the proxy executor); `torch.compile(dynamic=True)` and `mark_dynamic` without a
 recompile per batch size; a graph break inside a patched model (the per-forward state survives
 it); a compiled training step. Everything against eager or the reference. ONNX:
 tests/test_onnx.py; jit.trace and jit.script: tests/test_api.py."""
@@ -26,6 +26,7 @@ from papr_kernels.timm import patch  # noqa: E402
 from test_timm_beit import make_beit  # noqa: E402
 from test_timm_cait import make_cait  # noqa: E402
 from test_timm_eva import make_eva  # noqa: E402
+from test_timm_relpos import make_relpos  # noqa: E402
 
 BATCH = torch.export.Dim("batch", min=1, max=64)
 EXPORT_BACKENDS = [pytest.param("cpp", marks=requires("cpp", "cpu")),
@@ -99,6 +100,8 @@ def tiny(family, **kwargs):
             img_size=224, num_classes=1000, use_shared_rel_pos_bias=True), **kwargs))
     if family == "cait":  # layer scales around 1
         return make_cait(**dict(dict(img_size=224, num_classes=1000), **kwargs))
+    if family == "relpos":  # class token, a bias MLP per block, drawn
+        return make_relpos(**dict(dict(img_size=224, num_classes=1000), **kwargs))
     if family == "swin":
         return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
                                  depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8),
@@ -121,7 +124,7 @@ def images(batch, seed=0):
     return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["vit", "eva", "beit", "cait", "convnext",
+@pytest.mark.parametrize("family", ["vit", "eva", "beit", "cait", "relpos", "convnext",
                                     pytest.param("swin", marks=pytest.mark.slow),     # 14 s
                                     pytest.param("swinv2", marks=pytest.mark.slow)])
 def test_export_of_a_patched_model_with_a_dynamic_batch(family):
@@ -136,7 +139,7 @@ def test_export_of_a_patched_model_with_a_dynamic_batch(family):
 
 
 @pytest.mark.parametrize("family,modes", [("vit", (True, None)), ("eva", (True, None)),
-                                          ("beit", (True, None)),
+                                          ("beit", (True, None)), ("relpos", (True, None)),
                                           ("convnext", (True, None)),
                                           pytest.param("swin", (True,), marks=pytest.mark.slow)])
 def test_compile_dynamic_batch_of_patched_models_does_not_recompile(family, modes):
@@ -168,6 +171,7 @@ def _graph_break(module, args, output):
     ("vit", "norm", dict(merge_r=8)),          # between the merged tokens and the pooling
     ("eva", "blocks.1", {}),                   # between blocks reading the gathered ROPE rows
     ("beit", "blocks.1.norm1", {}),            # in a block, before its attention reads the bias
+    ("relpos", "blocks.1.norm1", {}),          # the same, through rel_pos.get_bias
 ])
 def test_a_graph_break_inside_a_patched_model_keeps_its_pruning(family, where, kwargs):
     """A graph break (here a user's hook; dynamic=True made one too) resumed with the proposal

@@ -1,7 +1,7 @@
 """What users do with a patched timm model beyond one forward: pretrained proposals, saving and
 reloading, compiling while z changes, training settings, tracing, the command line.
 
-Every family (ViT, Eva, Beit, CaiT, Swin, Swin V2, ConvNeXt) goes through
+Every family (ViT, Eva, Beit, CaiT, ViT RelPos, Swin, Swin V2, ConvNeXt) goes through
 `papr_kernels.timm.patch`; random weights only.
 """
 import copy
@@ -96,8 +96,21 @@ def _cait():
     return model
 
 
-FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "cait": _cait, "swin": _swin,
-            "swinv2": _swinv2, "convnext": _convnext}
+def _relpos():
+    """A class token and a bias MLP per block, its output layer drawn (timm's is near zero)."""
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer_relpos.VisionTransformerRelPos(
+        img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10,
+        class_token=True, global_pool="token").eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith("rel_pos.mlp.fc2.weight"):
+                param.normal_(std=0.1)
+    return model
+
+
+FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "cait": _cait, "relpos": _relpos,
+            "swin": _swin, "swinv2": _swinv2, "convnext": _convnext}
 
 
 def _patched(family, z=0.5):
@@ -274,10 +287,10 @@ def test_jit_trace_of_a_patched_model(family):
         assert torch.equal(traced(images), model(images))
 
 
-@pytest.mark.parametrize("family", ["swin", "convnext", "beit", "cait"])
+@pytest.mark.parametrize("family", ["swin", "convnext", "beit", "cait", "relpos"])
 def test_threads_sharing_a_patched_model_use_their_own_state(family):
-    """Swin / ConvNeXt: the proposal map; Beit: the kept tokens' bias positions; CaiT: the
-    pruned tokens through the class attention."""
+    """Swin / ConvNeXt: the proposal map; Beit, ViT RelPos: the kept tokens' bias positions;
+    CaiT: the pruned tokens through the class attention."""
     model = _patched(family)
     inputs = [_images(batch=1, seed=s) for s in range(6)]
     with torch.no_grad():
@@ -293,7 +306,8 @@ def test_threads_sharing_a_patched_model_use_their_own_state(family):
 
 def test_patch_of_an_unsupported_model_names_every_family():
     with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, SwinTransformer, "
-                                        "SwinTransformerV2, VisionTransformer"):
+                                        "SwinTransformerV2, VisionTransformer, "
+                                        "VisionTransformerRelPos"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
 
 

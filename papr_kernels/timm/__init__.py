@@ -15,6 +15,8 @@ Families (each in its own module, registered with `register_family`):
   (option `order`; `merge_r` is refused: merging is not defined with rotary embeddings).
 - `Beit` (BEiT, BEiT v2): `beit.py`; pruned at the place of the ViT one, the blocks get each
   sample's relative position bias at its kept tokens (option `order`; `merge_r` is refused).
+- `VisionTransformerRelPos` (`vit_relpos_*`, `vit_srelpos_*`): `relpos.py`; as Beit, with 0 or
+  1 prefix token and the bias per block or shared (`_bias.py` holds what the two share).
 - `Cait` (CaiT): `cait.py`; the patch tokens are pruned after their position embedding, before
   `blocks` (no prefix token there); the class attention attends to the kept tokens (option
   `order`; `merge_r` is refused).
@@ -39,7 +41,7 @@ from torch import nn
 
 from .. import spec
 from ..proposal import create as create_proposal
-from . import beit, cait, convnext, eva, swin, vit  # noqa: F401  (each registers its family)
+from . import beit, cait, convnext, eva, relpos, swin, vit  # noqa: F401  (each registers one)
 from ._core import (MARKER, Family, PaPrState, family_of, follow_model, register_family,
                     restore_classes)
 
@@ -58,17 +60,18 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
     """Make `model` prune its patch tokens with PaPr; returns the same (modified) model.
 
     Args:
-        model: a timm `VisionTransformer`, `Eva`, `Beit`, `Cait`, `SwinTransformer`,
-            `SwinTransformerV2` or `ConvNeXt` (or subclass).
+        model: a timm `VisionTransformer`, `Eva`, `Beit`, `VisionTransformerRelPos`, `Cait`,
+            `SwinTransformer`, `SwinTransformerV2` or `ConvNeXt` (or subclass).
         proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
             pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
             to (B, K, h, w) features (a module is put in eval mode and frozen, in place).
         z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs, Eva, Beit,
-            CaiT; 0.65 for Swin and ConvNeXt, as in the published evaluation). `model.papr_z`
-            changes it later.
+            ViT RelPos, CaiT; 0.65 for Swin and ConvNeXt, as in the published evaluation).
+            `model.papr_z` changes it later.
         pretrained: for a proposal given by name: load its pretrained weights (default; offline
             the error says how to load a local file). False: random weights, for tests only.
-        order: ViTs, Eva, Beit, CaiT: "score" (the published order, needed by merging) or "spatial".
+        order: ViTs, Eva, Beit, ViT RelPos, CaiT: "score" (the published order, needed by
+            merging) or "spatial".
         merge_r: ViTs: tokens merged per block (ToMe bipartite soft matching with proportional
             attention) in the second half of the blocks; 0 disables merging.
         stages: Swin / ConvNeXt: the stages to prune (default: all four).
