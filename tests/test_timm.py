@@ -100,6 +100,25 @@ def checkpointing_grads(model, images):
     return grads
 
 
+def assert_bf16_and_autocast_match(model, net, images, reference):
+    """`model` patched with `net` at z = 0.5, its features in bf16 and (in fp32) under bf16
+    autocast, each against `reference(model, net, images)` run the same way (the proposal's bf16
+    features choose the tokens). Tolerance: bf16 rounding (8 bits) through a few unit-gain
+    blocks; a token or bias gathered wrongly moves features by ~1."""
+    papr_timm.patch(model, net, z=0.5)
+    with torch.no_grad():
+        fp32 = model.forward_features(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model.forward_features(images)
+            expected_autocast = reference(model, net, images)
+        model.to(torch.bfloat16)
+        out = model.forward_features(images.bfloat16())
+        expected = reference(model, net.bfloat16(), images.bfloat16())
+    assert out.dtype == torch.bfloat16 and not torch.allclose(autocast, fp32, atol=1e-2)
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.1)
+    torch.testing.assert_close(autocast, expected_autocast, rtol=0.05, atol=0.1)
+
+
 def count_block_tokens(model):
     """A list that a forward fills with the token count entering each block's MLP."""
     counts = []

@@ -19,7 +19,8 @@ from timm.models.cait import Cait  # noqa: E402
 import papr_kernels.timm as papr_timm  # noqa: E402
 from papr_kernels import reference  # noqa: E402
 
-from test_timm import checkpointing_grads, count_block_tokens, make_proposal  # noqa: E402
+from test_timm import (assert_bf16_and_autocast_match, checkpointing_grads,  # noqa: E402
+                       count_block_tokens, make_proposal)
 
 TINY = dict(img_size=96, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
@@ -218,23 +219,9 @@ def test_without_class_attention_after_prune_intermediate_layers():
 
 
 def test_bf16_model_and_autocast():
-    """Against the reference run the same way (the proposal's bf16 features choose the tokens)."""
     model = make_cait()
-    net = make_proposal()
-    images = images_for(model)
-    papr_timm.patch(model, net, z=0.5)
-    with torch.no_grad():
-        fp32 = model.forward_features(images)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            autocast = model.forward_features(images)
-            expected_autocast = reference_features(model, net, images, 0.5)
-        model.to(torch.bfloat16)
-        out = model.forward_features(images.bfloat16())
-        expected = reference_features(model, net.bfloat16(), images.bfloat16(), 0.5)
-    assert out.dtype == torch.bfloat16 and not torch.allclose(autocast, fp32, atol=1e-2)
-    # bf16 rounding (8 bits) through 2 + 2 unit-gain blocks; a wrong gather: ~1
-    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.1)
-    torch.testing.assert_close(autocast, expected_autocast, rtol=0.05, atol=0.1)
+    assert_bf16_and_autocast_match(model, make_proposal(), images_for(model),
+                                   lambda m, net, x: reference_features(m, net, x, 0.5))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

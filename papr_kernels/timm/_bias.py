@@ -8,11 +8,13 @@ as it takes its own (1, heads, n, n) one. The flat positions t[i] * n + t[j] (`k
 computed once per forward; a shared bias is gathered at them once per forward, a block's own
 bias where the block computes it (`block_bias`, from a patched method of its attention), in one
 `gather` each (`kept_bias`). The blocks find the positions in a per-thread slot that `run_block`
-sets around each block call (also around its recomputation under gradient checkpointing).
+sets around each block call (`run_blocks`; also around its recomputation under gradient
+checkpointing).
 """
 from typing import Optional
 
 import torch
+from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ._core import PerThread
@@ -61,6 +63,19 @@ def run_block(block: nn.Module, x: torch.Tensor, pairs: torch.Tensor, state,
         return block(x, **kwargs)
     finally:
         slot.state, slot.pairs = outer
+
+
+def run_blocks(model: nn.Module, x: torch.Tensor, pairs: torch.Tensor, state,
+               **kwargs) -> torch.Tensor:
+    """x through `model.blocks`, each by `run_block` (checkpointed when the model has gradient
+    checkpointing on)."""
+    checkpointing = model.grad_checkpointing and not torch.jit.is_scripting()
+    for block in model.blocks:
+        if checkpointing:
+            x = checkpoint(run_block, block, x, pairs, state, **kwargs)
+        else:
+            x = run_block(block, x, pairs, state, **kwargs)
+    return x
 
 
 def block_bias(bias: torch.Tensor, state) -> torch.Tensor:

@@ -10,16 +10,14 @@ and columns at t: (B, heads, k + 1, k + 1) (`_bias.py`: one gather per forward f
 bias, one per block in its attention's `_get_rel_pos_bias` for its own). `z = 1` runs timm's
 own `forward_features`.
 """
-from typing import Optional
+from typing import Tuple
 
 import torch
-from timm.models._manipulate import checkpoint
 from timm.models.beit import Attention, Beit, Block
 
-from ..api import prune
-from ._bias import block_bias, kept_bias, kept_pairs, run_block
-from ._core import Family, Patched, PatchedModel, register_family, swap_class
-from .vit import token_grid
+from ._bias import block_bias, kept_bias, kept_pairs, run_blocks
+from ._core import Family, Patched, register_family, swap_class
+from .vit import PrunedOnce
 
 MERGE_REASON = ("ToMe merging is not defined with a relative position bias (a merged token has "
                 "no single position to look its bias up by)")
@@ -32,32 +30,19 @@ class PaPrBeitAttention(Patched):
         return block_bias(super()._get_rel_pos_bias(), self._papr)
 
 
-class PaPrBeit(PatchedModel):
-    """Overrides `forward_features`; put before the model's own class in the MRO."""
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+class PaPrBeit(PrunedOnce):
+    def _papr_features(self, images: torch.Tensor, x: torch.Tensor,
+                       grid: Tuple[int, int]) -> torch.Tensor:
         state = self._papr
-        if state.z == 1:
-            return super().forward_features(x)    # timm's own, bit for bit
-        images = x
-        x = self.patch_embed(x)
-        grid = token_grid(self, images, x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
         n = x.shape[1]
-        x, kept = prune(x, state.proposal_features(images), state.z, num_prefix_tokens=1,
-                        grid=grid, align_corners=state.align_corners, order=state.order,
-                        return_indices=True)
+        x, kept = self._papr_prune(x, images, grid, 1)
         pairs = kept_pairs(kept, n, num_prefix_tokens=1)
         shared = None if self.rel_pos_bias is None else kept_bias(self.rel_pos_bias(), pairs)
-        checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
-        for block in self.blocks:
-            if checkpointing:
-                x = checkpoint(run_block, block, x, pairs, state, shared_rel_pos_bias=shared)
-            else:
-                x = run_block(block, x, pairs, state, shared_rel_pos_bias=shared)
+        x = run_blocks(self, x, pairs, state, shared_rel_pos_bias=shared)
         return self.norm(x)
 
 

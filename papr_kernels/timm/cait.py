@@ -11,13 +11,14 @@ kept tokens). One code path for timm 1.0.20 (the class attention inline in `forw
 and newer (`forward_cls`; `blocks_token_only` None after `prune_intermediate_layers`, no class
 token then). `z = 1` runs timm's own `forward_features`.
 """
+from typing import Tuple
+
 import torch
 from timm.models._manipulate import checkpoint_seq
 from timm.models.cait import Cait
 
-from ..api import prune
-from ._core import Family, PatchedModel, register_family, swap_class
-from .vit import token_grid
+from ._core import Family, register_family, swap_class
+from .vit import PrunedOnce
 
 MERGE_REASON = ("ToMe merging is not defined for CaiT: its talking-heads attention mixes the "
                 "heads' logits, where proportional attention adds log(size), and the merged "
@@ -25,19 +26,11 @@ MERGE_REASON = ("ToMe merging is not defined for CaiT: its talking-heads attenti
                 "pooling")
 
 
-class PaPrCait(PatchedModel):
-    """Overrides `forward_features`; put before the model's own class in the MRO."""
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        state = self._papr
-        if state.z == 1:
-            return super().forward_features(x)    # timm's own, bit for bit
-        images = x
-        x = self.patch_embed(x)
-        grid = token_grid(self, images, x)
+class PaPrCait(PrunedOnce):
+    def _papr_features(self, images: torch.Tensor, x: torch.Tensor,
+                       grid: Tuple[int, int]) -> torch.Tensor:
         x = self.pos_drop(x + self.pos_embed)
-        x = prune(x, state.proposal_features(images), state.z, num_prefix_tokens=0, grid=grid,
-                  align_corners=state.align_corners, order=state.order)
+        x, _ = self._papr_prune(x, images, grid, 0)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -14,16 +14,15 @@ Not supported with z < 1: timm's training-time patch dropout (`patch_drop_rate >
 mode: timm drops tokens inside `_pos_embed`, before the place of the pruning), `attn_mask` /
 `is_causal`, and token merging (`merge_r`).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from timm.layers.pos_embed_sincos import apply_keep_indices_nlc
 from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva
 
-from ..api import prune
-from ._core import Family, PatchedModel, register_family, swap_class
-from .vit import check_no_mask, token_grid
+from ._core import Family, register_family, swap_class
+from .vit import PrunedOnce, check_no_mask
 
 MERGE_REASON = ("ToMe merging is not defined with rotary position embeddings (a merged token has "
                 "no single position to rotate by)")
@@ -40,24 +39,14 @@ def kept_rope(model: Eva, rope: Optional[torch.Tensor], tokens: torch.Tensor,
     return rope.transpose(0, 1) if getattr(model, "rope_mixed", False) else rope.unsqueeze(1)
 
 
-class PaPrEva(PatchedModel):
-    """Overrides `forward_features`; put before the model's own class in the MRO."""
-
-    def forward_features(self, x: torch.Tensor, **masks) -> torch.Tensor:
+class PaPrEva(PrunedOnce):
+    def _papr_features(self, images: torch.Tensor, x: torch.Tensor, grid: Tuple[int, int],
+                       **masks) -> torch.Tensor:
         """`masks`: timm's `attn_mask` / `is_causal` as its `forward` passes them (timm 1.0.20
         passes neither); taken at z = 1 only."""
-        state = self._papr
-        if state.z == 1:
-            return super().forward_features(x, **masks)    # timm's own, bit for bit
         _check_forward(self, **masks)
-        images = x
-        x = self.patch_embed(x)
-        grid = token_grid(self, images, x)
         x, rope = self._pos_embed(x)
-        x, kept = prune(x, state.proposal_features(images), state.z,
-                        num_prefix_tokens=self.num_prefix_tokens, grid=grid,
-                        align_corners=state.align_corners, order=state.order,
-                        return_indices=True)
+        x, kept = self._papr_prune(x, images, grid, self.num_prefix_tokens)
         rope = kept_rope(self, rope, x, kept)
         x = self.norm_pre(x)
         per_block = rope is not None and getattr(self, "rope_mixed", False)

@@ -11,16 +11,16 @@ columns at t: (B, heads, L, L) (`_bias.py`: one gather per forward for the share
 to the blocks as timm passes its own; one per block in its `rel_pos.get_bias` for its own).
 `z = 1` runs timm's own `forward_features`.
 """
+from typing import Tuple
+
 import torch
 from timm.layers import RelPosBias, RelPosMlp
-from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer_relpos import RelPosAttention, VisionTransformerRelPos
 
-from ..api import prune
-from ._bias import block_bias, kept_bias, kept_pairs, run_block
-from ._core import Family, Patched, PatchedModel, register_family, swap_class
+from ._bias import block_bias, kept_bias, kept_pairs, run_blocks
+from ._core import Family, Patched, register_family, swap_class
 from .beit import MERGE_REASON
-from .vit import token_grid
+from .vit import PrunedOnce
 
 BIAS_MODULES = (RelPosMlp, RelPosBias)
 
@@ -32,32 +32,19 @@ class PaPrRelPos(Patched):
         return block_bias(super().get_bias(), self._papr)
 
 
-class PaPrVisionTransformerRelPos(PatchedModel):
-    """Overrides `forward_features`; put before the model's own class in the MRO."""
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+class PaPrVisionTransformerRelPos(PrunedOnce):
+    def _papr_features(self, images: torch.Tensor, x: torch.Tensor,
+                       grid: Tuple[int, int]) -> torch.Tensor:
         state = self._papr
-        if state.z == 1:
-            return super().forward_features(x)    # timm's own, bit for bit
-        images = x
-        x = self.patch_embed(x)
-        grid = token_grid(self, images, x)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         n, prefix = x.shape[1], self.num_prefix_tokens
-        x, kept = prune(x, state.proposal_features(images), state.z, num_prefix_tokens=prefix,
-                        grid=grid, align_corners=state.align_corners, order=state.order,
-                        return_indices=True)
+        x, kept = self._papr_prune(x, images, grid, prefix)
         pairs = kept_pairs(kept, n, prefix)
         shared = None
         if self.shared_rel_pos is not None:
             shared = kept_bias(self.shared_rel_pos.get_bias()[0], pairs)
-        checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
-        for block in self.blocks:
-            if checkpointing:
-                x = checkpoint(run_block, block, x, pairs, state, shared_rel_pos=shared)
-            else:
-                x = run_block(block, x, pairs, state, shared_rel_pos=shared)
+        x = run_blocks(self, x, pairs, state, shared_rel_pos=shared)
         return self.norm(x)
 
 

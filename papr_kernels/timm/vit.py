@@ -43,6 +43,32 @@ def check_no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
                          "token count changes); set model.papr_z = 1 or unpatch")
 
 
+class PrunedOnce(PatchedModel):
+    """A family pruned once, before its blocks, in its own `_papr_features(images, tokens, grid)`
+    (Eva, Beit, CaiT, RelPos ViTs): `forward_features` is timm's own at z = 1 (bit for bit), else
+    that, given the embedded patch tokens and the grid of this input. Put before the model's own
+    class in the MRO."""
+
+    def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self._papr.z == 1:
+            return super().forward_features(x, **kwargs)    # timm's own, bit for bit
+        tokens = self.patch_embed(x)
+        return self._papr_features(x, tokens, token_grid(self, x, tokens), **kwargs)
+
+    def _papr_features(self, images: torch.Tensor, x: torch.Tensor, grid: Tuple[int, int],
+                       **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _papr_prune(self, x: torch.Tensor, images: torch.Tensor, grid: Tuple[int, int],
+                    num_prefix_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x's prefix and kept patch tokens, the kept patch indices (B, k)): `prune` by the
+        proposal's features of `images`, with the model's settings."""
+        state = self._papr
+        return prune(x, state.proposal_features(images), state.z,
+                     num_prefix_tokens=num_prefix_tokens, grid=grid,
+                     align_corners=state.align_corners, order=state.order, return_indices=True)
+
+
 class _MergeSizes:
     """The token sizes (B, t, 1) that the last merging `forward_features` of this thread
     returned with its tokens, and the `PaPrState` of the model that ran it. `pool` uses them
