@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import spec
-from ..api import refuse_script
+from ..api import prune, refuse_script
 from ..proposal import Proposal
 
 MARKER = "_papr_original_class"
@@ -94,6 +94,16 @@ class PaPrState:
             raise ValueError(f"proposal must return features on the device of the images "
                              f"({images.device}), got {f.device}")
         return f
+
+    def prune_tokens(self, x: torch.Tensor, images: torch.Tensor, grid: Tuple[int, int],
+                     num_prefix_tokens: int, return_indices: bool = False):
+        """`prune` of the tokens x (B, P + N, C) by the proposal's features of `images`, with
+        this model's settings (z, order, align_corners); with `return_indices`, also the kept
+        patch indices (B, k)."""
+        return prune(x, self.proposal_features(images), self.z,
+                     num_prefix_tokens=num_prefix_tokens, grid=grid,
+                     align_corners=self.align_corners, order=self.order,
+                     return_indices=return_indices)
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -30,7 +30,7 @@ class PaPrCait(PrunedOnce):
     def _papr_features(self, images: torch.Tensor, x: torch.Tensor,
                        grid: Tuple[int, int]) -> torch.Tensor:
         x = self.pos_drop(x + self.pos_embed)
-        x, _ = self._papr_prune(x, images, grid, 0)
+        x = self._papr.prune_tokens(x, images, grid, 0)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:

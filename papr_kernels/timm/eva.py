@@ -46,7 +46,8 @@ class PaPrEva(PrunedOnce):
         passes neither); taken at z = 1 only."""
         _check_forward(self, **masks)
         x, rope = self._pos_embed(x)
-        x, kept = self._papr_prune(x, images, grid, self.num_prefix_tokens)
+        x, kept = self._papr.prune_tokens(x, images, grid, self.num_prefix_tokens,
+                                           return_indices=True)
         rope = kept_rope(self, rope, x, kept)
         x = self.norm_pre(x)
         per_block = rope is not None and getattr(self, "rope_mixed", False)

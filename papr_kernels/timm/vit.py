@@ -21,7 +21,6 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .. import merge
-from ..api import prune
 from ._core import Family, PatchedModel, PerThread, register_family, swap_class
 
 
@@ -58,15 +57,6 @@ class PrunedOnce(PatchedModel):
     def _papr_features(self, images: torch.Tensor, x: torch.Tensor, grid: Tuple[int, int],
                        **kwargs) -> torch.Tensor:
         raise NotImplementedError
-
-    def _papr_prune(self, x: torch.Tensor, images: torch.Tensor, grid: Tuple[int, int],
-                    num_prefix_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(x's prefix and kept patch tokens, the kept patch indices (B, k)): `prune` by the
-        proposal's features of `images`, with the model's settings."""
-        state = self._papr
-        return prune(x, state.proposal_features(images), state.z,
-                     num_prefix_tokens=num_prefix_tokens, grid=grid,
-                     align_corners=state.align_corners, order=state.order, return_indices=True)
 
 
 class _MergeSizes:
@@ -122,9 +112,7 @@ class PaPrVisionTransformer(PatchedModel):
         x = self._pos_embed(x)
         if z < 1:
             check_no_mask(attn_mask, is_causal)
-            f = state.proposal_features(images)
-            x = prune(x, f, z, num_prefix_tokens=self.num_prefix_tokens, grid=grid,
-                      align_corners=state.align_corners, order=state.order)
+            x = state.prune_tokens(x, images, grid, self.num_prefix_tokens)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
 
