@@ -39,7 +39,7 @@ class PaPrBeit(PrunedOnce):
             x = x + self.pos_embed
         x = self.pos_drop(x)
         n = x.shape[1]
-        x, kept = self._papr.prune_tokens(x, images, grid, 1, return_indices=True)
+        x, kept = state.prune_tokens(x, images, grid, 1, return_indices=True)
         pairs = kept_pairs(kept, n, num_prefix_tokens=1)
         shared = None if self.rel_pos_bias is None else kept_bias(self.rel_pos_bias(), pairs)
         x = run_blocks(self, x, pairs, state, shared_rel_pos_bias=shared)

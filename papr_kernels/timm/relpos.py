@@ -39,7 +39,7 @@ class PaPrVisionTransformerRelPos(PrunedOnce):
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         n, prefix = x.shape[1], self.num_prefix_tokens
-        x, kept = self._papr.prune_tokens(x, images, grid, prefix, return_indices=True)
+        x, kept = state.prune_tokens(x, images, grid, prefix, return_indices=True)
         pairs = kept_pairs(kept, n, prefix)
         shared = None
         if self.shared_rel_pos is not None:
