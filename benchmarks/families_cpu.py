@@ -1,0 +1,217 @@
+"""CPU images/s of PaPr-patched timm models against the unpruned ones, one model per supported
+family, side by side in one process: what PaPr buys a user serving that model on a CPU.
+
+    python benchmarks/families_cpu.py [--models a,b@224,...] [--batch 8] [--runs 5]
+        [--threads 1] [--clock process|wall] [--dry]
+
+For each model: the unpruned model, PaPr (MobileOne-S0 proposal, its time counted) at the
+family's default z and at z = 0.5, the bound at z = 0.5 where it is cheap to build (the ViT-like
+families: the first k patch tokens kept by a slice, no proposal, no selection; per-sample rope /
+bias gathers still run) and the proposal alone, as the patched model runs it. Each run times
+every config once, in turn (alternating), after one warm-up each; the table gives medians.
+Columns: images/s, speed-up over unpruned, the FLOP ratio (FlopCounterMode on one image, SDPA
+counted through its math form, the proposal included), the proposal's share of the PaPr time,
+and PaPr / bound (bound time / PaPr time). `name@S` runs a model at S x S pixels (`img_size=S`).
+Random weights: speed does not depend on them.
+
+`--clock process` (the default) times the CPU seconds the process used (time.process_time, all
+its threads) instead of wall time: on a shared machine other processes' load stretches wall time
+by a different factor from run to run, but hardly the CPU time of the work itself. With several
+threads that is CPU cost (both cores' seconds, OpenMP spin-waits included), not latency: use
+`--clock wall` on a quiet machine for latency. `--dry` builds depth-1 models (the test's).
+"""
+import argparse
+import copy
+import statistics
+import subprocess
+import time
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import papr_kernels
+from papr_kernels import proposal as papr_proposal
+from papr_kernels import timm as papr_timm
+from test_e2e import BoundViT, _proposal_runner, counted_gflops
+
+MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_distilled_patch16_224",
+          "vit_small_patch14_reg4_dinov2@224", "eva02_small_patch14_224", "beit_base_patch16_224",
+          "vit_relpos_small_patch16_224", "cait_xxs24_224", "swin_tiny_patch4_window7_224",
+          "swinv2_tiny_window8_256", "convnext_tiny")
+BOUND_Z = 0.5
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+HIERARCHICAL_PREFIXES = ("swin", "convnext")
+
+
+def parse_model(spec):
+    """'name' or 'name@S' -> (name, S or None)."""
+    name, _, size = spec.partition("@")
+    return name, int(size) if size else None
+
+
+def create(name, img_size, dry):
+    kwargs = {} if img_size is None else {"img_size": img_size}
+    if dry:   # one block (per stage): the same code paths, a fraction of the time
+        kwargs.update({"depths": (1, 1, 1, 1)} if name.startswith(HIERARCHICAL_PREFIXES)
+                      else {"depth": 1})
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    # FlopCounterMode's module tracker fails on a parameter that requires grad used in a view
+    # (CaiT's class token, torch 2.14); inference needs no grad.
+    model.requires_grad_(False)
+    size = img_size or timm.data.resolve_data_config({}, model=model)["input_size"][-1]
+    return model, size
+
+
+def keep_first_tokens(z):
+    """A `_papr_prune` that keeps the first k patch tokens: no proposal, no selection."""
+    def prune(x, images, grid, num_prefix_tokens):
+        k = papr_kernels.keep_count(x.shape[1], z, num_prefix_tokens)
+        kept = torch.arange(k, device=x.device).expand(x.shape[0], k)
+        return x[:, :num_prefix_tokens + k], kept
+    return prune
+
+
+def bound(model, proposal, z):
+    """The bound of any pruner at z, or None where it is not cheap to build (Swin, ConvNeXt):
+    timm ViTs by BoundViT, the families pruned once before their blocks (Eva, Beit, RelPos,
+    CaiT) by a patched copy whose prune keeps the first k tokens."""
+    if isinstance(model, VisionTransformer) and type(model).forward_features is \
+            VisionTransformer.forward_features:
+        return BoundViT(model, z)
+    patched = papr_timm.patch(copy.deepcopy(model), proposal, z)
+    if not hasattr(patched, "_papr_prune"):
+        return None
+    patched._papr_prune = keep_first_tokens(z)   # instance attribute: shadows the method
+    return patched
+
+
+def configs(model, proposal):
+    """{config: (fn, z)} of one model, in timing order."""
+    default = papr_timm.patch(copy.deepcopy(model), proposal)   # the family's default z
+    patched = {default.papr_z: default}
+    if BOUND_Z not in patched:
+        patched[BOUND_Z] = papr_timm.patch(copy.deepcopy(model), proposal, BOUND_Z)
+    out = {"unpruned": (model, 1.0)}
+    for z in sorted(patched, reverse=True):
+        out[f"papr-z{z:g}"] = (patched[z], z)
+    bound_fn = bound(model, proposal, BOUND_Z)
+    if bound_fn is not None:
+        out[f"bound-z{BOUND_Z:g}"] = (bound_fn, BOUND_Z)
+    out["proposal"] = (_proposal_runner(out[f"papr-z{BOUND_Z:g}"][0]), None)
+    return out
+
+
+def seconds(fn, images, clock):
+    start = clock()
+    with torch.inference_mode():
+        fn(images)
+    return clock() - start
+
+
+def time_alternating(fns, images, runs, clock):
+    """{config: [seconds per run]}: one warm-up each, then `runs` rounds of every config."""
+    for fn in fns.values():
+        seconds(fn, images, clock)
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn, images, clock))
+    return times
+
+
+def measure_model(spec, proposal, batch, runs, clock, dry=False):
+    """The rows (dicts) of one model: one per config."""
+    name, img_size = parse_model(spec)
+    model, size = create(name, img_size, dry)
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    fns = configs(model, proposal)
+    times = time_alternating({c: fn for c, (fn, _) in fns.items()}, images, runs, clock)
+    proposal_gflops = counted_gflops(fns["proposal"][0], images)
+    rows = []
+    for config, (fn, z) in fns.items():
+        rows.append(dict(model=name, family=type(model).__name__, size=size, config=config, z=z,
+                         median_s=statistics.median(times[config]), times_s=times[config],
+                         gflops=counted_gflops(fn, images),
+                         proposal_gflops=proposal_gflops if config.startswith("papr")
+                         or config == "proposal" else 0.0))
+    add_ratios(rows, batch)
+    return rows
+
+
+def add_ratios(rows, batch):
+    """images_per_s, speedup and flop_ratio (over unpruned), proposal_share and papr_vs_bound
+    (bound time / PaPr time at the bound's z) of one model's rows, in place."""
+    by_config = {r["config"]: r for r in rows}
+    base, prop = by_config["unpruned"], by_config["proposal"]
+    for r in rows:
+        r["images_per_s"] = batch / r["median_s"]
+        r["speedup"] = base["median_s"] / r["median_s"]
+        r["flop_ratio"] = base["gflops"] / r["gflops"]
+        is_papr = r["config"].startswith("papr")
+        r["proposal_share"] = prop["median_s"] / r["median_s"] if is_papr else None
+        b = by_config.get(f"bound-z{r['z']:g}") if is_papr else None
+        r["papr_vs_bound"] = b["median_s"] / r["median_s"] if b else None
+
+
+def table(rows):
+    lines = ["| model | family | px | config | GFLOPs/img (proposal) | images/s | speed-up | "
+             "FLOP ratio | proposal share | PaPr / bound |", "|" + "---|" * 10]
+    for r in rows:
+        if r["config"] == "proposal":
+            continue   # its time is the share column
+        share = "-" if r["proposal_share"] is None else f"{100 * r['proposal_share']:.0f}%"
+        vs_bound = "-" if r["papr_vs_bound"] is None else f"{r['papr_vs_bound']:.2f}"
+        lines.append(f"| {r['model']} | {r['family']} | {r['size']} | {r['config']} | "
+                     f"{r['gflops']:.2f} ({r['proposal_gflops']:.2f}) | "
+                     f"{r['images_per_s']:.2f} | {r['speedup']:.2f}x | {r['flop_ratio']:.2f}x | "
+                     f"{share} | {vs_bound} |")
+    return "\n".join(lines)
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated timm names, name@S for S x S pixels")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="process")
+    parser.add_argument("--dry", action="store_true", help="depth-1 models (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.runs < 1:
+        parser.error("--batch and --runs must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(1)
+    proposal = papr_proposal.create("mobileone_s0", pretrained=False)
+    print(f"torch {torch.__version__}, timm {timm.__version__}, commit {commit()}, "
+          f"{torch.get_num_threads()} threads, B={args.batch}, median of {args.runs} "
+          f"alternating runs, {args.clock} clock{', DRY (depth-1 models)' if args.dry else ''}",
+          flush=True)
+    rows = []
+    for spec in args.models.split(","):
+        rows += measure_model(spec, proposal, args.batch, args.runs, CLOCKS[args.clock],
+                              args.dry)
+        print(f"{spec} done", flush=True)
+    print()
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
