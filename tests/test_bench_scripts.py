@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 
 import pytest
 import torch
@@ -562,3 +563,57 @@ def test_in_own_thread_calls_the_timed_function_in_one_other_thread():
     in_thread.close()
     assert len(threads) == 2 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
     assert in_thread.event_times_s == [0.001] * 2 and in_thread.event_median_s() == 0.001
+
+
+def test_families_cpu_dry_run_tables_every_family_with_well_formed_ratios(capsys):
+    """benchmarks/families_cpu.py on depth-1 models, 1 run: every default model builds under its
+    timm name, gets its family's configs, and its ratios are those of its own medians; the FLOP
+    counts match the analytic ViT count (test_e2e.vit_gflops) and the bound keeps k tokens."""
+    pytest.importorskip("timm")
+    import families_cpu
+    import test_e2e
+    from papr_kernels import keep_count
+    threads = torch.get_num_threads()
+    try:   # one thread: two would spin against other processes on a busy machine (~20x slower)
+        rows = families_cpu.main(["--dry", "--batch", "2", "--runs", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    by_model = defaultdict(dict)
+    for r in rows:
+        by_model[r["model"]][r["config"]] = r
+    assert list(by_model) == [families_cpu.parse_model(m)[0] for m in families_cpu.MODELS]
+    for model, configs in by_model.items():
+        hierarchical = model.startswith(("swin", "convnext"))
+        want = ["unpruned", "papr-z0.65", "papr-z0.5", "proposal"] if hierarchical else \
+            ["unpruned", "papr-z0.5", "bound-z0.5", "proposal"]
+        assert list(configs) == want, model
+        base, proposal = configs["unpruned"], configs["proposal"]
+        for config, r in configs.items():
+            assert len(r["times_s"]) == 1 and r["median_s"] == statistics.median(r["times_s"])
+            assert r["images_per_s"] == 2 / r["median_s"]
+            assert r["speedup"] == base["median_s"] / r["median_s"]
+            assert r["flop_ratio"] == base["gflops"] / r["gflops"]
+            if config.startswith("papr"):
+                assert r["proposal_gflops"] == proposal["gflops"] > 0
+                assert r["gflops"] - r["proposal_gflops"] < base["gflops"]   # fewer tokens
+                assert r["proposal_share"] == proposal["median_s"] / r["median_s"]
+            else:
+                assert r["proposal_share"] is None
+        bound = configs.get("bound-z0.5")
+        if bound is not None:
+            papr = configs["papr-z0.5"]
+            assert papr["papr_vs_bound"] == bound["median_s"] / papr["median_s"]
+            # the same tokens in the blocks, no proposal
+            assert bound["gflops"] == pytest.approx(papr["gflops"] - papr["proposal_gflops"])
+    vit, _ = families_cpu.create("vit_base_patch16_224", None, dry=True)
+    n = vit.patch_embed.num_patches + 1
+    assert by_model["vit_base_patch16_224"]["unpruned"]["gflops"] == \
+        pytest.approx(test_e2e.vit_gflops(vit, n))
+    assert by_model["vit_base_patch16_224"]["bound-z0.5"]["gflops"] == \
+        pytest.approx(test_e2e.vit_gflops(vit, 1 + keep_count(n, 0.5, 1)))
+    assert by_model["vit_small_patch14_reg4_dinov2"]["unpruned"]["size"] == 224
+    table = capsys.readouterr().out.split("\n\n")[-1].strip().splitlines()
+    assert table[0].startswith("| model | family | px | config |")
+    assert len(table) == 2 + len(rows) - len(by_model)   # the proposal rows are a column
+    assert all(line.count(" | ") == 9 for line in table[2:])
+    assert "| vit_base_patch16_224 | VisionTransformer | 224 | unpruned | " in table[5]
