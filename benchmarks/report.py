@@ -740,7 +740,9 @@ def write_doc(doc, results_dir):
         "(the raw JSON stays out of git) and regenerates this page from every CSV there. "
         "`make bench-quick` only proves the suite runs (CI). Each machine's section gives the "
         "date, commit and command of its run; every ratio is of two medians measured in that "
-        "one process. The GPU runs, their context and their commands are in [gpu.md](gpu.md).",
+        "one process. The GPU runs, their context and their commands are in [gpu.md](gpu.md). "
+        "CPU end to end for one model of every supported timm family "
+        "(`benchmarks/families_cpu.py`): [cpu-families.md](cpu-families.md).",
         "",
         LEGEND,
         "",

@@ -617,3 +617,14 @@ def test_families_cpu_dry_run_tables_every_family_with_well_formed_ratios(capsys
     assert len(table) == 2 + len(rows) - len(by_model)   # the proposal rows are a column
     assert all(line.count(" | ") == 9 for line in table[2:])
     assert "| vit_base_patch16_224 | VisionTransformer | 224 | unpruned | " in table[5]
+
+
+def test_performance_page_links_the_families_page_after_regeneration(tmp_path):
+    """docs/performance.md is regenerated whole by `report.py --doc`: the link to the CPU
+    families page (outside the generated part) is in what it writes, and that page exists."""
+    doc = tmp_path / "docs" / "performance.md"
+    doc.parent.mkdir()
+    report.write_doc(str(doc), str(tmp_path))   # no CSV: the page's fixed part alone
+    assert "[cpu-families.md](cpu-families.md)" in doc.read_text()
+    docs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
+    assert os.path.exists(os.path.join(docs, "cpu-families.md"))
