@@ -36,6 +36,7 @@ from timm.models.vision_transformer import VisionTransformer
 import papr_kernels
 from papr_kernels import proposal as papr_proposal
 from papr_kernels import timm as papr_timm
+from papr_kernels.timm.vit import PrunedOnce
 from test_e2e import BoundViT, _proposal_runner, counted_gflops
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_distilled_patch16_224",
@@ -68,11 +69,13 @@ def create(name, img_size, dry):
 
 
 def keep_first_tokens(z):
-    """A `_papr_prune` that keeps the first k patch tokens: no proposal, no selection."""
-    def prune(x, images, grid, num_prefix_tokens):
+    """A `PaPrState.prune_tokens` that keeps the first k patch tokens: no proposal, no
+    selection."""
+    def prune(x, images, grid, num_prefix_tokens, return_indices=False):
         k = papr_kernels.keep_count(x.shape[1], z, num_prefix_tokens)
         kept = torch.arange(k, device=x.device).expand(x.shape[0], k)
-        return x[:, :num_prefix_tokens + k], kept
+        x = x[:, :num_prefix_tokens + k]
+        return (x, kept) if return_indices else x
     return prune
 
 
@@ -84,9 +87,9 @@ def bound(model, proposal, z):
             VisionTransformer.forward_features:
         return BoundViT(model, z)
     patched = papr_timm.patch(copy.deepcopy(model), proposal, z)
-    if not hasattr(patched, "_papr_prune"):
+    if not isinstance(patched, PrunedOnce):
         return None
-    patched._papr_prune = keep_first_tokens(z)   # instance attribute: shadows the method
+    patched._papr.prune_tokens = keep_first_tokens(z)   # instance attribute: shadows the method
     return patched
 
 
