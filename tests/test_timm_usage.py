@@ -275,6 +275,29 @@ def test_patching_freezes_a_user_module_in_place_as_documented():
     assert not net.training and not any(p.requires_grad for p in net.parameters())
 
 
+@pytest.mark.parametrize("family", ["swin", "convnext"])
+def test_stages_run_outside_the_model_forward_are_refused_not_run_dense(family):
+    """timm's FeatureListNet(flatten_sequential=True), what features_only builds, runs a patched
+    model's stages one by one: the proposal never sees the images (they ran unpruned). Refused
+    at z < 1, run at z = 1; FeatureGetterNet (forward_intermediates) is pruned."""
+    from timm.models._features import FeatureGetterNet, FeatureListNet
+    model, images = _patched(family), _images(batch=1)
+    flat = FeatureListNet(model, out_indices=(0, 1), flatten_sequential=True)
+    getter = FeatureGetterNet(copy.deepcopy(model), out_indices=(0, 1))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="ran outside its model's forward_features / "
+                                               "forward_intermediates"):
+            flat(images)
+        pruned = getter(images)
+        model.papr_z = 1.0
+        at_z1 = flat(images)
+        pt.unpatch(model)
+        dense = flat(images)
+        dense_maps = model.forward_intermediates(images, indices=(0, 1), intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(at_z1, dense))
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(pruned, dense_maps))
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Tracing, threads
 
@@ -309,6 +332,24 @@ def test_patch_of_an_unsupported_model_names_every_family():
                                         "SwinTransformerV2, VisionTransformer, "
                                         "VisionTransformerRelPos"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
+
+
+@pytest.mark.parametrize("name,wrapper", [("convnext_atto", "FeatureListNet"),
+                                          ("vit_tiny_patch16_224", "FeatureGetterNet")])
+def test_a_features_only_model_is_refused_with_the_way_to_its_feature_maps(name, wrapper):
+    features = timm.create_model(name, pretrained=False, features_only=True, out_indices=(0, 1),
+                                 **({"depths": (1, 1, 1, 1)} if "convnext" in name else
+                                    {"depth": 2}))
+    with pytest.raises(TypeError, match=rf"got {wrapper} \(a timm features_only model\): "
+                                        r"patch the full model .* forward_intermediates"):
+        pt.patch(features, TinyProposal())
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "dp"])
+def test_a_wrapped_model_is_refused_with_what_to_patch(wrap):
+    with pytest.raises(TypeError, match=r"\(a wrapper\): patch the model it wraps, then wrap "
+                                        r"the patched model"):
+        pt.patch(wrap(_vit()), TinyProposal())
 
 
 @pytest.mark.parametrize("model_name", ["swin_tiny_patch4_window7_224", "convnext_atto"])

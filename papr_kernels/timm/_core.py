@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
 from torch import nn
 
 from .. import spec
@@ -242,4 +243,20 @@ def family_of(model: nn.Module) -> Family:
             return FAMILIES[base]
     supported = ", ".join(sorted(c.__name__ for c in FAMILIES))
     raise TypeError(f"papr_kernels.timm.patch supports timm's {supported} (and subclasses), "
-                    f"got {original.__name__}")
+                    f"got {original.__name__}{_wrapper_hint(model)}")
+
+
+def _wrapper_hint(model: nn.Module) -> str:
+    """What to patch instead, for the wrappers users hold: timm's `features_only` models,
+    torch.compile's and the data-parallel ones."""
+    if isinstance(model, (FeatureDictNet, FeatureGetterNet, FeatureHookNet)):
+        return (" (a timm features_only model): patch the full model (create_model without "
+                "features_only) and take its feature maps from forward_intermediates(images, "
+                "indices=..., intermediates_only=True) or from timm's FeatureGetterNet(model, "
+                "out_indices) made after patch (pruned for Swin / ConvNeXt; dense for the "
+                "ViT-like families, as documented)")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or \
+            hasattr(model, "_orig_mod"):   # torch.compile's OptimizedModule
+        return (" (a wrapper): patch the model it wraps, then wrap the patched model "
+                "(torch.compile, DataParallel, DistributedDataParallel)")
+    return ""

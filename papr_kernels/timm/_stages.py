@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from .. import hierarchical, spec
-from ._core import Patched, PatchedModel, swap_class
+from ._core import MARKER, Patched, PatchedModel, swap_class
 
 DEFAULT_Z = 0.65                 # the published evaluation scripts' keep ratio for both families
 OPTIONS = ("stages",)
@@ -82,9 +82,16 @@ class PrunedStage(Patched):
     def _papr_indices(self, grid: Tuple[int, int]):
         """The kept positions (B, k) of this stage's grid, or None when nothing is pruned."""
         state = self._papr
-        if state.features is None or spec.keep_count(grid[0] * grid[1], state.z, 0) == \
-                grid[0] * grid[1]:
+        if spec.keep_count(grid[0] * grid[1], state.z, 0) == grid[0] * grid[1]:
             return None
+        if state.features is None:
+            raise RuntimeError(
+                f"a pruned {self.__dict__[MARKER].__name__} ran outside its model's "
+                f"forward_features / forward_intermediates, where the proposal sees the images "
+                f"(e.g. the stages of a patched model flattened into timm's FeatureListNet, or "
+                f"called one by one), and would have run unpruned; use the patched model's "
+                f"forward_intermediates (timm's FeatureGetterNet calls it), set "
+                f"model.papr_z = 1 or unpatch")
         return hierarchical.select(state.features, grid, state.z, state.align_corners,
                                    order="spatial")
 
