@@ -1,5 +1,6 @@
 """The proposal's `compiled` switch (issue 12: on a GPU the proposal is a large share of a pruned
-model's time; torch.compile is the lever that keeps its output). Counted with dynamo's
+model's time; torch.compile is the lever that keeps its output), its opt-in `image_size` (the
+lever that changes it) and the wrapper's guarantees. Counted with dynamo's
 CompileCounter backend, so no Inductor compile runs here."""
 import fractions
 import io
@@ -318,3 +319,196 @@ def test_a_video_network_keeps_its_memory_format():
     assert network.weight.is_contiguous()
     f = proposal(video)
     assert f.shape == (2, 4, 2, 2, 2) and torch.equal(f, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# image_size: the opt-in lower input resolution (issue 12's lever; changes the kept tokens)
+
+
+class Recording(nn.Module):
+    """A stride-8 conv that records the images it is given (a copy, with their dtype)."""
+
+    def __init__(self, dims=2):
+        super().__init__()
+        torch.manual_seed(0)
+        kernel = (8, 8) if dims == 2 else (2, 8, 8)
+        self.conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(3, 4, kernel, stride=kernel)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.conv(x)
+
+
+def _resized(images, size):
+    """The reference resize: bilinear, antialiased, align_corners=False, in float32."""
+    return F.interpolate(images.float(), size=size, mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+def _photo(batch=2, height=120, width=88, seed=5):
+    """Images with structure and fine texture (a smooth field plus noise): the resize modes
+    differ on them by far more than rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width),
+                          indexing="ij")
+    smooth = torch.stack([torch.sin(3 * x + c) * torch.cos(2 * y - c) for c in (0.0, 1.0, 2.0)])
+    return smooth + 0.5 * torch.randn(batch, 3, height, width, generator=gen)
+
+
+@pytest.mark.parametrize("size,expected", [((64, 40), (64, 40)), (48, (48, 48))])
+def test_the_network_sees_the_images_resized_to_image_size(size, expected):
+    network = Recording()
+    proposal = papr_proposal.create(network, image_size=size)
+    assert proposal.image_size == expected
+    images = _photo()
+    f = proposal(images)
+    reference = _resized(images, expected)
+    assert len(network.seen) == 1 and network.seen[0].shape == (2, 3, *expected)
+    assert torch.equal(network.seen[0], reference)      # bit for bit: the same kernel
+    assert network.seen[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(f, network.conv(reference.contiguous(
+        memory_format=torch.channels_last)), rtol=0, atol=0)
+    assert f.shape[-2:] == (expected[0] // 8, expected[1] // 8)
+
+
+def test_the_default_gives_the_network_the_images_as_they_are(monkeypatch):
+    images = _photo()
+    for proposal in (papr_proposal.create(Recording()),
+                     papr_proposal.create(Recording(), image_size=(120, 88))):  # already there
+        calls = []
+        monkeypatch.setattr(papr_proposal.F, "interpolate",
+                            lambda *a, **k: calls.append(a) or F.interpolate(*a, **k))
+        f = proposal(images)
+        assert calls == [] and torch.equal(proposal.network.seen[0], images)
+        assert torch.equal(f, proposal.network.conv(images.contiguous(
+            memory_format=torch.channels_last)))
+    assert papr_proposal.create(Recording()).image_size is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_image_size_resizes_in_float32_and_rounds_once_to_the_networks_dtype(dtype):
+    """CPU's antialiased bilinear has no fp16 / bf16 kernel: the resize runs in float32
+    (float64 images: float64) and its result is cast once to the dtype the network runs in."""
+    images = _photo().to(dtype)
+    network = Recording()
+    proposal = papr_proposal.create(network, image_size=(64, 40))
+    f = proposal(images)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    reference = F.interpolate(images.to(compute), size=(64, 40), mode="bilinear",
+                              antialias=True, align_corners=False).to(dtype)
+    assert f.dtype == dtype and torch.equal(network.seen[0], reference)
+    fixed = papr_proposal.create(Recording(), dtype=torch.float16, image_size=(64, 40))
+    fixed(_photo())                                      # fp32 images, a fixed fp16 network
+    assert torch.equal(fixed.network.seen[0], _resized(_photo(), (64, 40)).half())
+
+
+def test_image_size_under_autocast_resizes_in_float32_and_autocast_runs_the_network():
+    network = Recording()
+    proposal = papr_proposal.create(network, image_size=(64, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = proposal(_photo())
+    assert f.dtype == torch.bfloat16 and network.conv.weight.dtype == torch.float32
+    assert torch.equal(network.seen[0], _resized(_photo(), (64, 40)))
+
+
+def test_image_size_resizes_each_frame_of_a_video():
+    network = Recording(dims=3)
+    proposal = papr_proposal.create(network, image_size=(64, 40))
+    video = torch.stack([_photo(seed=s) for s in range(4)], dim=2)     # (2, 3, 4, 120, 88)
+    f = proposal(video)
+    frames = torch.stack([_resized(video[:, :, t], (64, 40)) for t in range(4)], dim=2)
+    assert torch.equal(network.seen[0], frames) and f.shape == (2, 4, 2, 8, 5)
+    with pytest.raises(ValueError, match="image_size"):
+        proposal(torch.randn(3, 120, 88))
+
+
+@pytest.mark.parametrize("value,error", [
+    (0, ValueError), (-160, ValueError), ((160, 0), ValueError), (True, TypeError),
+    (160.0, TypeError), ("160", TypeError), ((160, 128, 3), TypeError), ((160,), TypeError),
+    ((True, 160), TypeError), ((160, 12.5), TypeError)])
+def test_image_size_must_be_positive_ints(value, error):
+    with pytest.raises(error, match="image_size"):
+        papr_proposal.create(Features(), image_size=value)
+    with pytest.raises(error, match="image_size"):
+        papr_proposal.Proposal(Features(), image_size=value)
+    proposal = papr_proposal.create(Features())
+    with pytest.raises(error, match="image_size"):
+        proposal.image_size = value
+    assert proposal.image_size is None
+    with pytest.raises(ValueError, match=r"image_size=\(160, 128\) cannot apply"):
+        papr_proposal.create(proposal, image_size=(160, 128))
+
+
+def test_image_size_survives_pickling_and_deepcopy_and_shows_in_the_repr():
+    proposal = papr_proposal.create(Features(), image_size=(64, 40), dtype=torch.float32)
+    assert "image_size=(64, 40)" in repr(proposal) and "dtype=torch.float32" in repr(proposal)
+    assert "image_size" not in repr(papr_proposal.create(Features()))
+    expected = proposal(_photo())
+    buffer = io.BytesIO()
+    torch.save(proposal, buffer)
+    buffer.seek(0)
+    for copy_ in (torch.load(buffer, weights_only=False), __import__("copy").deepcopy(proposal)):
+        assert copy_.image_size == (64, 40) and torch.equal(copy_(_photo()), expected)
+    old = papr_proposal.create(Features())
+    del old.__dict__["_image_size"]                   # pickled before image_size existed
+    assert old.image_size is None and old(_photo()).shape == (2, 8, 3, 2)
+
+
+def test_image_size_under_compile_export_and_onnx():
+    torch._dynamo.reset()
+    network = Features()
+    proposal = papr_proposal.create(network, image_size=(96, 64))
+    images = _photo(height=120, width=88)
+    expected = network(_resized(images, (96, 64)).contiguous(memory_format=torch.channels_last))
+    assert expected.shape == (2, 8, 3, 2)
+    counter = CompileCounter()
+    got = torch.compile(proposal, backend=counter, fullgraph=True)(images)
+    assert counter.frame_count == 1 and torch.equal(got, expected)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(proposal, (images,), dynamic_shapes=({0: batch},))
+    other = _photo(batch=3, seed=9)
+    torch.testing.assert_close(program.module()(other), proposal(other), rtol=0, atol=1e-6)
+
+
+def test_image_size_through_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+    proposal = papr_proposal.create(Features(), image_size=(96, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(proposal, (_photo(),), str(tmp_path / "p.onnx"), dynamo=True,
+                          verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=16)},))
+    session = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    other = _photo(batch=3, seed=9)
+    (got,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    want = proposal(other)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=0,
+                               atol=1e-5 * float(want.abs().max()))
+
+
+def test_a_patched_vit_with_a_smaller_proposal_keeps_the_reference_tokens_of_its_features():
+    pytest.importorskip("timm")
+    from test_timm import images_for, make_vit, reference_tokens
+    from papr_kernels.timm import patch
+    model = make_vit("vit_small_patch16_224", depth=1)
+    torch.manual_seed(1)
+    proposal = papr_proposal.create("mobileone_s0", pretrained=False, image_size=160)
+    network = proposal.network
+    patch(model, proposal, 0.5)
+    images = images_for(model, batch=2)
+
+    def reference_features(images):       # the network on the reference resize: a 5 x 5 map
+        return network(_resized(images, (160, 160)).contiguous(
+            memory_format=torch.channels_last))[-1]
+
+    entering = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: entering.append(a[0]))
+    with torch.no_grad():
+        assert reference_features(images).shape == (2, 1024, 5, 5)
+        model(images)
+        expected, _ = reference_tokens(model, reference_features, images, 0.5)
+    assert entering[0].shape == expected.shape == (2, 1 + 98, 384)
+    torch.testing.assert_close(entering[0], expected, rtol=1e-5, atol=1e-5)
