@@ -2,7 +2,7 @@
 family, side by side in one process: what PaPr buys a user serving that model on a CPU.
 
     python benchmarks/families_cpu.py [--models a,b@224,...] [--batch 8] [--runs 5]
-        [--threads 1] [--clock process|wall] [--dry]
+        [--threads 1] [--clock process|wall] [--proposal-sizes 160,128] [--dry]
 
 For each model: the unpruned model, PaPr (MobileOne-S0 proposal, its time counted) at the
 family's default z and at z = 0.5, the bound at z = 0.5 where it is cheap to build (the ViT-like
@@ -12,6 +12,9 @@ every config once, in turn (alternating), after one warm-up each; the table give
 Columns: images/s, speed-up over unpruned, the FLOP ratio (FlopCounterMode on one image, SDPA
 counted through its math form, the proposal included), the proposal's share of the PaPr time,
 and PaPr / bound (bound time / PaPr time). `name@S` runs a model at S x S pixels (`img_size=S`).
+`--proposal-sizes S,...` adds, for each S, PaPr at z = 0.5 and the proposal alone with the
+proposal's opt-in `image_size=S` (`papr-z0.5-pS`, `proposal-pS`: the same network, its images
+resized to S x S; it keeps other tokens, docs/design.md).
 Random weights: speed does not depend on them.
 
 `--clock process` (the default) times the CPU seconds the process used (time.process_time, all
@@ -25,6 +28,7 @@ images/s, against 14.3 passive and 15.6 with 1 thread). `--dry` builds depth-1 m
 import argparse
 import copy
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -93,8 +97,9 @@ def bound(model, proposal, z):
     return patched
 
 
-def configs(model, proposal):
-    """{config: (fn, z)} of one model, in timing order."""
+def configs(model, proposal, proposal_sizes=()):
+    """{config: (fn, z)} of one model, in timing order; for each of `proposal_sizes` S, PaPr at
+    BOUND_Z and the proposal alone with the proposal at `image_size=S` (the same network)."""
     default = papr_timm.patch(copy.deepcopy(model), proposal)   # the family's default z
     patched = {default.papr_z: default}
     if BOUND_Z not in patched:
@@ -106,7 +111,18 @@ def configs(model, proposal):
     if bound_fn is not None:
         out[f"bound-z{BOUND_Z:g}"] = (bound_fn, BOUND_Z)
     out["proposal"] = (_proposal_runner(out[f"papr-z{BOUND_Z:g}"][0]), None)
+    for size in proposal_sizes:
+        smaller = papr_proposal.Proposal(proposal.network, image_size=size)
+        papr = papr_timm.patch(copy.deepcopy(model), smaller, BOUND_Z)
+        out[f"papr-z{BOUND_Z:g}-p{size}"] = (papr, BOUND_Z)
+        out[f"proposal-p{size}"] = (_proposal_runner(papr), None)
     return out
+
+
+def proposal_config(config):
+    """The config of the proposal alone that PaPr config `config` runs: proposal[-pS]."""
+    size = re.search(r"-p\d+$", config)
+    return "proposal" + (size.group(0) if size else "")
 
 
 def seconds(fn, images, clock):
@@ -127,21 +143,23 @@ def time_alternating(fns, images, runs, clock):
     return times
 
 
-def measure_model(spec, proposal, batch, runs, clock, dry=False):
+def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=()):
     """The rows (dicts) of one model: one per config."""
     name, img_size = parse_model(spec)
     model, size = create(name, img_size, dry)
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    fns = configs(model, proposal)
+    fns = configs(model, proposal, proposal_sizes)
     times = time_alternating({c: fn for c, (fn, _) in fns.items()}, images, runs, clock)
-    proposal_gflops = counted_gflops(fns["proposal"][0], images)
+    proposal_gflops = {c: counted_gflops(fn, images) for c, (fn, _) in fns.items()
+                       if c.startswith("proposal")}
     rows = []
     for config, (fn, z) in fns.items():
+        uses_proposal = config.startswith(("papr", "proposal"))
         rows.append(dict(model=name, family=type(model).__name__, size=size, config=config, z=z,
                          median_s=statistics.median(times[config]), times_s=times[config],
                          gflops=counted_gflops(fn, images),
-                         proposal_gflops=proposal_gflops if config.startswith("papr")
-                         or config == "proposal" else 0.0))
+                         proposal_gflops=proposal_gflops[proposal_config(config)]
+                         if uses_proposal else 0.0))
     add_ratios(rows, batch)
     return rows
 
@@ -150,12 +168,13 @@ def add_ratios(rows, batch):
     """images_per_s, speedup and flop_ratio (over unpruned), proposal_share and papr_vs_bound
     (bound time / PaPr time at the bound's z) of one model's rows, in place."""
     by_config = {r["config"]: r for r in rows}
-    base, prop = by_config["unpruned"], by_config["proposal"]
+    base = by_config["unpruned"]
     for r in rows:
         r["images_per_s"] = batch / r["median_s"]
         r["speedup"] = base["median_s"] / r["median_s"]
         r["flop_ratio"] = base["gflops"] / r["gflops"]
         is_papr = r["config"].startswith("papr")
+        prop = by_config[proposal_config(r["config"])] if is_papr else None
         r["proposal_share"] = prop["median_s"] / r["median_s"] if is_papr else None
         b = by_config.get(f"bound-z{r['z']:g}") if is_papr else None
         r["papr_vs_bound"] = b["median_s"] / r["median_s"] if b else None
@@ -165,7 +184,7 @@ def table(rows):
     lines = ["| model | family | px | config | GFLOPs/img (proposal) | images/s | speed-up | "
              "FLOP ratio | proposal share | PaPr / bound |", "|" + "---|" * 10]
     for r in rows:
-        if r["config"] == "proposal":
+        if r["config"].startswith("proposal"):
             continue   # its time is the share column
         share = "-" if r["proposal_share"] is None else f"{100 * r['proposal_share']:.0f}%"
         vs_bound = "-" if r["papr_vs_bound"] is None else f"{r['papr_vs_bound']:.2f}"
@@ -173,6 +192,19 @@ def table(rows):
                      f"{r['gflops']:.2f} ({r['proposal_gflops']:.2f}) | "
                      f"{r['images_per_s']:.2f} | {r['speedup']:.2f}x | {r['flop_ratio']:.2f}x | "
                      f"{share} | {vs_bound} |")
+    return "\n".join(lines)
+
+
+def proposal_table(rows):
+    """The proposal alone at each image size (--proposal-sizes), against the full-size one."""
+    lines = ["| model | proposal at | ms / batch | time / full-size proposal's |", "|---|---|---|---|"]
+    full = {r["model"]: r["median_s"] for r in rows if r["config"] == "proposal"}
+    for r in rows:
+        if r["config"].startswith("proposal"):
+            at = r["config"][len("proposal-p"):] + " px" if r["config"] != "proposal" else \
+                f"{r['size']} px (as given)"
+            lines.append(f"| {r['model']} | {at} | {r['median_s'] * 1e3:.1f} | "
+                         f"{r['median_s'] / full[r['model']]:.2f} |")
     return "\n".join(lines)
 
 
@@ -192,10 +224,19 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=list(CLOCKS), default="process")
+    parser.add_argument("--proposal-sizes", default="",
+                        help="comma-separated S: also PaPr with the proposal at image_size=S")
     parser.add_argument("--dry", action="store_true", help="depth-1 models (a smoke test)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.runs < 1:
         parser.error("--batch and --runs must be >= 1")
+    try:
+        args.proposal_sizes = tuple(int(s) for s in args.proposal_sizes.split(",") if s)
+    except ValueError:
+        parser.error(f"--proposal-sizes must be comma-separated ints, got "
+                     f"{args.proposal_sizes!r}")
+    if any(s < 1 for s in args.proposal_sizes):
+        parser.error("--proposal-sizes must be >= 1")
     return args
 
 
@@ -209,14 +250,18 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, B={args.batch}, median of {args.runs} "
           f"alternating runs, {args.clock} clock, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
-          f"{', DRY (depth-1 models)' if args.dry else ''}",
+          f"{', DRY (depth-1 models)' if args.dry else ''}"
+          f"{f', proposal sizes {args.proposal_sizes}' if args.proposal_sizes else ''}",
           flush=True)
     rows = []
     for spec in args.models.split(","):
         rows += measure_model(spec, proposal, args.batch, args.runs, CLOCKS[args.clock],
-                              args.dry)
+                              args.dry, args.proposal_sizes)
         print(f"{spec} done", flush=True)
     print()
+    if args.proposal_sizes:
+        print(proposal_table(rows))
+        print()
     print(table(rows))
     return rows
 

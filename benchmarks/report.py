@@ -372,8 +372,8 @@ COMPILED_PROPOSAL = "-cp"  # provider suffix: the proposal run with Proposal(com
 UNPRUNED_AGAIN = "unpruned-again"  # the unpruned model timed again, last in its group
 PROPOSAL = "proposal"              # the proposal alone, as the patched model runs it
 # Other ways to run the proposal alone (benchmarks/test_e2e.py, ViT-B bf16 eager), beside it
-PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
-                   "proposal-cudnn-benchmark", "proposal-conv-relu")
+PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-160", "proposal-128",
+                   "proposal-graph", "proposal-cudnn-benchmark", "proposal-conv-relu")
 PAPR_OR_BOUND = re.compile(r"(?:papr|bound)-z([0-9.]+)")   # its z; not papr-z0.5-graph
 # The small-batch group (benchmarks/test_e2e.py SMALL_BATCHES): ViT-B bf16 eager, and the quick
 # ViT (the CPU dry run); each model also replayed from a CUDA graph captured at its batch.
@@ -693,7 +693,9 @@ def sections(meta, rows, name, link_prefix=""):
     if levers:
         out += ["**Proposal levers** (suite e2e-gpu: the proposal network alone, run each way, "
                 "side by side with `proposal`, the patched model's own: fp32-nchw fp32 NCHW, "
-                "the patch before issue 12; nchw the model's dtype NCHW; graph a CUDA graph "
+                "the patch before issue 12; nchw the model's dtype NCHW; 160 / 128 the images "
+                "resized to that size first (Proposal(image_size=S): other tokens kept); "
+                "graph a CUDA graph "
                 "replay; cudnn-benchmark torch.backends.cudnn.benchmark on; conv-relu each "
                 "(conv, ReLU) as one torch.cudnn_convolution_relu; below 1 is faster):", "",
                 proposal_levers_table(levers), ""]

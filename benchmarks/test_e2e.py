@@ -190,6 +190,8 @@ def test_e2e_hierarchical(benchmark, device, quick, model_name, batch, config):
 #                 `proposal`, right after it (inside the drift check), no torch.compile:
 #                 fp32-nchw  fp32 weights and images, NCHW: the patch before issue 12
 #                 nchw       the model's dtype, NCHW (is channels_last the better layout?)
+#                 160, 128   `Proposal(image_size=S)`: the images resized to S x S first (the
+#                            opt-in lower resolution: a coarser map that keeps other tokens)
 #                 graph      `proposal` captured in a CUDA graph at the fixed batch (CUDA only)
 #                 cudnn-benchmark  `proposal` with torch.backends.cudnn.benchmark on, in a
 #                            thread of its own (cuDNN's chosen plans are kept per thread: the
@@ -222,8 +224,10 @@ COMPILED_PROPOSAL_MODEL = "vit_base_patch16_224"
 UNPRUNED_AGAIN = "unpruned-again"
 # Issue 12, "measure each lever and keep what pays": the proposal alone, each way (the comment
 # above). The cuDNN ones last: their first calls may search or build kernels.
-PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
-                   "proposal-cudnn-benchmark", "proposal-conv-relu")
+PROPOSAL_LEVERS = ("proposal-fp32-nchw", "proposal-nchw", "proposal-160", "proposal-128",
+                   "proposal-graph", "proposal-cudnn-benchmark", "proposal-conv-relu")
+# The levers that change the proposal's output (opt-in, never the default): its images resized
+RESIZED_LEVERS = {"proposal-160": 160, "proposal-128": 128}
 CUDA_ONLY_LEVERS = {"proposal-graph": "a CUDA graph",
                     "proposal-conv-relu": "torch.cudnn_convolution_relu has no CPU kernel"}
 # Issue 12, "small batches": ViT-B bf16 eager at batches where the host's launch overhead
@@ -515,6 +519,10 @@ def proposal_lever(provider, patched, images):
     if provider == "proposal-nchw":
         return ProposalVariant(copy.deepcopy(network), images.dtype, torch.contiguous_format), \
             f"proposal alone, {images.dtype} NCHW weights and images"
+    if provider in RESIZED_LEVERS:
+        size = RESIZED_LEVERS[provider]
+        return Proposal(network, image_size=size), \
+            f"proposal alone, images resized to {size} x {size} (Proposal(image_size={size}))"
     if provider == "proposal-cudnn-benchmark":
         return runner, "proposal alone, torch.backends.cudnn.benchmark (its own thread)"
     if provider == "proposal-graph":

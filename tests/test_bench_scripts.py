@@ -162,11 +162,14 @@ def test_report_tables_each_proposal_lever_against_the_default_proposal(tmp_path
         (vit_b, "eager", 64, "proposal", None, 0.0016),
         (vit_b, "eager", 64, "proposal-fp32-nchw", None, 0.0028),
         (vit_b, "eager", 64, "proposal-nchw", None, 0.0020),
+        (vit_b, "eager", 64, "proposal-160", None, 0.0008),
         (vit_b, "eager", 64, "proposal-graph", None, 0.0012),
         (vit_b, "eager", 64, "proposal-cudnn-benchmark", None, 0.00144),   # conv-relu skipped
         (vit_b, "eager", 256, "proposal", None, 0.0058),
         (vit_b, "eager", 256, "proposal-fp32-nchw", None, 0.0097),
         (vit_b, "eager", 256, "proposal-nchw", None, 0.0071),
+        (vit_b, "eager", 256, "proposal-128", None, 0.0029),   # before 160: the table's order
+        (vit_b, "eager", 256, "proposal-160", None, 0.0035),
         (vit_b, "eager", 256, "proposal-graph", None, 0.0050),
         (vit_b, "eager", 256, "proposal-cudnn-benchmark", None, 0.0052),
         (vit_b, "eager", 256, "proposal-conv-relu", None, 0.0046),
@@ -176,22 +179,27 @@ def test_report_tables_each_proposal_lever_against_the_default_proposal(tmp_path
     printed = md[md.index("**End to end, side by side**"):]   # what gpu_check.sh prints
     rows = [line for line in printed.splitlines() if line.startswith("| vit_")
             and line.count(" | ") == 6]
-    # ms per batch; its time over `proposal`'s at that batch: 2.8 / 1.6, 2 / 1.6, 1.2 / 1.6,
-    # 1.44 / 1.6; 9.7 / 5.8, 7.1 / 5.8, 5 / 5.8, 5.2 / 5.8, 4.6 / 5.8
+    # ms per batch; its time over `proposal`'s at that batch: 2.8 / 1.6, 2 / 1.6, 0.8 / 1.6,
+    # 1.2 / 1.6, 1.44 / 1.6; 9.7 / 5.8, 7.1 / 5.8, 3.5 / 5.8, 2.9 / 5.8, 5 / 5.8, 5.2 / 5.8,
+    # 4.6 / 5.8
     assert rows == [
         f"| {vit_b} | bf16 | eager | 64 | proposal | 1.60 | 1.00 |",
         f"| {vit_b} | bf16 | eager | 64 | proposal-fp32-nchw | 2.80 | 1.75 |",
         f"| {vit_b} | bf16 | eager | 64 | proposal-nchw | 2.00 | 1.25 |",
+        f"| {vit_b} | bf16 | eager | 64 | proposal-160 | 0.80 | 0.50 |",
         f"| {vit_b} | bf16 | eager | 64 | proposal-graph | 1.20 | 0.75 |",
         f"| {vit_b} | bf16 | eager | 64 | proposal-cudnn-benchmark | 1.44 | 0.90 |",
         f"| {vit_b} | bf16 | eager | 256 | proposal | 5.80 | 1.00 |",
         f"| {vit_b} | bf16 | eager | 256 | proposal-fp32-nchw | 9.70 | 1.67 |",
         f"| {vit_b} | bf16 | eager | 256 | proposal-nchw | 7.10 | 1.22 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal-160 | 3.50 | 0.60 |",
+        f"| {vit_b} | bf16 | eager | 256 | proposal-128 | 2.90 | 0.50 |",
         f"| {vit_b} | bf16 | eager | 256 | proposal-graph | 5.00 | 0.86 |",
         f"| {vit_b} | bf16 | eager | 256 | proposal-cudnn-benchmark | 5.20 | 0.90 |",
         f"| {vit_b} | bf16 | eager | 256 | proposal-conv-relu | 4.60 | 0.79 |",
         f"| {vit_l} | bf16 | eager | 256 | proposal-nchw | 7.00 | - |"]
     assert "**Proposal levers**" in printed
+    assert "160 / 128 the images resized to that size first" in printed
 
 
 def test_report_tables_small_batches_eager_and_graphed_with_the_crossover(tmp_path):
@@ -301,8 +309,8 @@ def test_gpu_check_dry_run_measures_the_checkout_and_brings_back_every_table(tmp
     assert "| vit_tiny_patch16_224-depth2 | fp32 | eager | 1 | 0.5 |" in table
     assert "| convnext_atto-depths1111 | fp32 | eager | 1 | 0.5 |" in table
     levers = table[table.index("**Proposal levers**"):]   # those that run on CPU
-    for variant in ("proposal", "proposal-fp32-nchw", "proposal-nchw",
-                    "proposal-cudnn-benchmark"):
+    for variant in ("proposal", "proposal-fp32-nchw", "proposal-nchw", "proposal-160",
+                    "proposal-128", "proposal-cudnn-benchmark"):
         assert f"| vit_tiny_patch16_224-depth2 | fp32 | eager | 1 | {variant} |" in levers
     small = table[table.index("**Small batches (vit_tiny_patch16_224-depth2 fp32)**"):]
     assert [line.split(" | ")[0] for line in small.splitlines()[4:6]] == ["| 1", "| 2"]
@@ -374,9 +382,9 @@ def test_e2e_gpu_cases_time_each_papr_before_its_bound_and_the_baseline_twice():
         assert [p for m, dt, mode, b, p in cases
                 if (m, dt, mode, b) == ("vit_base_patch16_224", "bf16", "eager", batch)] == [
             "unpruned", "papr-z0.7", "bound-z0.7", "papr-z0.5", "bound-z0.5", "papr-z0.3",
-            "bound-z0.3", "proposal", "proposal-fp32-nchw", "proposal-nchw", "proposal-graph",
-            "proposal-cudnn-benchmark", "proposal-conv-relu", "unpruned-again", "papr-z0.5-cp",
-            "proposal-cp"]
+            "bound-z0.3", "proposal", "proposal-fp32-nchw", "proposal-nchw", "proposal-160",
+            "proposal-128", "proposal-graph", "proposal-cudnn-benchmark", "proposal-conv-relu",
+            "unpruned-again", "papr-z0.5-cp", "proposal-cp"]
     levers = {(m, mode) for m, dt, mode, b, p in cases if p.startswith("proposal-")
               and not p.endswith("-cp")}
     assert levers == {("vit_base_patch16_224", "eager")}
@@ -409,20 +417,40 @@ def test_e2e_gpu_quick_cases_exercise_the_proposal_levers_on_the_tiny_vit():
     cases = test_e2e.gpu_cases("cpu", quick=True)
     assert [p for m, *_, b, p in cases if (m, b) == ("vit_tiny_patch16_224", 1)] == [
         "unpruned", "papr-z0.5", "bound-z0.5", "proposal", "proposal-fp32-nchw", "proposal-nchw",
-        "proposal-graph", "proposal-cudnn-benchmark", "proposal-conv-relu", "unpruned-again"]
+        "proposal-160", "proposal-128", "proposal-graph", "proposal-cudnn-benchmark",
+        "proposal-conv-relu", "unpruned-again"]
     assert [p for m, *_, p in cases if m == "convnext_atto"] == [
         "unpruned", "papr-z0.5", "proposal", "unpruned-again"]
     # the small-batch group at B = 1 (the group above, not timed twice) and 2, last; its graphs
     # are skipped on CPU
     assert cases[-5:] == [("vit_tiny_patch16_224", "fp32", "eager", 2, p) for p in (
         "unpruned", "papr-z0.5", "unpruned-graph", "papr-z0.5-graph", "unpruned-again")]
-    assert len(cases) == 10 + 4 + 5
+    assert len(cases) == 12 + 4 + 5
 
 
 def test_e2e_and_report_name_the_same_proposal_levers():
     test_e2e = pytest.importorskip("test_e2e")
     assert test_e2e.PROPOSAL_LEVERS == report.PROPOSAL_LEVERS
     assert set(test_e2e.CUDA_ONLY_LEVERS) == {"proposal-graph", "proposal-conv-relu"}
+
+
+def test_the_resized_proposal_levers_run_the_patched_models_network_on_smaller_images():
+    """proposal-160 / proposal-128: the patched model's own network (same weights, dtype and
+    layout), its images resized first: MobileOne-S0's 7 x 7 map of 224 px becomes 5 x 5 / 4 x 4,
+    and the features are the network's on the reference resize."""
+    test_e2e = pytest.importorskip("test_e2e")
+    _, patched = test_e2e._gpu_models("cpu", "vit_tiny_patch16_224", True, torch.float32)
+    images = test_e2e.gpu_images(1, "cpu", torch.float32)
+    network = patched.papr_proposal.network
+    for provider, size, grid in (("proposal-160", 160, 5), ("proposal-128", 128, 4)):
+        fn, pipeline = test_e2e.proposal_lever(provider, patched, images)
+        assert fn.network is network and f"resized to {size} x {size}" in pipeline
+        resized = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                                  antialias=True, align_corners=False)
+        with torch.inference_mode():
+            f = fn(images)
+            want = network(resized.contiguous(memory_format=torch.channels_last))[-1]
+        assert f.shape == (1, 1024, grid, grid) and torch.equal(f, want)
 
 
 def test_e2e_and_report_name_the_same_small_batch_providers_and_models():
@@ -617,6 +645,43 @@ def test_families_cpu_dry_run_tables_every_family_with_well_formed_ratios(capsys
     assert len(table) == 2 + len(rows) - len(by_model)   # the proposal rows are a column
     assert all(line.count(" | ") == 9 for line in table[2:])
     assert "| vit_base_patch16_224 | VisionTransformer | 224 | unpruned | " in table[5]
+
+
+def test_families_cpu_proposal_sizes_time_papr_with_the_smaller_proposal_beside_the_default(
+        capsys):
+    """--proposal-sizes 160,128: PaPr at z = 0.5 and the proposal alone with the proposal at
+    image_size 160 and 128, each PaPr row's share and FLOPs of its own proposal: MobileOne-S0's
+    convolutions at 160 / 128 px cost (5/7)^2 / (4/7)^2 of 224's (grids 5 x 5, 4 x 4 for 7 x 7)."""
+    pytest.importorskip("timm")
+    import families_cpu
+    threads = torch.get_num_threads()
+    try:
+        rows = families_cpu.main(["--dry", "--models", "vit_small_patch16_224", "--batch", "2",
+                                  "--runs", "1", "--threads", "1", "--proposal-sizes", "160,128"])
+    finally:
+        torch.set_num_threads(threads)
+    by_config = {r["config"]: r for r in rows}
+    assert list(by_config) == ["unpruned", "papr-z0.5", "bound-z0.5", "proposal",
+                               "papr-z0.5-p160", "proposal-p160", "papr-z0.5-p128",
+                               "proposal-p128"]
+    full = by_config["proposal"]["gflops"]
+    for size, grid in ((160, 5), (128, 4)):
+        papr, alone = by_config[f"papr-z0.5-p{size}"], by_config[f"proposal-p{size}"]
+        assert papr["z"] == 0.5
+        assert alone["gflops"] == pytest.approx(full * grid ** 2 / 7 ** 2, rel=1e-3)
+        assert papr["proposal_gflops"] == alone["gflops"]
+        assert papr["proposal_share"] == alone["median_s"] / papr["median_s"]
+        assert papr["papr_vs_bound"] == by_config["bound-z0.5"]["median_s"] / papr["median_s"]
+        # the same tokens in the blocks as PaPr with the full proposal: only the proposal differs
+        assert papr["gflops"] - papr["proposal_gflops"] == pytest.approx(
+            by_config["papr-z0.5"]["gflops"] - full)
+    proposals = capsys.readouterr().out.split("\n\n")[-2].strip().splitlines()
+    medians = [by_config[c]["median_s"] for c in ("proposal", "proposal-p160", "proposal-p128")]
+    assert [line.split(" | ")[1:] for line in proposals[2:]] == [
+        [at, f"{m * 1e3:.1f}", f"{m / medians[0]:.2f} |"]
+        for at, m in zip(("224 px (as given)", "160 px", "128 px"), medians)]
+    with pytest.raises(SystemExit):
+        families_cpu.parse_args(["--proposal-sizes", "160,0"])
 
 
 def test_performance_page_links_the_families_page_after_regeneration(tmp_path):
