@@ -327,7 +327,7 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
             model's time, and compiling it is the lever that does not change its output's meaning.
         image_size: None (default: the images as given) or an int / (h, w): resize the images
             to it before the network (bilinear, antialiased). Opt-in: cheaper (MobileOne-S0 at
-            160 px on CPU: 0.5x the proposal's time), but a coarser map that keeps other tokens
+            160 px on CPU: 0.6x the proposal's time), but a coarser map that keeps other tokens
             (docs/design.md, "The proposal network"); check the accuracy on your data.
         **timm_kwargs: further `timm.create_model` arguments, e.g.
             `pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors")` to load a local

@@ -684,6 +684,24 @@ def test_families_cpu_proposal_sizes_time_papr_with_the_smaller_proposal_beside_
         families_cpu.parse_args(["--proposal-sizes", "160,0"])
 
 
+def test_proposal_overlap_is_one_at_the_full_size_and_counts_shared_indices():
+    """benchmarks/proposal_overlap.py: the proposal at 224 px (the images' own size) keeps
+    exactly the full-size tokens (overlap 1); at 128 px its map is 4 x 4; the overlap counts the
+    indices two kept sets share, over k, whatever their order."""
+    pytest.importorskip("timm")
+    import proposal_overlap
+    overlap = proposal_overlap.overlap(torch.tensor([[3, 1, 2, 0], [0, 1, 2, 3]]),
+                                       torch.tensor([[0, 1, 2, 3], [4, 5, 6, 3]]))
+    assert overlap.tolist() == [1.0, 0.25]
+    rows = proposal_overlap.main(["--sizes", "224,128", "--images", "2"])
+    full = [r for r in rows if r["size"] == 224]
+    assert [r["z"] for r in full] == list(proposal_overlap.ZS)
+    assert all(r["mean"] == r["min"] == 1.0 and r["grid"] == (7, 7) for r in full)
+    small = [r for r in rows if r["size"] == 128]
+    assert all(r["grid"] == (4, 4) and 0 <= r["min"] <= r["mean"] <= 1 for r in small)
+    assert [r["k"] for r in small] == [137, 98, 59]
+
+
 def test_performance_page_links_the_families_page_after_regeneration(tmp_path):
     """docs/performance.md is regenerated whole by `report.py --doc`: the link to the CPU
     families page (outside the generated part) is in what it writes, and that page exists."""
