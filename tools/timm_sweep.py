@@ -22,8 +22,8 @@
    - ViTs: merge_r=4 at z = 0.5: refused clearly, or test_timm_merge's per-sample reference
      where its head applies ('token' / 'avg' pooling, DeiT distilled), else finite and
      deterministic only ("weak");
-   - dynamic_img_size models: z = 0.5 also at a non-square size (one patch row and two columns
-     less), against the same reference.
+   - dynamic_img_size models: z = 0.5 also at a non-square size (one token row and two token
+     columns less), against the same reference.
 3. Prints a markdown table (family, groups, models, pass / refused-clearly / FAIL) and the
    failures, one line each (group representative, what failed, the message).
 """
@@ -277,11 +277,14 @@ class KeepTokens(nn.Module):
         return (out, kept) if self.returns_indices else out
 
 
-def patch_grid(model, size):
-    embed = model.patch_embed
-    if hasattr(embed, "dynamic_feat_size"):
-        return tuple(int(s) for s in embed.dynamic_feat_size(size))
-    return tuple(int(s) for s in embed.grid_size)
+def patch_grid(model, x):
+    """The token grid of images x: the NHWC embedding's (dynamic_img_size), else the
+    embedding's grid."""
+    with torch.no_grad():
+        tokens = model.patch_embed(x)
+    if tokens.dim() == 4:
+        return tuple(tokens.shape[1:3])
+    return tuple(int(s) for s in model.patch_embed.grid_size)
 
 
 @contextlib.contextmanager
@@ -298,7 +301,7 @@ def reference_logits(fam, model, net, x, z, order):
     """The unpatched `model`'s logits with PaPr done by the reference (see the module doc)."""
     if fam in ("VisionTransformer", "Eva"):
         keep = KeepTokens(net(x), z, order, model.num_prefix_tokens,
-                          patch_grid(model, x.shape[-2:]), returns_indices=fam == "Eva")
+                          patch_grid(model, x), returns_indices=fam == "Eva")
         with swapped(model, "patch_drop", keep):
             return model(x)
     if fam in ("Beit", "Cait"):
@@ -341,8 +344,8 @@ def check_group(name, fam, meta, net, extra=None):
         if fam == "VisionTransformer":
             fails += check_merging(model, net, x)
         if getattr(model, "dynamic_img_size", False):
-            p = model.patch_embed.patch_size
-            xs = images((size[0] - p[0], size[1] - 2 * p[1]))
+            step = [s // g for s, g in zip(size, model.patch_embed.grid_size)]  # pixels a token
+            xs = images((size[0] - step[0], size[1] - 2 * step[1]))
             fails += [f"at {tuple(xs.shape[-2:])}: " + f
                       for f in check_pruned(fam, model, net, xs, 0.5, "score", None)]
     return fails
@@ -357,7 +360,7 @@ def check_merging(model, net, x, z=0.5):
     distilled), else finite and deterministic only (weak)."""
     ptimm.unpatch(model)
     tokens = []
-    keep = KeepTokens(net(x), z, "score", model.num_prefix_tokens, patch_grid(model, x.shape[-2:]),
+    keep = KeepTokens(net(x), z, "score", model.num_prefix_tokens, patch_grid(model, x),
                       returns_indices=False)
     keep.register_forward_hook(lambda module, args, out: tokens.append(out))
     with swapped(model, "patch_drop", keep):
