@@ -550,3 +550,76 @@ def test_cli_demo_checks_the_backend_before_it_prints_or_times(monkeypatch, caps
                                          "PAPR_KERNELS_BACKEND must be one of .* 'nonsense'"):
         main(["demo", "--model", "vit_tiny_patch16_224", "--batch", "1", "--repeats", "1"])
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Subclasses: an override of a method the patch replaces would be bypassed, silently
+
+
+def _half_forward(cls, name="forward"):
+    """A subclass of cls whose `name` halves the output of timm's."""
+    def method(self, *args, **kwargs):
+        return 0.5 * getattr(super(sub, self), name)(*args, **kwargs)
+    sub = type("Half" + cls.__name__, (cls,), {name: method})
+    return sub
+
+
+def _override_forward_features(model):
+    model.__class__ = _half_forward(type(model), "forward_features")
+    return "model is a Half", "forward_features"
+
+
+def _override_last_block(model):
+    stages = model.stages if hasattr(model, "stages") else model.layers
+    block = stages[-1].blocks[0]
+    block.__class__ = _half_forward(type(block))
+    return f"model stage {len(stages) - 1} block 0 is a Half", "forward"
+
+
+def _override_first_stage(model):
+    stages = model.stages if hasattr(model, "stages") else model.layers
+    stages[0].__class__ = _half_forward(type(stages[0]))
+    return "model stage 0 is a Half", "forward"
+
+
+SUBCLASS_CASES = [(family, _override_forward_features) for family in
+                  ("vit", "eva", "beit", "cait", "relpos")] + \
+                 [(family, override) for family in ("swin", "swinv2", "convnext")
+                  for override in (_override_last_block, _override_first_stage)]
+
+
+@pytest.mark.parametrize("family,override", SUBCLASS_CASES)
+def test_subclass_overriding_a_replaced_method_is_refused(family, override):
+    """Before the refusal a patched ScaledViT ran timm's forward_features (its own bypassed),
+    a ConvNeXt / Swin with a block subclass ran `_papr_forward` instead of its forward."""
+    model = FAMILIES[family]()
+    what, method = override(model)
+    with torch.no_grad():
+        before = model(_images())
+    with pytest.raises(TypeError, match=f"{what}.*whose {method} .*bypassed"):
+        pt.patch(model, TinyProposal(), z=0.5)
+    assert not pt.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(_images()), before)
+
+
+def test_subclass_overrides_the_patch_calls_or_leaves_are_kept():
+    """A ViT subclass with its own `_pos_embed` (as DeiT distilled) and `pool` (not merging)
+    patches, and at z = 1 gives its unpatched output; with merge_r its `pool` is refused."""
+    def pos_embed(self, x):
+        return super(sub, self)._pos_embed(x) + 1.0
+
+    def pool(self, x, pool_type=None):
+        return x[:, 1:].amax(dim=1)
+
+    base = timm.models.vision_transformer.VisionTransformer
+    sub = type("ShiftedViT", (base,), {"_pos_embed": pos_embed, "pool": pool})
+    model = _vit()
+    model.__class__ = sub
+    images = _images()
+    with torch.no_grad():
+        dense = model(images)
+        pt.patch(model, TinyProposal(), z=1.0)
+        assert torch.equal(model(images), dense)
+    with pytest.raises(TypeError, match="ShiftedViT, whose pool .*bypassed"):
+        pt.patch(model, TinyProposal(), z=0.5, merge_r=2)

@@ -42,8 +42,8 @@ from torch import nn
 from .. import spec
 from ..proposal import create as create_proposal
 from . import beit, cait, convnext, eva, relpos, swin, vit  # noqa: F401  (each registers one)
-from ._core import (MARKER, Family, PaPrState, family_of, follow_model, register_family,
-                    restore_classes)
+from ._core import (MARKER, Family, PaPrState, check_own_methods, family_of, follow_model,
+                    register_family, restore_classes)
 
 __all__ = ["patch", "unpatch", "is_patched", "register_family", "Family"]
 
@@ -61,7 +61,8 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
 
     Args:
         model: a timm `VisionTransformer`, `Eva`, `Beit`, `VisionTransformerRelPos`, `Cait`,
-            `SwinTransformer`, `SwinTransformerV2` or `ConvNeXt` (or subclass).
+            `SwinTransformer`, `SwinTransformerV2` or `ConvNeXt` (or subclass; a subclass, or a
+            stage / block subclass, overriding a method the patch replaces is refused).
         proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
             pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
             to (B, K, h, w) features (a module is put in eval mode and frozen, in place).
@@ -88,6 +89,7 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
     state = PaPrState(proposal=None, z=family.default_z if z is None else z,
                       order=spec.check_order(order), merge_r=merge_r,
                       stages=stages, align_corners=spec.check_flag("align_corners", align_corners))
+    check_own_methods(model, family.model_class, family.replaces, "model")
     family.check(model, state)
     state.proposal = create_proposal(proposal, pretrained=pretrained)  # as is if a Proposal
     unpatch(model)

@@ -218,7 +218,9 @@ class Family:
     `check(model, state)` raises on a model or setting the family cannot patch (and normalizes
     `state.stages`) before anything changes; `apply(model, state)` then swaps the classes of the
     model and of the submodules it changes (with `swap_class`); `options` names the `patch`
-    options that apply to the family, `refusals` says why some other option does not.
+    options that apply to the family, `refusals` says why some other option does not;
+    `replaces` names the methods of `model_class` the patched class reimplements (a subclass
+    overriding one is refused by `patch`: `check_own_methods`).
     """
 
     model_class: type
@@ -227,6 +229,20 @@ class Family:
     default_z: float
     options: Tuple[str, ...]
     refusals: Mapping[str, str] = field(default_factory=dict)
+    replaces: Tuple[str, ...] = ()
+
+
+def check_own_methods(module: nn.Module, base: type, names: Sequence[str], what: str) -> None:
+    """Refuse a `module` whose class overrides a method of `base` in `names`: methods the patch
+    replaces (its mixin comes first in the MRO), so the override would be bypassed, silently.
+    Overrides of the methods a patched one calls (e.g. a ViT's `_pos_embed`) are kept."""
+    cls = module.__dict__.get(MARKER, type(module))
+    for name in names:
+        if getattr(cls, name) is not getattr(base, name):
+            owner = next(c for c in cls.__mro__ if name in vars(c))
+            raise TypeError(f"{what} is a {cls.__name__}, whose {name} (from {owner.__name__}) "
+                            f"overrides timm's {base.__name__}.{name}; the patch replaces that "
+                            f"method, so the override would be bypassed: not supported")
 
 
 FAMILIES: Dict[type, Family] = {}

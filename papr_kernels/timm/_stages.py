@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from .. import hierarchical, spec
-from ._core import MARKER, Patched, PatchedModel, swap_class
+from ._core import MARKER, Patched, PatchedModel, check_own_methods, swap_class
 
 DEFAULT_Z = 0.65                 # the published evaluation scripts' keep ratio for both families
 OPTIONS = ("stages",)
@@ -132,16 +132,24 @@ def check_stages(stages, num_stages: int) -> Tuple[int, ...]:
     return tuple(int(s) for s in stages)
 
 
-def pruned_blocks(state, stage_list, block_class: type):
-    """Normalize `state.stages` and yield the blocks of the pruned stages, each checked to be a
-    `block_class` (the block the family's mixin is written for)."""
+def pruned_blocks(state, stage_list, stage_class: type, block_class: type):
+    """Normalize `state.stages` and yield the blocks of the pruned stages, each stage checked to
+    be a `stage_class` and each block a `block_class` (what the family's mixins are written
+    for), neither overriding the `forward` that the mixins replace."""
     state.stages = check_stages(state.stages, len(stage_list))
     for s in state.stages:
-        for block in stage_list[s].blocks:
-            if not isinstance(block, block_class):
-                raise TypeError(f"model has a {type(block).__name__} block; only timm's "
-                                f"{block_class.__name__} is supported")
+        stage = stage_list[s]
+        _check_module(stage, stage_class, f"model stage {s}")
+        for i, block in enumerate(stage.blocks):
+            _check_module(block, block_class, f"model stage {s} block {i}")
             yield block
+
+
+def _check_module(module: nn.Module, timm_class: type, what: str) -> None:
+    if not isinstance(module, timm_class):
+        raise TypeError(f"{what} is a {type(module).__name__}; only timm's "
+                        f"{timm_class.__name__} is supported")
+    check_own_methods(module, timm_class, ("forward",), what)
 
 
 def apply(model, state, stage_list, stage_mixin, block_mixin) -> None:

@@ -17,7 +17,7 @@ from timm.models.beit import Attention, Beit, Block
 
 from ._bias import block_bias, kept_bias, kept_pairs, run_blocks
 from ._core import Family, Patched, register_family, swap_class
-from .vit import PrunedOnce
+from .vit import REPLACES, PrunedOnce
 
 MERGE_REASON = ("ToMe merging is not defined with a relative position bias (a merged token has "
                 "no single position to look its bias up by)")
@@ -77,4 +77,5 @@ def _apply(model: Beit, state) -> None:
 
 
 register_family(Family(Beit, check=_check, apply=_apply, default_z=0.5, options=("order",),
-                       refusals={"merge_r": MERGE_REASON}))
+                       refusals={"merge_r": MERGE_REASON},
+                       replaces=REPLACES))

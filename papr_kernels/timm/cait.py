@@ -18,7 +18,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.cait import Cait
 
 from ._core import Family, register_family, swap_class
-from .vit import PrunedOnce
+from .vit import REPLACES, PrunedOnce
 
 MERGE_REASON = ("ToMe merging is not defined for CaiT: its talking-heads attention mixes the "
                 "heads' logits, where proportional attention adds log(size), and the merged "
@@ -46,4 +46,5 @@ class PaPrCait(PrunedOnce):
 register_family(Family(Cait, check=lambda model, state: None,
                        apply=lambda model, state: swap_class(model, PaPrCait, state),
                        default_z=0.5, options=("order",),
-                       refusals={"merge_r": MERGE_REASON}))
+                       refusals={"merge_r": MERGE_REASON},
+                       replaces=REPLACES))

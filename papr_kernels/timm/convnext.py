@@ -9,7 +9,7 @@ one channel every H*W elements, and the block output (`hierarchical.masked_resid
 gamma * branch at the kept rows, zeros elsewhere, one pass) is channels-last too."""
 import torch
 from timm.layers import GlobalResponseNormMlp
-from timm.models.convnext import ConvNeXt, ConvNeXtBlock
+from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 
 from .. import hierarchical
 from . import _stages
@@ -42,7 +42,7 @@ class PaPrConvNeXtBlock(Patched):
 
 
 def _check(model: ConvNeXt, state) -> None:
-    for block in _stages.pruned_blocks(state, model.stages, ConvNeXtBlock):
+    for block in _stages.pruned_blocks(state, model.stages, ConvNeXtStage, ConvNeXtBlock):
         if isinstance(block.mlp, GlobalResponseNormMlp):
             raise ValueError("ConvNeXt-V2 blocks (GlobalResponseNorm, a statistic over all "
                              "positions) are not supported by PaPr's per-position pruning")

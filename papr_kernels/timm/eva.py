@@ -22,7 +22,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.eva import Eva
 
 from ._core import Family, register_family, swap_class
-from .vit import PrunedOnce, check_no_mask
+from .vit import REPLACES, PrunedOnce, check_no_mask
 
 MERGE_REASON = ("ToMe merging is not defined with rotary position embeddings (a merged token has "
                 "no single position to rotate by)")
@@ -71,4 +71,5 @@ def _check_forward(model: Eva, attn_mask: Optional[torch.Tensor] = None,
 register_family(Family(Eva, check=lambda model, state: None,
                        apply=lambda model, state: swap_class(model, PaPrEva, state),
                        default_z=0.5, options=("order",),
-                       refusals={"merge_r": MERGE_REASON}))
+                       refusals={"merge_r": MERGE_REASON},
+                       replaces=REPLACES))

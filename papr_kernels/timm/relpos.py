@@ -20,7 +20,7 @@ from timm.models.vision_transformer_relpos import RelPosAttention, VisionTransfo
 from ._bias import block_bias, kept_bias, kept_pairs, run_blocks
 from ._core import Family, Patched, register_family, swap_class
 from .beit import MERGE_REASON
-from .vit import PrunedOnce
+from .vit import REPLACES, PrunedOnce
 
 BIAS_MODULES = (RelPosMlp, RelPosBias)
 
@@ -86,4 +86,5 @@ def _apply(model: VisionTransformerRelPos, state) -> None:
 
 
 register_family(Family(VisionTransformerRelPos, check=_check, apply=_apply, default_z=0.5,
-                       options=("order",), refusals={"merge_r": MERGE_REASON}))
+                       options=("order",), refusals={"merge_r": MERGE_REASON},
+                       replaces=REPLACES))

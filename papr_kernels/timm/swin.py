@@ -4,8 +4,10 @@ residual unchanged. Swin (pre-norm): norm2, mlp, drop_path2, with the gather of 
 fused with norm2 (`_stages.gather_norm`). Swin V2 (residual post-norm): mlp, norm2, drop_path2
 on the gathered rows. The add back is one in-place read-modify-write of the kept rows."""
 import torch
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
-from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
+from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock,
+                                          SwinTransformerStage)
+from timm.models.swin_transformer_v2 import (SwinTransformerV2, SwinTransformerV2Block,
+                                             SwinTransformerV2Stage)
 
 from .. import hierarchical
 from . import _stages
@@ -50,9 +52,9 @@ def _can_write_inplace(*tensors) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _register(model_class: type, block_class: type, block_mixin: type) -> None:
+def _register(model_class: type, stage_class: type, block_class: type, block_mixin: type) -> None:
     def check(model, state) -> None:
-        list(_stages.pruned_blocks(state, model.layers, block_class))  # checks each block
+        list(_stages.pruned_blocks(state, model.layers, stage_class, block_class))  # checks each
 
     register_family(Family(
         model_class, check=check,
@@ -61,5 +63,5 @@ def _register(model_class: type, block_class: type, block_mixin: type) -> None:
         default_z=_stages.DEFAULT_Z, options=_stages.OPTIONS))
 
 
-_register(SwinTransformer, SwinTransformerBlock, PaPrSwinBlock)
-_register(SwinTransformerV2, SwinTransformerV2Block, PaPrSwinV2Block)
+_register(SwinTransformer, SwinTransformerStage, SwinTransformerBlock, PaPrSwinBlock)
+_register(SwinTransformerV2, SwinTransformerV2Stage, SwinTransformerV2Block, PaPrSwinV2Block)

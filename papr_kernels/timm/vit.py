@@ -21,7 +21,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from .. import merge
-from ._core import Family, PatchedModel, PerThread, register_family, swap_class
+from ._core import (Family, PatchedModel, PerThread, check_own_methods, register_family,
+                    swap_class)
 
 
 def token_grid(model: VisionTransformer, images: torch.Tensor, tokens: torch.Tensor) -> Tuple[int, int]:
@@ -40,6 +41,11 @@ def check_no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
         raise ValueError("attn_mask / is_causal are not supported on a PaPr-pruned model (the "
                          "token count changes); set model.papr_z = 1 or unpatch")
+
+
+# What the patched model class of every family pruned once reimplements (`Family.replaces`: a
+# model class overriding it is refused, its override would be bypassed).
+REPLACES = ("forward_features",)
 
 
 class PrunedOnce(PatchedModel):
@@ -149,6 +155,7 @@ class PaPrVisionTransformer(PatchedModel):
 
 def _check(model: VisionTransformer, state) -> None:
     if state.merge_r:
+        check_own_methods(model, VisionTransformer, ("pool",), "model")  # size-weighted pooling
         for block in model.blocks:
             merge.check_block(block)
         _check_pooling(model)
@@ -172,4 +179,5 @@ def _check_pooling(model: VisionTransformer) -> None:
 
 register_family(Family(VisionTransformer, check=_check,
                        apply=lambda model, state: swap_class(model, PaPrVisionTransformer, state),
-                       default_z=0.5, options=("order", "merge_r")))
+                       default_z=0.5, options=("order", "merge_r"),
+                       replaces=REPLACES))
