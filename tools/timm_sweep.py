@@ -9,7 +9,9 @@
    TypeError / ValueError raised by papr_kernels (anything else is a FAIL).
 2. For one representative per accepted signature group (the smallest model of the group), a small
    real model is built with random weights (depth overridden: `depth=2`, or `depths=(1, 1, 2, 1)`
-   for Swin / ConvNeXt; `depth_token_only=1` for CaiT), every parameter redrawn (timm zero-inits
+   for Swin / ConvNeXt; `depth_token_only=1` for CaiT; Sapiens2's per-block `num_kv_heads` cut
+   to one full and one grouped-query block; a grid of more than MAX_TOKENS tokens halved by
+   `img_size`), every parameter redrawn (timm zero-inits
    layer scales, post-norms, heads), at the model's own image size, batch 2, and checked:
    - z = 1: the patched model's logits equal the unpatched model's (bit for bit, else FAIL);
    - z = 0.5 order "score", z = 0.37 order "spatial": the logits match a reference
@@ -211,16 +213,25 @@ def _where(exc):
 # Small real models
 
 
+MAX_TOKENS = 2048    # a bigger token grid (Sapiens2: 64 x 48) is built at half its size
+
+
 def small_kwargs(fam, meta):
     if fam in ("SwinTransformer", "SwinTransformerV2", "ConvNeXt"):
         stages = meta.layers if fam != "ConvNeXt" else meta.stages
         return {"depths": (1, 1, 2, 1)[:len(stages)] if len(stages) == 4 else (1,) * len(stages)}
     if fam == "Cait":
         return {"depth": 2, "depth_token_only": 1}
-    kv_heads = [getattr(b.attn, "num_kv_heads", None) for b in getattr(meta, "blocks", [])]
-    if len(set(kv_heads)) > 1:      # per-block grouped-query attention (Sapiens2): both kinds
-        return {"depth": 2, "num_kv_heads": (kv_heads[0], min(kv_heads))}
-    return {"depth": 2}
+    kv_heads = [getattr(getattr(b, "attn", None), "num_kv_heads", None)
+                for b in getattr(meta, "blocks", [])]
+    kwargs = {"depth": 2}
+    if fam == "Eva" and kv_heads and None not in kv_heads:   # Sapiens2 takes one per block
+        kwargs["num_kv_heads"] = (kv_heads[0], min(kv_heads))   # MHA and GQA
+    embed = getattr(meta, "patch_embed", None)
+    grid, patch = getattr(embed, "grid_size", None), getattr(embed, "patch_size", None)
+    if grid is not None and patch is not None and grid[0] * grid[1] > MAX_TOKENS:
+        kwargs["img_size"] = tuple(g // 2 * p for g, p in zip(grid, patch))   # half the grid
+    return kwargs
 
 
 def randomize(model, seed=0):
@@ -516,13 +527,15 @@ def report(outcome, results, seconds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--filter", default="", help="only names containing this")
+    parser.add_argument("--names", default="", help="only these names (comma-separated)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many names")
     parser.add_argument("--meta-only", action="store_true",
                         help="classify and group only (every group counted as pass)")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per group")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    names = [n for n in list(timm.list_models()) + list(EXTRA_CONFIGS) if args.filter in n]
+    names = [n for n in list(timm.list_models()) + list(EXTRA_CONFIGS) if args.filter in n
+             and (not args.names or n in args.names.split(","))]
     if args.limit:
         names = names[:args.limit]
     t0 = time.time()
