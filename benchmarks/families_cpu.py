@@ -46,7 +46,7 @@ from test_e2e import BoundViT, _proposal_runner, counted_gflops
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_distilled_patch16_224",
           "vit_small_patch14_reg4_dinov2@224", "eva02_small_patch14_224", "beit_base_patch16_224",
           "vit_relpos_small_patch16_224", "cait_xxs24_224", "swin_tiny_patch4_window7_224",
-          "swinv2_tiny_window8_256", "convnext_tiny")
+          "swinv2_tiny_window8_256", "convnext_tiny", "convnextv2_tiny")
 BOUND_Z = 0.5
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 HIERARCHICAL_PREFIXES = ("swin", "convnext")

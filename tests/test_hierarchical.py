@@ -191,6 +191,20 @@ def _convnext(**kw):
                              dims=(8, 16, 32, 32), ls_init_value=1.0, **kw).eval()
 
 
+def _convnextv2(**kw):
+    """ConvNeXt-V2 (GlobalResponseNorm in the mlp, no layer scale; conv_mlp False as in
+    convnextv2_tiny and larger, True in atto to nano), its zero-initialized GRN weight and bias
+    redrawn so the norm acts."""
+    torch.manual_seed(3)
+    model = timm.create_model("convnextv2_tiny", pretrained=False, depths=(1, 1, 2, 1),
+                              dims=(8, 16, 32, 32), **kw).eval()
+    for block in model.modules():
+        if hasattr(block, "grn"):
+            torch.nn.init.normal_(block.grn.weight, std=1.0)
+            torch.nn.init.normal_(block.grn.bias, std=0.5)
+    return model
+
+
 def _kept_mask(f, grid, z):
     """(B, H, W, 1) bool: the top int(H*W*z) positions in SPEC's order (reference ops)."""
     h, w = grid
@@ -220,6 +234,24 @@ def swin_by_hand(model, proposal, images, z, stages, post_norm=False):
 swinv2_by_hand = functools.partial(swin_by_hand, post_norm=True)
 
 
+def _convnext_mlp_by_hand(mlp, y, keep, channels_last):
+    """ConvNeXt's mlp on y (B, H, W, C) or (B, C, H, W), dense. ConvNeXt-V2's GlobalResponseNorm
+    (GRN), written out: its L2 norm over positions takes the hidden activations zeroed at the
+    pruned positions (`keep` False), i.e. it spans the kept positions only."""
+    if not hasattr(mlp, "grn"):
+        return mlp(y)
+    h = mlp.drop1(mlp.act(mlp.fc1(y)))
+    if keep is not None:
+        h = torch.where(keep, h, torch.zeros_like(h))
+    spatial, channel = ((1, 2), 3) if channels_last else ((2, 3), 1)
+    shape = [1, 1, 1, 1]
+    shape[channel] = -1
+    norm = h.square().sum(spatial, keepdim=True).sqrt()
+    ratio = norm / (norm.mean(channel, keepdim=True) + mlp.grn.eps)
+    h = h + mlp.grn.bias.view(shape) + mlp.grn.weight.view(shape) * h * ratio
+    return mlp.drop2(mlp.fc2(h))
+
+
 def convnext_by_hand(model, proposal, images, z, stages):
     f = proposal(images)
     x = model.stem(images)                                          # (B, C, H, W)
@@ -229,9 +261,12 @@ def convnext_by_hand(model, proposal, images, z, stages):
         for blk in stage.blocks:
             y = blk.conv_dw(x)                                      # depthwise conv: dense
             if blk.use_conv_mlp:
-                y = blk.mlp(blk.norm(y))
+                y = _convnext_mlp_by_hand(blk.mlp, blk.norm(y), mask, channels_last=False)
             else:
-                y = blk.mlp(blk.norm(y.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+                keep = None if mask is None else mask.permute(0, 2, 3, 1)
+                y = _convnext_mlp_by_hand(blk.mlp, blk.norm(y.permute(0, 2, 3, 1)), keep,
+                                          channels_last=True)
+                y = y.permute(0, 3, 1, 2)
             if blk.gamma is not None:
                 y = y * blk.gamma.view(1, -1, 1, 1)
             out = blk.drop_path(y) + blk.shortcut(x)
@@ -244,6 +279,8 @@ MODELS = {
     "swinv2": (_swinv2, ptimm.patch, swinv2_by_hand),
     "convnext": (_convnext, ptimm.patch, convnext_by_hand),
     "convnext-conv_mlp": (lambda: _convnext(conv_mlp=True), ptimm.patch, convnext_by_hand),
+    "convnextv2": (_convnextv2, ptimm.patch, convnext_by_hand),
+    "convnextv2-conv_mlp": (lambda: _convnextv2(conv_mlp=True), ptimm.patch, convnext_by_hand),
 }
 
 
@@ -324,7 +361,8 @@ def test_training_gradients_match_the_hand_written_reference():
     # (drop_path_rate=0: stochastic depth would draw different masks in the two runs)
     cases = ((_swin(img_size=112, drop_path_rate=0.0), ptimm.patch, swin_by_hand, 112),
              (_swinv2(img_size=112, drop_path_rate=0.0), ptimm.patch, swinv2_by_hand, 112),
-             (_convnext(), ptimm.patch, convnext_by_hand, 64))
+             (_convnext(), ptimm.patch, convnext_by_hand, 64),
+             (_convnextv2(), ptimm.patch, convnext_by_hand, 64))
     for model, patch, by_hand, size in cases:
         model = model.double().train()
         x = torch.randn(1, 3, size, size, dtype=torch.float64)
@@ -360,10 +398,6 @@ def test_patch_argument_errors(models):
             swin(torch.randn(1, 3, IMG, IMG))
     finally:
         ptimm.unpatch(swin)
-    v2 = timm.create_model("convnextv2_atto", pretrained=False, depths=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="ConvNeXt-V2"):
-        ptimm.patch(v2, prop)
-    assert not ptimm.is_patched(v2)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

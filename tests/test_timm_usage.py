@@ -65,6 +65,19 @@ def _convnext():
     return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1)).eval()
 
 
+def _convnextv2():
+    """GlobalResponseNorm in the mlp (linear, as convnextv2_tiny and larger), its zero-initialized
+    weight and bias drawn."""
+    torch.manual_seed(0)
+    model = timm.create_model("convnextv2_tiny", pretrained=False, depths=(1, 1, 1, 1),
+                              dims=(16, 32, 64, 64)).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if ".grn." in key:
+                param.normal_()
+    return model
+
+
 def _eva():
     torch.manual_seed(0)
     return timm.models.eva.Eva(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2,
@@ -110,7 +123,7 @@ def _relpos():
 
 
 FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "cait": _cait, "relpos": _relpos,
-            "swin": _swin, "swinv2": _swinv2, "convnext": _convnext}
+            "swin": _swin, "swinv2": _swinv2, "convnext": _convnext, "convnextv2": _convnextv2}
 
 
 def _patched(family, z=0.5):

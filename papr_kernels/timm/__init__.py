@@ -20,9 +20,9 @@ Families (each in its own module, registered with `register_family`):
 - `Cait` (CaiT): `cait.py`; the patch tokens are pruned after their position embedding, before
   `blocks` (no prefix token there); the class attention attends to the kept tokens (option
   `order`; `merge_r` is refused).
-- `SwinTransformer`, `SwinTransformerV2` (`swin.py`) and `ConvNeXt` (`convnext.py`): the dense
-  grid is kept and each pruned stage runs the per-token part of its blocks on the kept
-  positions (option `stages`).
+- `SwinTransformer`, `SwinTransformerV2` (`swin.py`) and `ConvNeXt`, V1 and V2 (`convnext.py`):
+  the dense grid is kept and each pruned stage runs the per-token part of its blocks on the
+  kept positions (option `stages`).
 
 `patch` swaps classes (see `_core`): weights, `state_dict()` and other instances of the class are
 untouched. The proposal network lives outside the module tree (not in `parameters()` or

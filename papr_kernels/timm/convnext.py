@@ -1,14 +1,18 @@
-"""PaPr for timm `ConvNeXt` (`conv_mlp` True or False; not ConvNeXt-V2): the depthwise conv and
+"""PaPr for timm `ConvNeXt` and ConvNeXt-V2 (`conv_mlp` True or False): the depthwise conv and
 the shortcut run dense; the pointwise part (norm, mlp, layer scale gamma, drop_path) runs on the
 kept positions only; the block output is shortcut + branch at kept positions and zero at pruned
 ones (residual zeroed too), as in the published method.
+
+ConvNeXt-V2's GlobalResponseNorm (in the mlp) takes an L2 norm over positions: it spans the kept
+positions, i.e. the dense block with the mlp's hidden activations zeroed at pruned positions
+(zeros add nothing to the norm). The rows reach the mlp with a spatial shape, (B, k, 1, C) or
+(B, C, k, 1), so timm's own module computes exactly that.
 
 A pruned stage runs channels-last (memory format): the depthwise conv's output and the shortcut
 seen as (B, H, W, C) are then contiguous, so the fused gather + norm reads whole rows instead of
 one channel every H*W elements, and the block output (`hierarchical.masked_residual`: shortcut +
 gamma * branch at the kept rows, zeros elsewhere, one pass) is channels-last too."""
 import torch
-from timm.layers import GlobalResponseNormMlp
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock, ConvNeXtStage
 
 from .. import hierarchical
@@ -32,8 +36,8 @@ class PaPrConvNeXtBlock(Patched):
         rows = _stages.gather_norm(self.norm, y, indices, channels_first=self.use_conv_mlp)
         if self.use_conv_mlp:       # 1x1 convs: run them on (B, C, k, 1)
             rows = self.mlp(rows.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
-        else:
-            rows = self.mlp(rows)
+        else:       # (B, k, 1, C): a GlobalResponseNorm's norm over dims (1, 2) spans the k rows
+            rows = self.mlp(rows.unsqueeze(2)).squeeze(2)
         gamma = self.gamma
         if self.training:           # drop_path acts (eval: identity): scale here, as timm does
             rows, gamma = self.drop_path(rows if gamma is None else rows * gamma), None
@@ -42,10 +46,7 @@ class PaPrConvNeXtBlock(Patched):
 
 
 def _check(model: ConvNeXt, state) -> None:
-    for block in _stages.pruned_blocks(state, model.stages, ConvNeXtStage, ConvNeXtBlock):
-        if isinstance(block.mlp, GlobalResponseNormMlp):
-            raise ValueError("ConvNeXt-V2 blocks (GlobalResponseNorm, a statistic over all "
-                             "positions) are not supported by PaPr's per-position pruning")
+    list(_stages.pruned_blocks(state, model.stages, ConvNeXtStage, ConvNeXtBlock))  # checks each
 
 
 register_family(Family(
