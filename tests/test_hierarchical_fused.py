@@ -310,7 +310,7 @@ def _small(name):
 
 
 @pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
-@pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv_mlp"])
+@pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv_mlp", "convnextv2"])
 def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, name,
                                                                       monkeypatch):
     """...and each pruned stage maps its positions to kept rows once, for all its blocks (the
