@@ -78,6 +78,17 @@ def _convnextv2():
     return model
 
 
+def _hiera():
+    """Every parameter drawn (timm's position embeddings start at zero, its head small)."""
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", pretrained=False, embed_dim=16, num_heads=1,
+                              stages=(1, 1, 1, 1), num_classes=10).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.3)
+    return model
+
+
 def _eva():
     torch.manual_seed(0)
     return timm.models.eva.Eva(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2,
@@ -123,7 +134,8 @@ def _relpos():
 
 
 FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "cait": _cait, "relpos": _relpos,
-            "swin": _swin, "swinv2": _swinv2, "convnext": _convnext, "convnextv2": _convnextv2}
+            "swin": _swin, "swinv2": _swinv2, "convnext": _convnext, "convnextv2": _convnextv2,
+            "hiera": _hiera}
 
 
 def _patched(family, z=0.5):
@@ -341,7 +353,7 @@ def test_threads_sharing_a_patched_model_use_their_own_state(family):
 
 
 def test_patch_of_an_unsupported_model_names_every_family():
-    with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, SwinTransformer, "
+    with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, Hiera, SwinTransformer, "
                                         "SwinTransformerV2, VisionTransformer, "
                                         "VisionTransformerRelPos"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
@@ -596,7 +608,7 @@ def _override_first_stage(model):
 
 
 SUBCLASS_CASES = [(family, _override_forward_features) for family in
-                  ("vit", "eva", "beit", "cait", "relpos")] + \
+                  ("vit", "eva", "beit", "cait", "relpos", "hiera")] + \
                  [(family, override) for family in ("swin", "swinv2", "convnext")
                   for override in (_override_last_block, _override_first_stage)]
 

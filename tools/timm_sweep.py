@@ -9,9 +9,9 @@
    TypeError / ValueError raised by papr_kernels (anything else is a FAIL).
 2. For one representative per accepted signature group (the smallest model of the group), a small
    real model is built with random weights (depth overridden: `depth=2`, or `depths=(1, 1, 2, 1)`
-   for Swin / ConvNeXt; `depth_token_only=1` for CaiT; Sapiens2's per-block `num_kv_heads` cut
-   to one full and one grouped-query block; a grid of more than MAX_TOKENS tokens halved by
-   `img_size`), every parameter redrawn (timm zero-inits
+   for Swin / ConvNeXt; one block per stage for Hiera; `depth_token_only=1` for CaiT;
+   Sapiens2's per-block `num_kv_heads` cut to one full and one grouped-query block; a grid of
+   more than MAX_TOKENS tokens halved by `img_size`), every parameter redrawn (timm zero-inits
    layer scales, post-norms, heads), at the model's own image size, batch 2, and checked:
    - z = 1: the patched model's logits equal the unpatched model's (bit for bit, else FAIL);
    - z = 0.5 order "score", z = 0.37 order "spatial": the logits match a reference
@@ -20,7 +20,7 @@
      the prefix tokens and the tokens at `papr_kernels.reference.prune`'s indices (for Eva it
      returns them too, and timm gathers the ROPE rows itself); Beit / RelPos / CaiT / Swin /
      ConvNeXt: the hand-written pipelines of tests/ (`reference_features`, `swin_by_hand`,
-     `convnext_by_hand`);
+     `convnext_by_hand`); Hiera: timm's own masked forward (test_timm_hiera);
    - ViTs: merge_r=4 at z = 0.5: refused clearly, or test_timm_merge's per-sample reference
      where its head applies ('token' / 'avg' pooling, DeiT distilled), else finite and
      deterministic only ("weak");
@@ -217,6 +217,8 @@ MAX_TOKENS = 2048    # a bigger token grid (Sapiens2: 64 x 48) is built at half 
 
 
 def small_kwargs(fam, meta):
+    if fam == "Hiera":
+        return {"stages": (1,) * len(meta.stage_ends)}
     if fam in ("SwinTransformer", "SwinTransformerV2", "ConvNeXt"):
         stages = meta.layers if fam != "ConvNeXt" else meta.stages
         return {"depths": (1, 1, 2, 1)[:len(stages)] if len(stages) == 4 else (1,) * len(stages)}
@@ -318,6 +320,9 @@ def reference_logits(fam, model, net, x, z, order):
     if fam in ("Beit", "Cait"):
         mod = __import__("test_timm_beit" if fam == "Beit" else "test_timm_cait")
         return model.forward_head(mod.reference_features(model, net, x, z, order))
+    if fam == "Hiera":
+        import test_timm_hiera as mod
+        return model.forward_head(mod.reference_features(model, net, x, z))
     if fam == "VisionTransformerRelPos":
         import test_timm_relpos as mod
         feats = mod.reference_features(model, mod.full_biases(model), net, x, z, order)
@@ -350,7 +355,7 @@ def check_group(name, fam, meta, net, extra=None):
         out = model(x)
         if not torch.equal(out, dense):
             fails.append(f"z=1 differs from the unpatched model by {rel_diff(out, dense):.2e}")
-        for z, order in Z_VALUES:     # the hierarchical families take no order (spatial)
+        for z, order in Z_VALUES:     # some families take no order (`takes_order`)
             fails += check_pruned(fam, model, net, x, z, order, dense)
         if fam == "VisionTransformer":
             fails += check_merging(model, net, x)
@@ -394,8 +399,9 @@ def check_merging(model, net, x, z=0.5):
     return [] if d <= TOL else [f"merge_r={MERGE_R}: differs from the reference by {d:.2e}"]
 
 
-def hierarchical(fam):
-    return fam in ("SwinTransformer", "SwinTransformerV2", "ConvNeXt")
+def takes_order(fam):
+    """False for the families whose kept positions are in spatial order, no `order` option."""
+    return fam not in ("SwinTransformer", "SwinTransformerV2", "ConvNeXt", "Hiera")
 
 
 def check_pruned(fam, model, net, x, z, order, dense):
@@ -404,7 +410,7 @@ def check_pruned(fam, model, net, x, z, order, dense):
         ref = reference_logits(fam, model, net, x, z, order)
     except Exception as exc:  # noqa: BLE001
         return [f"z={z} {order}: reference failed ({type(exc).__name__}: {exc}); weak check only"]
-    kwargs = {} if hierarchical(fam) else {"order": order}
+    kwargs = {"order": order} if takes_order(fam) else {}
     refusal = try_patch(model, net, z=z, **kwargs)
     if refusal:
         return [f"z={z} {order}: patch refused: {refusal[1]}"]

@@ -20,6 +20,8 @@ Families (each in its own module, registered with `register_family`):
 - `Cait` (CaiT): `cait.py`; the patch tokens are pruned after their position embedding, before
   `blocks` (no prefix token there); the class attention attends to the kept tokens (option
   `order`; `merge_r` is refused).
+- `Hiera` (image models): `hiera.py`; whole mask units are kept (Hiera's own way to run on a
+  subset of them), in spatial order, selected on the unit grid.
 - `SwinTransformer`, `SwinTransformerV2` (`swin.py`) and `ConvNeXt`, V1 and V2 (`convnext.py`):
   the dense grid is kept and each pruned stage runs the per-token part of its blocks on the
   kept positions (option `stages`).
@@ -41,7 +43,8 @@ from torch import nn
 
 from .. import spec
 from ..proposal import create as create_proposal
-from . import beit, cait, convnext, eva, relpos, swin, vit  # noqa: F401  (each registers one)
+# each module registers one family
+from . import beit, cait, convnext, eva, hiera, relpos, swin, vit  # noqa: F401
 from ._core import (MARKER, Family, PaPrState, check_own_methods, family_of, follow_model,
                     register_family, restore_classes)
 
@@ -61,13 +64,14 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
 
     Args:
         model: a timm `VisionTransformer`, `Eva`, `Beit`, `VisionTransformerRelPos`, `Cait`,
-            `SwinTransformer`, `SwinTransformerV2` or `ConvNeXt` (or subclass; a subclass, or a
-            stage / block subclass, overriding a method the patch replaces is refused).
+            `Hiera`, `SwinTransformer`, `SwinTransformerV2` or `ConvNeXt` (or subclass; a
+            subclass, or a stage / block subclass, overriding a method the patch replaces is
+            refused).
         proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
             pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
             to (B, K, h, w) features (a module is put in eval mode and frozen, in place).
         z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs, Eva, Beit,
-            ViT RelPos, CaiT; 0.65 for Swin and ConvNeXt, as in the published evaluation).
+            ViT RelPos, CaiT, Hiera; 0.65 for Swin and ConvNeXt, as in the published evaluation).
             `model.papr_z` changes it later.
         pretrained: for a proposal given by name: load its pretrained weights (default; offline
             the error says how to load a local file). False: random weights, for tests only.
