@@ -40,13 +40,14 @@ from timm.models.vision_transformer import VisionTransformer
 import papr_kernels
 from papr_kernels import proposal as papr_proposal
 from papr_kernels import timm as papr_timm
+from papr_kernels.timm.hiera import PaPrHiera
 from papr_kernels.timm.vit import PrunedOnce
 from test_e2e import BoundViT, _proposal_runner, counted_gflops
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_distilled_patch16_224",
           "vit_small_patch14_reg4_dinov2@224", "eva02_small_patch14_224", "beit_base_patch16_224",
           "vit_relpos_small_patch16_224", "cait_xxs24_224", "swin_tiny_patch4_window7_224",
-          "swinv2_tiny_window8_256", "convnext_tiny", "convnextv2_tiny")
+          "swinv2_tiny_window8_256", "convnext_tiny", "convnextv2_tiny", "hiera_tiny_224")
 BOUND_Z = 0.5
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 HIERARCHICAL_PREFIXES = ("swin", "convnext")
@@ -62,6 +63,7 @@ def create(name, img_size, dry):
     kwargs = {} if img_size is None else {"img_size": img_size}
     if dry:   # one block (per stage): the same code paths, a fraction of the time
         kwargs.update({"depths": (1, 1, 1, 1)} if name.startswith(HIERARCHICAL_PREFIXES)
+                      else {"stages": (1, 1, 1, 1)} if name.startswith("hiera")
                       else {"depth": 1})
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
@@ -83,17 +85,28 @@ def keep_first_tokens(z):
     return prune
 
 
+def keep_first_units(model, z):
+    """A Hiera's `_papr_kept_units` that keeps its first k mask units: no proposal."""
+    units = model.mask_spatial_shape[0] * model.mask_spatial_shape[1]
+    k = papr_kernels.keep_count(units, z, 0)
+    return lambda images: torch.arange(k, device=images.device).expand(images.shape[0], k)
+
+
 def bound(model, proposal, z):
     """The bound of any pruner at z, or None where it is not cheap to build (Swin, ConvNeXt):
     timm ViTs by BoundViT, the families pruned once before their blocks (Eva, Beit, RelPos,
-    CaiT) by a patched copy whose prune keeps the first k tokens."""
+    CaiT) and Hiera by a patched copy that keeps the first k tokens (mask units)."""
     if isinstance(model, VisionTransformer) and type(model).forward_features is \
             VisionTransformer.forward_features:
         return BoundViT(model, z)
     patched = papr_timm.patch(copy.deepcopy(model), proposal, z)
-    if not isinstance(patched, PrunedOnce):
+    # instance attributes: they shadow the methods
+    if isinstance(patched, PaPrHiera):
+        patched._papr_kept_units = keep_first_units(patched, z)
+    elif isinstance(patched, PrunedOnce):
+        patched._papr.prune_tokens = keep_first_tokens(z)
+    else:
         return None
-    patched._papr.prune_tokens = keep_first_tokens(z)   # instance attribute: shadows the method
     return patched
 
 
