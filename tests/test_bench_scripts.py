@@ -611,7 +611,7 @@ def test_families_cpu_dry_run_tables_every_family_with_well_formed_ratios(capsys
         by_model[r["model"]][r["config"]] = r
     assert list(by_model) == [families_cpu.parse_model(m)[0] for m in families_cpu.MODELS]
     for model, configs in by_model.items():
-        hierarchical = model.startswith(("swin", "convnext"))
+        hierarchical = model.startswith(("swin", "convnext", "caformer"))
         want = ["unpruned", "papr-z0.65", "papr-z0.5", "proposal"] if hierarchical else \
             ["unpruned", "papr-z0.5", "bound-z0.5", "proposal"]
         assert list(configs) == want, model

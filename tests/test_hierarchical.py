@@ -205,6 +205,36 @@ def _convnextv2(**kw):
     return model
 
 
+METAFORMERS = {   # timm's registered configurations (their depths and dims fixed there)
+    "caformer_s18": lambda mf: dict(token_mixers=[mf.SepConv] * 2 + [mf.Attention] * 2,
+                                    norm_layers=[mf.LayerNorm2dNoBias] * 2 +
+                                    [mf.LayerNormNoBias] * 2),
+    "convformer_s18": lambda mf: dict(token_mixers=mf.SepConv, norm_layers=mf.LayerNorm2dNoBias),
+    "poolformer_s12": lambda mf: dict(downsample_norm=None, mlp_act=torch.nn.GELU, mlp_bias=True,
+                                      norm_layers=mf.GroupNorm1, layer_scale_init_values=1e-5,
+                                      res_scale_init_values=None, use_mlp_head=False),
+    "poolformerv2_s12": lambda mf: dict(norm_layers=mf.GroupNorm1NoBias, use_mlp_head=False),
+}
+
+
+def _metaformer(name="caformer_s18", **kw):
+    """A small MetaFormer with the token mixers and norms of timm's `name`: CAFormer
+    (separable-conv then attention stages, LayerNorms), ConvFormer, PoolFormer v1 / v2
+    (GroupNorm over the whole map). Its layer scales (PoolFormer v1: 1e-5), residual scales and
+    StarReLU affines redrawn around 1, so every branch acts."""
+    from timm.models import metaformer as mf
+    torch.manual_seed(4)
+    model = mf.MetaFormer(depths=(1, 1, 2, 1), dims=(16, 32, 64, 96),
+                          **METAFORMERS[name](mf), **kw).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith(".scale") and "stages" in key:
+                param.uniform_(0.5, 1.5)
+            elif key.endswith(".bias") and "act" in key:
+                param.uniform_(-0.2, 0.2)
+    return model
+
+
 def _kept_mask(f, grid, z):
     """(B, H, W, 1) bool: the top int(H*W*z) positions in SPEC's order (reference ops)."""
     h, w = grid
@@ -274,6 +304,32 @@ def convnext_by_hand(model, proposal, images, z, stages):
     return model.forward_head(model.norm_pre(x))
 
 
+def _metaformer_block_by_hand(blk, x, keep):
+    """One MetaFormer block, dense; the MLP branch kept where `keep` (broadcast to x) is True."""
+    y = blk.res_scale1(x) + blk.layer_scale1(blk.token_mixer(blk.norm1(x)))
+    branch = blk.layer_scale2(blk.mlp(blk.norm2(y)))
+    if keep is not None:
+        branch = torch.where(keep, branch, torch.zeros_like(branch))
+    return blk.res_scale2(y) + branch
+
+
+def metaformer_by_hand(model, proposal, images, z, stages):
+    f = proposal(images)
+    x = model.stem(images)                                          # (B, C, H, W)
+    for s, stage in enumerate(model.stages):
+        x = stage.downsample(x)
+        batch, channels, height, width = x.shape
+        keep = _kept_mask(f, (height, width), z).permute(0, 3, 1, 2) if s in stages else None
+        if not stage.use_nchw:                                      # attention: (B, N, C)
+            x = x.reshape(batch, channels, -1).transpose(1, 2)
+            keep = None if keep is None else keep.reshape(batch, 1, -1).transpose(1, 2)
+        for blk in stage.blocks:
+            x = _metaformer_block_by_hand(blk, x, keep)
+        if not stage.use_nchw:
+            x = x.transpose(1, 2).reshape(batch, channels, height, width)
+    return model.forward_head(x)
+
+
 MODELS = {
     "swin": (_swin, ptimm.patch, swin_by_hand),
     "swinv2": (_swinv2, ptimm.patch, swinv2_by_hand),
@@ -281,6 +337,10 @@ MODELS = {
     "convnext-conv_mlp": (lambda: _convnext(conv_mlp=True), ptimm.patch, convnext_by_hand),
     "convnextv2": (_convnextv2, ptimm.patch, convnext_by_hand),
     "convnextv2-conv_mlp": (lambda: _convnextv2(conv_mlp=True), ptimm.patch, convnext_by_hand),
+    "caformer": (_metaformer, ptimm.patch, metaformer_by_hand),
+    "convformer": (lambda: _metaformer("convformer_s18"), ptimm.patch, metaformer_by_hand),
+    "poolformer": (lambda: _metaformer("poolformer_s12"), ptimm.patch, metaformer_by_hand),
+    "poolformerv2": (lambda: _metaformer("poolformerv2_s12"), ptimm.patch, metaformer_by_hand),
 }
 
 
@@ -362,7 +422,8 @@ def test_training_gradients_match_the_hand_written_reference():
     cases = ((_swin(img_size=112, drop_path_rate=0.0), ptimm.patch, swin_by_hand, 112),
              (_swinv2(img_size=112, drop_path_rate=0.0), ptimm.patch, swinv2_by_hand, 112),
              (_convnext(), ptimm.patch, convnext_by_hand, 64),
-             (_convnextv2(), ptimm.patch, convnext_by_hand, 64))
+             (_convnextv2(), ptimm.patch, convnext_by_hand, 64),
+             (_metaformer(drop_path_rate=0.0), ptimm.patch, metaformer_by_hand, 64))
     for model, patch, by_hand, size in cases:
         model = model.double().train()
         x = torch.randn(1, 3, size, size, dtype=torch.float64)

@@ -89,6 +89,21 @@ def _hiera():
     return model
 
 
+def _caformer():
+    """CAFormer's mixers and norms (timm's caformer_* fix their sizes), small; residual and
+    StarReLU scales drawn."""
+    from timm.models import metaformer as mf
+    torch.manual_seed(0)
+    model = mf.MetaFormer(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), num_classes=10,
+                          token_mixers=[mf.SepConv] * 2 + [mf.Attention] * 2,
+                          norm_layers=[mf.LayerNorm2dNoBias] * 2 + [mf.LayerNormNoBias] * 2).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if key.endswith(".scale"):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
 def _eva():
     torch.manual_seed(0)
     return timm.models.eva.Eva(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2,
@@ -135,7 +150,7 @@ def _relpos():
 
 FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "cait": _cait, "relpos": _relpos,
             "swin": _swin, "swinv2": _swinv2, "convnext": _convnext, "convnextv2": _convnextv2,
-            "hiera": _hiera}
+            "hiera": _hiera, "caformer": _caformer}
 
 
 def _patched(family, z=0.5):
@@ -269,7 +284,7 @@ def test_papr_z_is_checked_on_every_family(family, bad):
     assert model.papr_z == 0.5
 
 
-@pytest.mark.parametrize("family", ["swin", "convnext"])
+@pytest.mark.parametrize("family", ["swin", "convnext", "caformer"])
 def test_papr_z_changes_a_hierarchical_model(family):
     model, images = _patched(family, z=0.65), _images(batch=1)
     with torch.no_grad():
@@ -300,7 +315,7 @@ def test_patching_freezes_a_user_module_in_place_as_documented():
     assert not net.training and not any(p.requires_grad for p in net.parameters())
 
 
-@pytest.mark.parametrize("family", ["swin", "convnext"])
+@pytest.mark.parametrize("family", ["swin", "convnext", "caformer"])
 def test_stages_run_outside_the_model_forward_are_refused_not_run_dense(family):
     """timm's FeatureListNet(flatten_sequential=True), what features_only builds, runs a patched
     model's stages one by one: the proposal never sees the images (they ran unpruned). Refused
@@ -335,7 +350,7 @@ def test_jit_trace_of_a_patched_model(family):
         assert torch.equal(traced(images), model(images))
 
 
-@pytest.mark.parametrize("family", ["swin", "convnext", "beit", "cait", "relpos"])
+@pytest.mark.parametrize("family", ["swin", "convnext", "caformer", "hiera", "beit", "cait", "relpos"])
 def test_threads_sharing_a_patched_model_use_their_own_state(family):
     """Swin / ConvNeXt: the proposal map; Beit, ViT RelPos: the kept tokens' bias positions;
     CaiT: the pruned tokens through the class attention."""
@@ -353,7 +368,7 @@ def test_threads_sharing_a_patched_model_use_their_own_state(family):
 
 
 def test_patch_of_an_unsupported_model_names_every_family():
-    with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, Hiera, SwinTransformer, "
+    with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, Hiera, MetaFormer, SwinTransformer, "
                                         "SwinTransformerV2, VisionTransformer, "
                                         "VisionTransformerRelPos"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
@@ -609,7 +624,7 @@ def _override_first_stage(model):
 
 SUBCLASS_CASES = [(family, _override_forward_features) for family in
                   ("vit", "eva", "beit", "cait", "relpos", "hiera")] + \
-                 [(family, override) for family in ("swin", "swinv2", "convnext")
+                 [(family, override) for family in ("swin", "swinv2", "convnext", "caformer")
                   for override in (_override_last_block, _override_first_stage)]
 
 

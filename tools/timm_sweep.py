@@ -9,7 +9,8 @@
    TypeError / ValueError raised by papr_kernels (anything else is a FAIL).
 2. For one representative per accepted signature group (the smallest model of the group), a small
    real model is built with random weights (depth overridden: `depth=2`, or `depths=(1, 1, 2, 1)`
-   for Swin / ConvNeXt; one block per stage for Hiera; `depth_token_only=1` for CaiT;
+   for Swin / ConvNeXt; one block per stage for Hiera; MetaFormer at full size (timm fixes its
+   depths); `depth_token_only=1` for CaiT;
    Sapiens2's per-block `num_kv_heads` cut to one full and one grouped-query block; a grid of
    more than MAX_TOKENS tokens halved by `img_size`), every parameter redrawn (timm zero-inits
    layer scales, post-norms, heads), at the model's own image size, batch 2, and checked:
@@ -20,7 +21,8 @@
      the prefix tokens and the tokens at `papr_kernels.reference.prune`'s indices (for Eva it
      returns them too, and timm gathers the ROPE rows itself); Beit / RelPos / CaiT / Swin /
      ConvNeXt: the hand-written pipelines of tests/ (`reference_features`, `swin_by_hand`,
-     `convnext_by_hand`); Hiera: timm's own masked forward (test_timm_hiera);
+     `convnext_by_hand`, `metaformer_by_hand`); Hiera: timm's own masked forward
+     (test_timm_hiera);
    - ViTs: merge_r=4 at z = 0.5: refused clearly, or test_timm_merge's per-sample reference
      where its head applies ('token' / 'avg' pooling, DeiT distilled), else finite and
      deterministic only ("weak");
@@ -217,6 +219,8 @@ MAX_TOKENS = 2048    # a bigger token grid (Sapiens2: 64 x 48) is built at half 
 
 
 def small_kwargs(fam, meta):
+    if fam == "MetaFormer":     # timm's registrations fix depths and dims: full size
+        return {}
     if fam == "Hiera":
         return {"stages": (1,) * len(meta.stage_ends)}
     if fam in ("SwinTransformer", "SwinTransformerV2", "ConvNeXt"):
@@ -329,7 +333,7 @@ def reference_logits(fam, model, net, x, z, order):
         return model.forward_head(feats)
     import test_hierarchical as mod
     by_hand = {"SwinTransformer": mod.swin_by_hand, "SwinTransformerV2": mod.swinv2_by_hand,
-               "ConvNeXt": mod.convnext_by_hand}[fam]
+               "ConvNeXt": mod.convnext_by_hand, "MetaFormer": mod.metaformer_by_hand}[fam]
     return by_hand(model, net, x, z, tuple(range(4)))
 
 
@@ -401,7 +405,7 @@ def check_merging(model, net, x, z=0.5):
 
 def takes_order(fam):
     """False for the families whose kept positions are in spatial order, no `order` option."""
-    return fam not in ("SwinTransformer", "SwinTransformerV2", "ConvNeXt", "Hiera")
+    return fam not in ("SwinTransformer", "SwinTransformerV2", "ConvNeXt", "MetaFormer", "Hiera")
 
 
 def check_pruned(fam, model, net, x, z, order, dense):

@@ -22,7 +22,8 @@ Families (each in its own module, registered with `register_family`):
   `order`; `merge_r` is refused).
 - `Hiera` (image models): `hiera.py`; whole mask units are kept (Hiera's own way to run on a
   subset of them), in spatial order, selected on the unit grid.
-- `SwinTransformer`, `SwinTransformerV2` (`swin.py`) and `ConvNeXt`, V1 and V2 (`convnext.py`):
+- `SwinTransformer`, `SwinTransformerV2` (`swin.py`), `ConvNeXt`, V1 and V2 (`convnext.py`) and
+  `MetaFormer` (CAFormer, ConvFormer, PoolFormer: `metaformer.py`):
   the dense grid is kept and each pruned stage runs the per-token part of its blocks on the
   kept positions (option `stages`).
 
@@ -44,7 +45,7 @@ from torch import nn
 from .. import spec
 from ..proposal import create as create_proposal
 # each module registers one family
-from . import beit, cait, convnext, eva, hiera, relpos, swin, vit  # noqa: F401
+from . import beit, cait, convnext, eva, hiera, metaformer, relpos, swin, vit  # noqa: F401
 from ._core import (MARKER, Family, PaPrState, check_own_methods, family_of, follow_model,
                     register_family, restore_classes)
 
@@ -64,14 +65,15 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
 
     Args:
         model: a timm `VisionTransformer`, `Eva`, `Beit`, `VisionTransformerRelPos`, `Cait`,
-            `Hiera`, `SwinTransformer`, `SwinTransformerV2` or `ConvNeXt` (or subclass; a
-            subclass, or a stage / block subclass, overriding a method the patch replaces is
-            refused).
+            `Hiera`, `SwinTransformer`, `SwinTransformerV2`, `ConvNeXt` or `MetaFormer` (or
+            subclass; a subclass, or a stage / block subclass, overriding a method the patch
+            replaces is refused).
         proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
             pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
             to (B, K, h, w) features (a module is put in eval mode and frozen, in place).
         z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs, Eva, Beit,
-            ViT RelPos, CaiT, Hiera; 0.65 for Swin and ConvNeXt, as in the published evaluation).
+            ViT RelPos, CaiT, Hiera; 0.65 for Swin, ConvNeXt, MetaFormer, as in the published
+            evaluation of Swin and ConvNeXt).
             `model.papr_z` changes it later.
         pretrained: for a proposal given by name: load its pretrained weights (default; offline
             the error says how to load a local file). False: random weights, for tests only.
@@ -79,7 +81,7 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
             merging) or "spatial".
         merge_r: ViTs: tokens merged per block (ToMe bipartite soft matching with proportional
             attention) in the second half of the blocks; 0 disables merging.
-        stages: Swin / ConvNeXt: the stages to prune (default: all four).
+        stages: Swin / ConvNeXt / MetaFormer: the stages to prune (default: all four).
         align_corners: of the bicubic resize of the proposal map (True as published).
     """
     if not isinstance(model, nn.Module):

@@ -1,4 +1,4 @@
-"""What the hierarchical families (Swin, ConvNeXt) share: the model and stage mixins.
+"""What the hierarchical families (Swin, ConvNeXt, MetaFormer) share: the model and stage mixins.
 
 Per forward pass the proposal runs once on the images (without gradient) and its features are
 reduced once to their float64 channel mean (`hierarchical.proposal_map`), kept for the forward;
@@ -64,7 +64,10 @@ class PrunedStage(Patched):
 
     def forward(self, x):
         x = self.downsample(x)
-        grid = self._papr_grid(x)
+        return self._papr_blocks(x, self._papr_grid(x))
+
+    def _papr_blocks(self, x, grid: Tuple[int, int]):
+        """The blocks on x (the stage's input after its downsampling) of this grid."""
         indices = self._papr_indices(grid)                  # once for all blocks
         if indices is not None:
             x = self._papr_layout(x)
@@ -108,6 +111,20 @@ def gather_norm(norm: nn.Module, x: torch.Tensor, indices: torch.Tensor,
     if channels_first:
         return norm(rows.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
     return norm(rows)
+
+
+def add_back(x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, row_of=None):
+    """x plus `delta` (B, k, C) at the kept positions (in place where no gradient is
+    recorded): the residual add of a branch run on the kept rows."""
+    if delta.dtype != x.dtype:        # autocast: promote as the dense `x + delta` would
+        dtype = torch.promote_types(x.dtype, delta.dtype)
+        x, delta = x.to(dtype), delta.to(dtype)
+    return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta),
+                                     row_of=row_of)
+
+
+def _can_write_inplace(*tensors) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _is_channel_layer_norm(norm: nn.Module, channels: int) -> bool:

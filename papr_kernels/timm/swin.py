@@ -29,27 +29,14 @@ class PaPrSwinBlock(Patched):
     def _papr_forward(self, x, indices, row_of):
         x = x + self.drop_path1(self._attn(self.norm1(x)))           # dense: (B, H, W, C)
         rows = _stages.gather_norm(self.norm2, x, indices)            # (B, k, C), normalized
-        return _add_back(x, indices, self.drop_path2(self.mlp(rows)), row_of)
+        return _stages.add_back(x, indices, self.drop_path2(self.mlp(rows)), row_of)
 
 
 class PaPrSwinV2Block(Patched):
     def _papr_forward(self, x, indices, row_of):
         x = x + self.drop_path1(self.norm1(self._attn(x)))           # dense: (B, H, W, C)
         rows = hierarchical.gather_rows(x, indices)                   # (B, k, C)
-        return _add_back(x, indices, self.drop_path2(self.norm2(self.mlp(rows))), row_of)
-
-
-def _add_back(x, indices, delta, row_of):
-    """x plus `delta` at the kept positions (in place where no gradient is recorded)."""
-    if delta.dtype != x.dtype:        # autocast: promote as the dense `x + delta` would
-        dtype = torch.promote_types(x.dtype, delta.dtype)
-        x, delta = x.to(dtype), delta.to(dtype)
-    return hierarchical.scatter_back(x, indices, delta, inplace=_can_write_inplace(x, delta),
-                                     row_of=row_of)
-
-
-def _can_write_inplace(*tensors) -> bool:
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        return _stages.add_back(x, indices, self.drop_path2(self.norm2(self.mlp(rows))), row_of)
 
 
 def _register(model_class: type, stage_class: type, block_class: type, block_mixin: type) -> None:
