@@ -17,6 +17,6 @@ print('timm', timm.__version__, 'from', timm.__file__)"
 PYTHONPATH="$TARGET" "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -k "not triton" \
   tests/test_timm.py tests/test_timm_usage.py tests/test_timm_merge.py tests/test_timm_video.py \
   tests/test_timm_eva.py tests/test_timm_beit.py tests/test_timm_cait.py tests/test_timm_relpos.py \
-  tests/test_timm_hiera.py \
+  tests/test_timm_hiera.py tests/test_timm_naflexvit.py \
   tests/test_proposal.py tests/test_hierarchical.py tests/test_hierarchical_fused.py \
   tests/test_onnx.py tests/test_cuda_graphs.py

@@ -45,7 +45,8 @@ from torch import nn
 from .. import spec
 from ..proposal import create as create_proposal
 # each module registers one family
-from . import beit, cait, convnext, eva, hiera, metaformer, relpos, swin, vit  # noqa: F401
+from . import (beit, cait, convnext, eva, hiera, metaformer, naflexvit, relpos,  # noqa: F401
+               swin, vit)
 from ._core import (MARKER, Family, PaPrState, check_own_methods, family_of, follow_model,
                     register_family, restore_classes)
 

@@ -28,15 +28,15 @@ MERGE_REASON = ("ToMe merging is not defined with rotary position embeddings (a 
                 "no single position to rotate by)")
 
 
-def kept_rope(model: Eva, rope: Optional[torch.Tensor], tokens: torch.Tensor,
-              kept: torch.Tensor) -> Optional[torch.Tensor]:
+def kept_rope(rope: Optional[torch.Tensor], tokens: torch.Tensor, kept: torch.Tensor,
+              mixed: bool) -> Optional[torch.Tensor]:
     """The ROPE table of the kept patch positions `kept` (B, k), per sample, laid out as timm's
     `Eva._pos_embed` lays out the table after its patch dropout: (B, 1, k, dim), or
-    (depth, B, heads, k, dim) for depth-dependent ('mixed') ROPE."""
+    (depth, B, heads, k, dim) for depth-dependent ('mixed') ROPE (Eva and NaFlexVit)."""
     if rope is None:
         return None
     rope = apply_keep_indices_nlc(tokens, rope, kept)
-    return rope.transpose(0, 1) if getattr(model, "rope_mixed", False) else rope.unsqueeze(1)
+    return rope.transpose(0, 1) if mixed else rope.unsqueeze(1)
 
 
 class PaPrEva(PrunedOnce):
@@ -48,7 +48,7 @@ class PaPrEva(PrunedOnce):
         x, rope = self._pos_embed(x)
         x, kept = self._papr.prune_tokens(x, images, grid, self.num_prefix_tokens,
                                            return_indices=True)
-        rope = kept_rope(self, rope, x, kept)
+        rope = kept_rope(rope, x, kept, mixed=getattr(self, "rope_mixed", False))
         x = self.norm_pre(x)
         per_block = rope is not None and getattr(self, "rope_mixed", False)
         checkpointing = self.grad_checkpointing and not torch.jit.is_scripting()
