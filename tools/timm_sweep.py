@@ -17,17 +17,18 @@
    - z = 1: the patched model's logits equal the unpatched model's (bit for bit, else FAIL);
    - z = 0.5 order "score", z = 0.37 order "spatial": the logits match a reference
      within 1e-4 relative (max |diff| / max |ref|), and differ from z = 1's;
-     ViT / Eva reference: timm's own forward with its `patch_drop` replaced by a module keeping
-     the prefix tokens and the tokens at `papr_kernels.reference.prune`'s indices (for Eva it
-     returns them too, and timm gathers the ROPE rows itself); Beit / RelPos / CaiT / Swin /
-     ConvNeXt: the hand-written pipelines of tests/ (`reference_features`, `swin_by_hand`,
-     `convnext_by_hand`, `metaformer_by_hand`); Hiera: timm's own masked forward
-     (test_timm_hiera);
+     ViT / Eva / NaFlexVit reference: timm's own forward with its `patch_drop` replaced by a
+     module keeping the prefix tokens and the tokens at `papr_kernels.reference.prune`'s indices
+     (for Eva and NaFlexVit it returns them too, and timm gathers the ROPE rows itself; NaFlexVit
+     runs its patch dropout in train mode only, so its reference runs in train mode); Beit /
+     RelPos / CaiT / Swin / ConvNeXt / MetaFormer: the hand-written pipelines of tests/
+     (`reference_features`, `swin_by_hand`, `convnext_by_hand`, `metaformer_by_hand`); Hiera:
+     timm's own masked forward (test_timm_hiera);
    - ViTs: merge_r=4 at z = 0.5: refused clearly, or test_timm_merge's per-sample reference
      where its head applies ('token' / 'avg' pooling, DeiT distilled), else finite and
      deterministic only ("weak");
-   - dynamic_img_size models: z = 0.5 also at a non-square size (one token row and two token
-     columns less), against the same reference.
+   - dynamic_img_size models and NaFlexVit: z = 0.5 also at a non-square size (one token row and
+     two token columns less), against the same reference.
 3. Prints a markdown table (family, groups, models, pass / refused-clearly / FAIL) and the
    failures, one line each (group representative, what failed, the message).
 """
@@ -62,7 +63,10 @@ MODULE_ATTRS = ("patch_embed", "patch_drop", "norm_pre", "fc_norm", "attn_pool",
 TENSOR_ATTRS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 VALUE_ATTRS = ("num_prefix_tokens", "global_pool", "no_embed_class", "dynamic_img_size",
                "pool_include_prefix", "has_class_token", "rope_mixed", "use_conv_mlp",
-               "num_reg_tokens", "class_token")
+               "num_reg_tokens", "class_token", "rope_is_mixed")
+# NaFlexVit's `embeds` (NaFlexEmbeds) attributes that decide its embedding path.
+EMBEDS_ATTRS = ("is_linear", "pos_embed_type", "pos_embed_ar_preserving", "dynamic_img_pad",
+                "enable_patch_interpolator")
 
 
 def _extra(name, **kwargs):
@@ -97,6 +101,10 @@ EXTRA_CONFIGS = dict([
     _extra("convnext_atto", ls_init_value=None),
     _extra("convnext_atto", conv_mlp=True),
     _extra("convnext_atto", features_only=True),
+    _extra("vit_small_patch16_224", use_naflex=True),              # NaFlexVit from a ViT
+    _extra("vit_small_patch16_rope_224", use_naflex=True),         # NaFlexVit, axial ROPE
+    _extra("vit_small_patch16_rope_mixed_224", use_naflex=True),   # NaFlexVit, mixed ROPE
+    _extra("naflexvit_base_patch16_gap", embed_proj_type="conv", dynamic_img_pad=True),
 ])
 
 
@@ -153,6 +161,10 @@ def signature(model):
     for a in ("dynamic_img_pad", "strict_img_size", "flatten", "output_fmt"):
         if embed is not None and hasattr(embed, a):
             attrs.append(("patch_embed." + a, _value(getattr(embed, a))))
+    embeds = getattr(model, "embeds", None)   # NaFlexVit
+    for a in EMBEDS_ATTRS:
+        if embeds is not None and hasattr(embeds, a):
+            attrs.append(("embeds." + a, _value(getattr(embeds, a))))
     if embed is not None and hasattr(embed, "grid_size"):
         g = tuple(embed.grid_size)
         attrs.append(("square_grid", g[0] == g[1]))
@@ -295,8 +307,10 @@ class KeepTokens(nn.Module):
 
 
 def patch_grid(model, x):
-    """The token grid of images x: the NHWC embedding's (dynamic_img_size), else the
-    embedding's grid."""
+    """The token grid of images x: NaFlexVit's `embeds` grid of x, the NHWC embedding's
+    (dynamic_img_size), else the embedding's grid."""
+    if hasattr(model, "embeds"):
+        return tuple(int(s) for s in model.embeds.dynamic_feat_size(tuple(x.shape[-2:])))
     with torch.no_grad():
         tokens = model.patch_embed(x)
     if tokens.dim() == 4:
@@ -305,21 +319,24 @@ def patch_grid(model, x):
 
 
 @contextlib.contextmanager
-def swapped(model, attr, module):
-    old = getattr(model, attr)
+def swapped(model, attr, module, train=False):
+    """`model.attr` replaced by `module` (and the model in train mode with `train`)."""
+    old, training = getattr(model, attr), model.training
     setattr(model, attr, module)
+    model.train(train or training)
     try:
         yield
     finally:
         setattr(model, attr, old)
+        model.train(training)
 
 
 def reference_logits(fam, model, net, x, z, order):
     """The unpatched `model`'s logits with PaPr done by the reference (see the module doc)."""
-    if fam in ("VisionTransformer", "Eva"):
+    if fam in ("VisionTransformer", "Eva", "NaFlexVit"):
         keep = KeepTokens(net(x), z, order, model.num_prefix_tokens,
-                          patch_grid(model, x), returns_indices=fam == "Eva")
-        with swapped(model, "patch_drop", keep):
+                          patch_grid(model, x), returns_indices=fam != "VisionTransformer")
+        with swapped(model, "patch_drop", keep, train=fam == "NaFlexVit"):
             return model(x)
     if fam in ("Beit", "Cait"):
         mod = __import__("test_timm_beit" if fam == "Beit" else "test_timm_cait")
@@ -363,12 +380,21 @@ def check_group(name, fam, meta, net, extra=None):
             fails += check_pruned(fam, model, net, x, z, order, dense)
         if fam == "VisionTransformer":
             fails += check_merging(model, net, x)
-        if getattr(model, "dynamic_img_size", False):
-            step = [s // g for s, g in zip(size, model.patch_embed.grid_size)]  # pixels a token
+        step = token_pixels(model, size)
+        if step is not None:
             xs = images((size[0] - step[0], size[1] - 2 * step[1]))
             fails += [f"at {tuple(xs.shape[-2:])}: " + f
                       for f in check_pruned(fam, model, net, xs, 0.5, "score", None)]
     return fails
+
+
+def token_pixels(model, size):
+    """The pixels (h, w) of one token of a model that takes any image size, else None."""
+    if hasattr(model, "embeds"):    # NaFlexVit
+        return tuple(model.embeds.patch_size)
+    if getattr(model, "dynamic_img_size", False):
+        return tuple(s // g for s, g in zip(size, model.patch_embed.grid_size))
+    return None
 
 
 MERGE_R = 4

@@ -20,6 +20,11 @@ Families (each in its own module, registered with `register_family`):
 - `Cait` (CaiT): `cait.py`; the patch tokens are pruned after their position embedding, before
   `blocks` (no prefix token there); the class attention attends to the kept tokens (option
   `order`; `merge_r` is refused).
+- `NaFlexVit` (`naflexvit_*`: SigLIP-2 NaFlex, C-RADIO; ViT / Eva names with `use_naflex=True`):
+  `naflexvit.py`; called with NCHW images, pruned after `embeds` (position embedding, prefix
+  tokens) and the ROPE table, before timm's patch dropout (which drops among the kept) and the
+  blocks, which get each sample's kept ROPE rows (option `order`; `merge_r` is refused). NaFlex
+  mode (pre-patchified patches with `patch_coord` / `patch_valid`, a dict) raises at z < 1.
 - `Hiera` (image models): `hiera.py`; whole mask units are kept (Hiera's own way to run on a
   subset of them), in spatial order, selected on the unit grid.
 - `SwinTransformer`, `SwinTransformerV2` (`swin.py`), `ConvNeXt`, V1 and V2 (`convnext.py`) and
@@ -66,19 +71,19 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
 
     Args:
         model: a timm `VisionTransformer`, `Eva`, `Beit`, `VisionTransformerRelPos`, `Cait`,
-            `Hiera`, `SwinTransformer`, `SwinTransformerV2`, `ConvNeXt` or `MetaFormer` (or
-            subclass; a subclass, or a stage / block subclass, overriding a method the patch
-            replaces is refused).
+            `Hiera`, `NaFlexVit`, `SwinTransformer`, `SwinTransformerV2`, `ConvNeXt` or
+            `MetaFormer` (or subclass; a subclass, or a stage / block subclass, overriding a
+            method the patch replaces is refused).
         proposal: a timm ConvNet name (built by `papr_kernels.proposal.create` with its
             pretrained weights), a `Proposal`, or any `nn.Module` / callable mapping the images
             to (B, K, h, w) features (a module is put in eval mode and frozen, in place).
         z: keep ratio in (0, 1]; None means the family's default (0.5 for ViTs, Eva, Beit,
-            ViT RelPos, CaiT, Hiera; 0.65 for Swin, ConvNeXt, MetaFormer, as in the published
-            evaluation of Swin and ConvNeXt).
+            ViT RelPos, CaiT, Hiera, NaFlexVit; 0.65 for Swin, ConvNeXt, MetaFormer, as in
+            the published evaluation of Swin and ConvNeXt).
             `model.papr_z` changes it later.
         pretrained: for a proposal given by name: load its pretrained weights (default; offline
             the error says how to load a local file). False: random weights, for tests only.
-        order: ViTs, Eva, Beit, ViT RelPos, CaiT: "score" (the published order, needed by
+        order: ViTs, Eva, Beit, ViT RelPos, CaiT, NaFlexVit: "score" (the published order, needed by
             merging) or "spatial".
         merge_r: ViTs: tokens merged per block (ToMe bipartite soft matching with proportional
             attention) in the second half of the blocks; 0 disables merging.
