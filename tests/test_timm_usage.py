@@ -110,6 +110,13 @@ def _eva():
                                num_classes=10, use_rot_pos_emb=True).eval()
 
 
+def _naflexvit():
+    """A NaFlexVit with axial ROPE and a class token (timm's ViT name built with use_naflex)."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_rope_224", pretrained=False, use_naflex=True,
+                             embed_dim=64, depth=2, num_heads=2, num_classes=10).eval()
+
+
 def _beit():
     """Both biases (per block and shared), their tables drawn (timm's are zero)."""
     torch.manual_seed(0)
@@ -149,8 +156,8 @@ def _relpos():
 
 
 FAMILIES = {"vit": _vit, "eva": _eva, "beit": _beit, "cait": _cait, "relpos": _relpos,
-            "swin": _swin, "swinv2": _swinv2, "convnext": _convnext, "convnextv2": _convnextv2,
-            "hiera": _hiera, "caformer": _caformer}
+            "naflexvit": _naflexvit, "swin": _swin, "swinv2": _swinv2, "convnext": _convnext,
+            "convnextv2": _convnextv2, "hiera": _hiera, "caformer": _caformer}
 
 
 def _patched(family, z=0.5):
@@ -368,8 +375,8 @@ def test_threads_sharing_a_patched_model_use_their_own_state(family):
 
 
 def test_patch_of_an_unsupported_model_names_every_family():
-    with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, Hiera, MetaFormer, SwinTransformer, "
-                                        "SwinTransformerV2, VisionTransformer, "
+    with pytest.raises(TypeError, match="Beit, Cait, ConvNeXt, Eva, Hiera, MetaFormer, NaFlexVit, "
+                                        "SwinTransformer, SwinTransformerV2, VisionTransformer, "
                                         "VisionTransformerRelPos"):
         pt.patch(nn.Linear(2, 2), TinyProposal())
 
@@ -623,7 +630,7 @@ def _override_first_stage(model):
 
 
 SUBCLASS_CASES = [(family, _override_forward_features) for family in
-                  ("vit", "eva", "beit", "cait", "relpos", "hiera")] + \
+                  ("vit", "eva", "beit", "cait", "relpos", "hiera", "naflexvit")] + \
                  [(family, override) for family in ("swin", "swinv2", "convnext", "caformer")
                   for override in (_override_last_block, _override_first_stage)]
 

@@ -65,7 +65,8 @@ class PaPrNaFlexVit(PatchedModel):
     def _papr_features(self, images: torch.Tensor) -> torch.Tensor:
         x, grid = self.embeds(images)      # prefix + patch tokens, position embedding added
         rope = None if self.rope is None else self.rope.get_embed(shape=grid)
-        x, kept = self._papr.prune_tokens(x, images, tuple(grid), self.num_prefix_tokens,
+        grid_hw = (int(grid[0]), int(grid[1]))   # ints under jit.trace too (sizes are tensors)
+        x, kept = self._papr.prune_tokens(x, images, grid_hw, self.num_prefix_tokens,
                                            return_indices=True)
         if self.training and self.patch_drop is not None:     # drops among the kept tokens
             x, dropped = self.patch_drop(x)
