@@ -42,6 +42,7 @@ import papr_kernels
 from papr_kernels import proposal as papr_proposal
 from papr_kernels import timm as papr_timm
 from papr_kernels.timm.hiera import PaPrHiera
+from papr_kernels.timm.naflexvit import PaPrNaFlexVit
 from papr_kernels.timm.vit import PrunedOnce
 from test_e2e import BoundViT, _proposal_runner, counted_gflops
 
@@ -49,7 +50,7 @@ MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_distilled
           "vit_small_patch14_reg4_dinov2@224", "eva02_small_patch14_224", "beit_base_patch16_224",
           "vit_relpos_small_patch16_224", "cait_xxs24_224", "swin_tiny_patch4_window7_224",
           "swinv2_tiny_window8_256", "convnext_tiny", "convnextv2_tiny", "caformer_s18",
-          "hiera_tiny_224")
+          "hiera_tiny_224", "naflexvit_base_patch16_gap")
 BOUND_Z = 0.5
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 HIERARCHICAL_PREFIXES = ("swin", "convnext")
@@ -98,7 +99,7 @@ def keep_first_units(model, z):
 def bound(model, proposal, z):
     """The bound of any pruner at z, or None where it is not cheap to build (Swin, ConvNeXt):
     timm ViTs by BoundViT, the families pruned once before their blocks (Eva, Beit, RelPos,
-    CaiT) and Hiera by a patched copy that keeps the first k tokens (mask units)."""
+    CaiT), NaFlexVit and Hiera by a patched copy that keeps the first k tokens (mask units)."""
     if isinstance(model, VisionTransformer) and type(model).forward_features is \
             VisionTransformer.forward_features:
         return BoundViT(model, z)
@@ -106,7 +107,7 @@ def bound(model, proposal, z):
     # instance attributes: they shadow the methods
     if isinstance(patched, PaPrHiera):
         patched._papr_kept_units = keep_first_units(patched, z)
-    elif isinstance(patched, PrunedOnce):
+    elif isinstance(patched, (PrunedOnce, PaPrNaFlexVit)):
         patched._papr.prune_tokens = keep_first_tokens(z)
     else:
         return None
