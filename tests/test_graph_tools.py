@@ -26,6 +26,9 @@ from papr_kernels.timm import patch  # noqa: E402
 from test_timm_beit import make_beit  # noqa: E402
 from test_timm_cait import make_cait  # noqa: E402
 from test_timm_eva import make_eva  # noqa: E402
+from test_hierarchical import _metaformer as make_metaformer  # noqa: E402
+from test_timm_hiera import make_hiera  # noqa: E402
+from test_timm_naflexvit import make_model as make_naflexvit  # noqa: E402
 from test_timm_relpos import make_relpos  # noqa: E402
 
 BATCH = torch.export.Dim("batch", min=1, max=64)
@@ -110,6 +113,12 @@ def tiny(family, **kwargs):
         return timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=224,
                                  window_size=7, depths=(1, 1, 1, 1), embed_dim=32,
                                  num_heads=(1, 2, 4, 8), **kwargs).eval()
+    if family == "hiera":   # mask units; every parameter drawn
+        return make_hiera(**dict(dict(num_classes=1000), **kwargs))
+    if family == "caformer":   # separable-conv then attention stages
+        return make_metaformer("caformer_s18", **kwargs)
+    if family == "naflexvit":   # 4 registers, avg pooling
+        return make_naflexvit("gap_reg4", **dict(dict(num_classes=1000), **kwargs))
     return timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1),
                              **kwargs).eval()
 
@@ -125,6 +134,7 @@ def images(batch, seed=0):
 
 
 @pytest.mark.parametrize("family", ["vit", "eva", "beit", "cait", "relpos", "convnext",
+                                    "hiera", "caformer", "naflexvit",
                                     pytest.param("swin", marks=pytest.mark.slow),     # 14 s
                                     pytest.param("swinv2", marks=pytest.mark.slow)])
 def test_export_of_a_patched_model_with_a_dynamic_batch(family):

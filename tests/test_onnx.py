@@ -49,12 +49,13 @@ def op_types(model):
     return {node.op_type for node in model.graph.node}
 
 
-def assert_float64_scores(model):
+def assert_float64_scores(model, model_resizes=False):
     """The selection: float64 channel mean and resize (Cast to double, ReduceMean, Gather/Mul/
-    Add taps), one Cast to float32, TopK; no Resize (ONNX Runtime has no float64 Resize)."""
+    Add taps), one Cast to float32, TopK; no Resize (ONNX Runtime has no float64 Resize), unless
+    the model resizes something itself (NaFlexVit: its float32 position embedding)."""
     ops = op_types(model)
     assert {"ReduceMean", "TopK", "Gather"} <= ops, ops
-    assert "Resize" not in ops
+    assert model_resizes or "Resize" not in ops
     casts = [next(a.i for a in n.attribute if a.name == "to")
              for n in model.graph.node if n.op_type == "Cast"]
     assert onnx.TensorProto.DOUBLE in casts and onnx.TensorProto.FLOAT in casts, casts
@@ -150,6 +151,9 @@ def patched_vit(prefix, order, family="vit"):
                         use_shared_rel_pos_bias=True)
         for block in vit.blocks:   # torch 2.14's ONNX export fails on timm's SDPA path with a
             block.attn.fused_attn = False   # bias mask, the unpatched Beit too: the explicit one
+    elif family.startswith("naflexvit"):   # NaFlexVit on images: registers / axial ROPE
+        from test_timm_naflexvit import make_model
+        vit = make_model(family.split("-", 1)[1])
     else:
         name, kwargs = EVA[family]
         vit = make_eva(name, **kwargs)
@@ -168,13 +172,14 @@ def kept(model, images):
     ("vit", 0, "score"), ("vit", 1, "score"), ("vit", 1, "spatial"), ("vit", 4, "spatial"),
     ("eva02", 1, "score"), ("eva-mixed", 1, "spatial"),    # the ROPE rows gathered in the graph
     ("beit", 1, "score"),                       # each sample's relative position bias gathered
+    ("naflexvit-gap_reg4", 4, "score"), ("naflexvit-rope_axial", 1, "spatial"),
 ])
 def test_patched_vit_onnx_runtime(tmp_path, family, prefix, order):
     model = patched_vit(prefix, order, family)
     gen = torch.Generator().manual_seed(1)
     example = torch.randn(2, 3, 224, 224, generator=gen)
     onnx_model = export_onnx(model, (example,), tmp_path / "vit.onnx", dynamic_batch=True)
-    assert_float64_scores(onnx_model)
+    assert_float64_scores(onnx_model, model_resizes=family.startswith("naflexvit"))
     sess = session(tmp_path / "vit.onnx")
     for images in (torch.randn(2, 3, 224, 224, generator=gen),
                    torch.rand(3, 3, 224, 224, generator=gen) * 4 - 2,
@@ -211,14 +216,19 @@ def patched_hierarchical(name):
         model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=224,
                                   window_size=7, depths=(1, 1, 1, 1), embed_dim=32,
                                   num_heads=(1, 2, 4, 8))
+    elif name == "caformer":
+        from test_hierarchical import _metaformer
+        model = _metaformer("caformer_s18")
     else:
         model = timm.create_model("convnext_atto", pretrained=False, depths=(1, 1, 1, 1))
     return patch(model.eval(), nn.Conv2d(3, 8, 32, stride=32), z=0.5)
 
 
-@pytest.mark.parametrize("name", ["swin", "swinv2", "convnext"])
+@pytest.mark.parametrize("name", ["swin", "swinv2", "convnext", "caformer"])
 def test_patched_hierarchical_onnx_runtime(tmp_path, name):
-    """Swin / ConvNeXt: each stage's select and the row ops export as standard ops too."""
+    """Swin / ConvNeXt / MetaFormer: each stage's select and the row ops export as standard ops
+    too. (Hiera is left out: timm's own Hiera does not convert, torch 2.14: its mask-unit
+    attention calls SDPA on 5-D tensors, which the ONNX exporter refuses.)"""
     model = patched_hierarchical(name)
     gen = torch.Generator().manual_seed(3)
     example = torch.randn(1, 3, 224, 224, generator=gen)
