@@ -310,12 +310,14 @@ def _small(name):
 
 
 @pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
-@pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv_mlp", "convnextv2"])
+@pytest.mark.parametrize("name", ["swin", "convnext", "convnext-conv_mlp", "convnextv2", "caformer",
+                                  "poolformer"])
 def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, name,
                                                                       monkeypatch):
     """...and each pruned stage maps its positions to kept rows once, for all its blocks (the
-    dense kernels build no map of their own); Swin's inference forward adds back in place, which
-    reads no map, so its stages build none (a recorded forward, out of place, builds them)."""
+    dense kernels build no map of their own); Swin's and MetaFormer's inference forward adds
+    back in place, which reads no map, so their stages build none (a recorded forward, out of
+    place, builds them)."""
     from papr_kernels.ops.triton import rows as tr
     monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
     model, images = _small(name)
@@ -327,8 +329,9 @@ def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, na
         maps = _counting(monkeypatch, tr._kept_row_map_kernel, "run")
         got = model(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert selects["n"] == 4 and maps["n"] == (0 if name == "swin" else 4)
-    if name == "swin":
+    adds_back = name in ("swin", "caformer", "poolformer")
+    assert selects["n"] == 4 and maps["n"] == (0 if adds_back else 4)
+    if adds_back:
         recorded = model(images)                     # grad enabled: the out-of-place add back
         torch.testing.assert_close(recorded.detach(), expected, rtol=1e-4, atol=1e-4)
         assert recorded.requires_grad and maps["n"] == 4

@@ -99,6 +99,15 @@ class PrunedStage(Patched):
                                    order="spatial")
 
 
+class AddBackStage(PrunedStage):
+    """A stage whose blocks add their branch back with `add_back` (Swin, MetaFormer)."""
+
+    def _papr_reads_row_map(self) -> bool:
+        # Without grad the blocks add back in place (no map read); the out-of-place add of a
+        # recorded forward reads it.
+        return torch.is_grad_enabled()
+
+
 def gather_norm(norm: nn.Module, x: torch.Tensor, indices: torch.Tensor,
                 channels_first: bool = False) -> torch.Tensor:
     """norm of x's rows at `indices`, (B, k, C): one fused gather + LayerNorm when norm is a plain

@@ -17,10 +17,9 @@ from torch import nn
 from .. import hierarchical
 from . import _stages
 from ._core import Family, Patched, register_family
-from ._stages import PrunedStage
 
 
-class PaPrMetaFormerStage(PrunedStage):
+class PaPrMetaFormerStage(_stages.AddBackStage):
     def forward(self, x):
         x = self.downsample(x)
         shape = x.shape

@@ -3,7 +3,6 @@ the MLP branch runs on the kept tokens only and is added back in place; pruned t
 residual unchanged. Swin (pre-norm): norm2, mlp, drop_path2, with the gather of the kept rows
 fused with norm2 (`_stages.gather_norm`). Swin V2 (residual post-norm): mlp, norm2, drop_path2
 on the gathered rows. The add back is one in-place read-modify-write of the kept rows."""
-import torch
 from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock,
                                           SwinTransformerStage)
 from timm.models.swin_transformer_v2 import (SwinTransformerV2, SwinTransformerV2Block,
@@ -12,17 +11,11 @@ from timm.models.swin_transformer_v2 import (SwinTransformerV2, SwinTransformerV
 from .. import hierarchical
 from . import _stages
 from ._core import Family, Patched, register_family
-from ._stages import PrunedStage
 
 
-class PaPrSwinStage(PrunedStage):
+class PaPrSwinStage(_stages.AddBackStage):
     def _papr_grid(self, x):
         return int(x.shape[1]), int(x.shape[2])       # (B, H, W, C)
-
-    def _papr_reads_row_map(self) -> bool:
-        # Without grad the blocks add back in place (no map read); the out-of-place add of a
-        # recorded forward reads it.
-        return torch.is_grad_enabled()
 
 
 class PaPrSwinBlock(Patched):
