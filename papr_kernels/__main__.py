@@ -1,4 +1,4 @@
-"""Command line: `python -m papr_kernels info` and `python -m papr_kernels demo`."""
+"""Command line: `python -m papr_kernels info`, `demo` and `eval`."""
 import argparse
 import os
 import platform
@@ -163,6 +163,54 @@ def timm_demo(model_name: str, batch: int = 8, repeats: int = 3) -> bool:
     return True
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _add_eval_parser(sub) -> None:
+    parser = sub.add_parser(
+        "eval", help="accuracy of a PaPr-patched timm model against the unpruned one on a "
+                     "folder of images (papr_kernels.evaluate)")
+    parser.add_argument("--model", required=True, help="timm model name")
+    parser.add_argument("--data", required=True,
+                        help="image folder; class subfolders in the model's class order give "
+                             "labels (ImageNet val: one folder per synset)")
+    parser.add_argument("--z", type=float, nargs="+", default=None,
+                        help="keep ratios (default: the family's default)")
+    parser.add_argument("--proposal", default="mobileone_s0")
+    parser.add_argument("--batch", type=_positive_int, default=64)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--limit", type=_positive_int, default=None, help="first N images only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--no-labels", action="store_true",
+                        help="agreement with the unpruned model only (folders are no classes)")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="random weights for the model and the proposal (a dry run)")
+
+
+def eval_command(args) -> int:
+    """`python -m papr_kernels eval`: the table of `papr_kernels.evaluate.evaluate`."""
+    if papr_timm is None:
+        raise SystemExit(f"python -m papr_kernels eval: {_TIMM_ERROR}")
+    import timm
+    from papr_kernels import evaluate
+    pretrained = not args.no_pretrained
+    try:
+        model = timm.create_model(args.model, pretrained=pretrained).eval()
+        papr_timm.patch(model, args.proposal, pretrained=pretrained)
+        model.to(args.device, DTYPES[args.dtype])
+        zs = args.z or [model.papr_z]
+        batches = evaluate.image_batches(model, args.data, args.batch, args.workers, args.limit,
+                                         args.device, DTYPES[args.dtype])
+        results = evaluate.evaluate(model, batches, zs, labels=not args.no_labels)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise SystemExit(f"python -m papr_kernels eval: {exc}") from None
+    print(f"{args.model} ({'pretrained' if pretrained else 'random weights'}), proposal "
+          f"{args.proposal}, {args.data}, batch {args.batch}, {args.dtype}, {args.device}")
+    print(evaluate.table(results))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m papr_kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,13 +220,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo_parser.add_argument("--repeats", type=_positive_int, default=None,
                              help="timed runs (default 20; 3 with --model)")
     demo_parser.add_argument("--model", default=None,
-                             help="run this timm model (ViT, Eva, Beit, ViT RelPos, CaiT, "
-                                  "Swin, ConvNeXt) patched end to end (e.g. "
-                                  "vit_base_patch16_224)")
+                             help="run this timm model (any family papr_kernels.timm.patch "
+                                  "takes) patched end to end (e.g. vit_base_patch16_224)")
+    _add_eval_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
         return 0
+    if args.command == "eval":
+        return eval_command(args)
     if args.model is not None:
         if not args.model.strip():
             parser.error(f"--model needs a timm model name (e.g. vit_base_patch16_224), got "
