@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 
 import papr_kernels
-from papr_kernels import backends, testing
+from papr_kernels import backends, evaluate, testing
 from papr_kernels import proposal as papr_proposal
 from papr_kernels.ops import extension
 
@@ -193,7 +193,6 @@ def eval_command(args) -> int:
     if papr_timm is None:
         raise SystemExit(f"python -m papr_kernels eval: {_TIMM_ERROR}")
     import timm
-    from papr_kernels import evaluate
     pretrained = not args.no_pretrained
     try:
         model = timm.create_model(args.model, pretrained=pretrained).eval()
