@@ -177,6 +177,9 @@ def _add_eval_parser(sub) -> None:
     parser.add_argument("--z", type=float, nargs="+", default=None,
                         help="keep ratios (default: the family's default)")
     parser.add_argument("--proposal", default="mobileone_s0")
+    parser.add_argument("--proposal-size", type=_positive_int, default=None,
+                        help="run the proposal on images resized to this size (the opt-in "
+                             "image_size of papr_kernels.proposal.create)")
     parser.add_argument("--batch", type=_positive_int, default=64)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--limit", type=_positive_int, default=None, help="first N images only")
@@ -196,7 +199,9 @@ def eval_command(args) -> int:
     pretrained = not args.no_pretrained
     try:
         model = timm.create_model(args.model, pretrained=pretrained).eval()
-        papr_timm.patch(model, args.proposal, pretrained=pretrained)
+        proposal = papr_proposal.create(args.proposal, pretrained=pretrained,
+                                        image_size=args.proposal_size)
+        papr_timm.patch(model, proposal)
         model.to(args.device, DTYPES[args.dtype])
         zs = args.z or [model.papr_z]
         batches = evaluate.image_batches(model, args.data, args.batch, args.workers, args.limit,
@@ -204,8 +209,9 @@ def eval_command(args) -> int:
         results = evaluate.evaluate(model, batches, zs, labels=not args.no_labels)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise SystemExit(f"python -m papr_kernels eval: {exc}") from None
+    size = f" at {args.proposal_size} px" if args.proposal_size else ""
     print(f"{args.model} ({'pretrained' if pretrained else 'random weights'}), proposal "
-          f"{args.proposal}, {args.data}, batch {args.batch}, {args.dtype}, {args.device}")
+          f"{args.proposal}{size}, {args.data}, batch {args.batch}, {args.dtype}, {args.device}")
     print(evaluate.table(results))
     return 0
 

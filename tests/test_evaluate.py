@@ -99,7 +99,7 @@ def test_bad_arguments_are_named(folder, tmp_path):
         evaluate.evaluate(torch.nn.Linear(2, 2), [], [0.5])
 
 
-def test_cli_prints_the_table(folder, capsys):
+def test_cli_prints_the_table(folder, capsys, monkeypatch):
     assert main(["eval", "--model", "vit_tiny_patch16_224", "--data", folder, "--no-pretrained",
                  "--batch", "4", "--workers", "0", "--limit", "5", "--z", "0.5", "0.3"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -107,6 +107,13 @@ def test_cli_prints_the_table(folder, capsys):
     rows = [line.split(" | ") for line in out[3:]]
     assert [r[0] for r in rows] == ["| unpruned", "| z=0.5", "| z=0.3"]
     assert [r[1] for r in rows] == ["5"] * 3 and rows[0][4] == "100.00"
+    patched = []
+    patch = papr_timm.patch
+    monkeypatch.setattr(papr_timm, "patch", lambda m, p, **kw: patched.append(p) or patch(m, p))
+    assert main(["eval", "--model", "vit_tiny_patch16_224", "--data", folder, "--no-pretrained",
+                 "--workers", "0", "--limit", "2", "--proposal-size", "160"]) == 0
+    assert "proposal mobileone_s0 at 160 px" in capsys.readouterr().out
+    assert patched[0].image_size == (160, 160)
     with pytest.raises(SystemExit, match="data must be a folder of images"):
         main(["eval", "--model", "vit_tiny_patch16_224", "--data", folder + "/nothing",
               "--no-pretrained", "--workers", "0"])
