@@ -198,19 +198,42 @@ def reference_merging_features(model, tokens, r):
 
 
 def reference_head(model, feats, sizes):
-    """Logits from the reference tokens: class token(s), or the size-weighted mean of the
-    non-prefix tokens (each merged token counts as the tokens it stands for)."""
+    """Logits from the reference tokens: class token(s); or, over the pooled tokens (the
+    non-prefix ones unless `pool_include_prefix`), each merged token counting as the tokens it
+    stands for: 'avg' their size-weighted mean, 'max' their maximum, 'avgmax' the mean of the
+    two, 'map' attention pooling with log(size) added to its logits (`reference_map_pool`)."""
     if hasattr(model, "head_dist"):       # DeiT distilled, eval: mean of the two heads
         x = torch.stack([f[0] for f in feats])
         d = torch.stack([f[1] for f in feats])
         return (model.head(x) + model.head_dist(d)) / 2
-    if model.global_pool == "token":
-        pooled = torch.stack([f[0] for f in feats])
-    else:
-        assert model.global_pool == "avg"
-        p = model.num_prefix_tokens
-        pooled = torch.stack([(f[p:] * s[p:, None]).sum(0) / s[p:].sum() for f, s in zip(feats, sizes)])
-    return model.head(model.fc_norm(pooled))
+    pool = model.global_pool
+    p = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    pooled = []
+    for f, s in zip(feats, sizes):
+        if pool == "token":
+            pooled.append(f[0])
+            continue
+        f, s = f[p:], s[p:]
+        mean = (f * s[:, None]).sum(0) / s.sum()
+        pooled.append({"avg": lambda: mean, "max": lambda: f.amax(0),
+                       "avgmax": lambda: 0.5 * (f.amax(0) + mean),
+                       "map": lambda: reference_map_pool(model.attn_pool, f, s)}[pool]())
+    return model.head(model.fc_norm(torch.stack(pooled)))
+
+
+def reference_map_pool(pool, f, s):
+    """timm's AttentionPoolLatent on one sample f (t, C) written out, log(s) on its logits."""
+    heads, dim = pool.num_heads, pool.head_dim
+    if pool.pos_embed is not None:
+        f = f + pool.pos_embed
+    q = pool.q(pool.latent[0]).reshape(-1, heads, dim).transpose(0, 1)        # (heads, L, dim)
+    k, v = pool.kv(f).reshape(len(f), 2, heads, dim).permute(1, 2, 0, 3)      # (heads, t, dim)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    logits = (q * dim ** -0.5) @ k.transpose(-1, -2) + s.log()[None, None, :]
+    x = pool.proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(-1, heads * dim))   # (L, C)
+    if pool.mlp is not None:
+        x = x + pool.mlp(pool.norm(x))
+    return x[0] if pool.pool == "token" else x.mean(0)
 
 
 REFERENCE_MODELS = {
@@ -221,13 +244,20 @@ REFERENCE_MODELS = {
                                                 num_classes=10).eval(),
     "reg4_gap": lambda: tiny_vit(depth=4, class_token=False, reg_tokens=4, global_pool="avg"),
     "qk_norm": lambda: tiny_vit(depth=4, qk_norm=True),
+    "max": lambda: tiny_vit(depth=4, class_token=False, global_pool="max"),
+    "avgmax_cls": lambda: tiny_vit(depth=4, global_pool="avgmax"),
+    "map": lambda: tiny_vit(depth=4, class_token=False, global_pool="map"),
+    "map_reg2_include_prefix": lambda: tiny_vit(depth=4, class_token=False, reg_tokens=2,
+                                                global_pool="map", pool_include_prefix=True),
 }
 
 
 @pytest.mark.parametrize("kind,z,r", [("class_token", 0.5, 9), ("gap", 0.5, 9),
                                       ("deit_distilled", 0.5, 9), ("reg4_gap", 0.5, 9),
                                       ("qk_norm", 0.5, 9), ("class_token", 0.15, 4),
-                                      ("reg4_gap", 0.15, 100)])
+                                      ("reg4_gap", 0.15, 100), ("max", 0.5, 9),
+                                      ("avgmax_cls", 0.5, 9), ("map", 0.5, 9),
+                                      ("map_reg2_include_prefix", 0.5, 9)])
 def test_patched_merging_vit_matches_reference(kind, z, r):
     torch.manual_seed(0)
     model = REFERENCE_MODELS[kind]().double()
@@ -240,7 +270,8 @@ def test_patched_merging_vit_matches_reference(kind, z, r):
         papr_timm.patch(model, net, z=z, merge_r=r)
         got = model.forward_features(images)
         logits = model(images)
-    assert num_prefix == {"gap": 0, "deit_distilled": 2, "reg4_gap": 4}.get(kind, 1)
+    assert num_prefix == {"gap": 0, "deit_distilled": 2, "reg4_gap": 4, "max": 0, "map": 0,
+                          "map_reg2_include_prefix": 2}.get(kind, 1)
     assert max(float(s.max()) for s in sizes) > 2    # tokens of merged tokens were merged again
     assert got.shape == (2,) + want[0].shape
     for b in range(2):

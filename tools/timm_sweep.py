@@ -25,8 +25,8 @@
      (`reference_features`, `swin_by_hand`, `convnext_by_hand`, `metaformer_by_hand`); Hiera:
      timm's own masked forward (test_timm_hiera);
    - ViTs: merge_r=4 at z = 0.5: refused clearly, or test_timm_merge's per-sample reference
-     where its head applies ('token' / 'avg' pooling, DeiT distilled), else finite and
-     deterministic only ("weak");
+     where its head applies ('token' / 'avg' / 'max' / 'avgmax' / 'map' pooling, DeiT
+     distilled), else finite and deterministic only ("weak");
    - dynamic_img_size models and NaFlexVit: z = 0.5 also at a non-square size (one token row and
      two token columns less), against the same reference.
 3. Prints a markdown table (family, groups, models, pass / refused-clearly / FAIL) and the
@@ -402,8 +402,8 @@ MERGE_R = 4
 
 def check_merging(model, net, x, z=0.5):
     """patch(..., merge_r=MERGE_R): refused clearly, or the logits of test_timm_merge's
-    reference (per sample, loops) where its head applies ('token' / 'avg' pooling, DeiT
-    distilled), else finite and deterministic only (weak)."""
+    reference (per sample, loops) where its head applies ('token' / 'avg' / 'max' / 'avgmax' /
+    'map' pooling, DeiT distilled), else finite and deterministic only (weak)."""
     ptimm.unpatch(model)
     tokens = []
     keep = KeepTokens(net(x), z, "score", model.num_prefix_tokens, patch_grid(model, x),
@@ -422,7 +422,8 @@ def check_merging(model, net, x, z=0.5):
     if not torch.isfinite(out).all() or not torch.equal(out, again):
         return [f"merge_r={MERGE_R}: not finite or not deterministic"]
     import test_timm_merge as mod
-    if model.global_pool not in ("token", "avg") and not hasattr(model, "head_dist"):
+    if model.global_pool not in ("token", "avg", "max", "avgmax", "map") and \
+            not hasattr(model, "head_dist"):
         return [f"merge_r={MERGE_R}: global_pool={model.global_pool!r}: weak check only"]
     feats, sizes = mod.reference_merging_features(model, tokens[0], MERGE_R)
     d = rel_diff(out, mod.reference_head(model, feats, sizes))
