@@ -90,13 +90,13 @@ def _hiera():
 
 
 def _caformer():
-    """CAFormer's mixers and norms (timm's caformer_* fix their sizes), small; residual and
-    StarReLU scales drawn."""
+    """CAFormer's mixers and norms (test_hierarchical.METAFORMERS: timm's caformer_* fix their
+    sizes), small; residual and StarReLU scales drawn."""
     from timm.models import metaformer as mf
+    from test_hierarchical import METAFORMERS
     torch.manual_seed(0)
     model = mf.MetaFormer(depths=(1, 1, 1, 1), dims=(16, 32, 64, 64), num_classes=10,
-                          token_mixers=[mf.SepConv] * 2 + [mf.Attention] * 2,
-                          norm_layers=[mf.LayerNorm2dNoBias] * 2 + [mf.LayerNormNoBias] * 2).eval()
+                          **METAFORMERS["caformer_s18"](mf)).eval()
     with torch.no_grad():
         for key, param in model.named_parameters():
             if key.endswith(".scale"):
