@@ -2,7 +2,8 @@
 family, side by side in one process: what PaPr buys a user serving that model on a CPU.
 
     python benchmarks/families_cpu.py [--models a,b@224,...] [--batch 8] [--runs 5]
-        [--threads 1] [--clock process|wall] [--proposal-sizes 160,128] [--dry]
+        [--threads 1] [--clock process|wall] [--dtype fp32|bf16] [--proposal-sizes 160,128]
+        [--dry]
 
 For each model: the unpruned model, PaPr (MobileOne-S0 proposal, its time counted) at the
 family's default z and at z = 0.5, the bound at z = 0.5 where it is cheap to build (the ViT-like
@@ -14,7 +15,8 @@ counted through its math form, the proposal included), the proposal's share of t
 and PaPr / bound (bound time / PaPr time). `name@S` runs a model at S x S pixels (`img_size=S`).
 `--proposal-sizes S,...` adds, for each S, PaPr at z = 0.5 and the proposal alone with the
 proposal's opt-in `image_size=S` (`papr-z0.5-pS`, `proposal-pS`: the same network, its images
-resized to S x S; it keeps other tokens, docs/design.md).
+resized to S x S; it keeps other tokens, docs/design.md). `--dtype bf16`: the models and
+images in bf16 (the proposal follows them), as on a CPU with AMX / AVX512-BF16.
 Random weights: speed does not depend on them.
 
 `--clock process` (the default) times the CPU seconds the process used (time.process_time, all
@@ -53,6 +55,7 @@ MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_distilled
           "hiera_tiny_224", "naflexvit_base_patch16_gap")
 BOUND_Z = 0.5
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HIERARCHICAL_PREFIXES = ("swin", "convnext")
 FIXED_DEPTHS = ("caformer", "convformer", "poolformer")   # timm's MetaFormer names: full size
 
@@ -160,11 +163,14 @@ def time_alternating(fns, images, runs, clock):
     return times
 
 
-def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=()):
+def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=(),
+                  dtype=torch.float32):
     """The rows (dicts) of one model: one per config."""
     name, img_size = parse_model(spec)
     model, size = create(name, img_size, dry)
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model.to(dtype)
+    images = torch.randn(batch, 3, size, size,
+                         generator=torch.Generator().manual_seed(0)).to(dtype)
     fns = configs(model, proposal, proposal_sizes)
     times = time_alternating({c: fn for c, (fn, _) in fns.items()}, images, runs, clock)
     proposal_gflops = {c: counted_gflops(fn, images) for c, (fn, _) in fns.items()
@@ -173,6 +179,7 @@ def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=
     for config, (fn, z) in fns.items():
         uses_proposal = config.startswith(("papr", "proposal"))
         rows.append(dict(model=name, family=type(model).__name__, size=size, config=config, z=z,
+                         dtype=next(model.parameters()).dtype,
                          median_s=statistics.median(times[config]), times_s=times[config],
                          gflops=counted_gflops(fn, images),
                          proposal_gflops=proposal_gflops[proposal_config(config)]
@@ -241,6 +248,7 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=list(CLOCKS), default="process")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--proposal-sizes", default="",
                         help="comma-separated S: also PaPr with the proposal at image_size=S")
     parser.add_argument("--dry", action="store_true", help="depth-1 models (a smoke test)")
@@ -264,7 +272,7 @@ def main(argv=None):
     torch.manual_seed(1)
     proposal = papr_proposal.create("mobileone_s0", pretrained=False)
     print(f"torch {torch.__version__}, timm {timm.__version__}, commit {commit()}, "
-          f"{torch.get_num_threads()} threads, B={args.batch}, median of {args.runs} "
+          f"{torch.get_num_threads()} threads, {args.dtype}, B={args.batch}, median of {args.runs} "
           f"alternating runs, {args.clock} clock, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
           f"{', DRY (depth-1 models)' if args.dry else ''}"
@@ -273,7 +281,7 @@ def main(argv=None):
     rows = []
     for spec in args.models.split(","):
         rows += measure_model(spec, proposal, args.batch, args.runs, CLOCKS[args.clock],
-                              args.dry, args.proposal_sizes)
+                              args.dry, args.proposal_sizes, DTYPES[args.dtype])
         print(f"{spec} done", flush=True)
     print()
     if args.proposal_sizes:

@@ -29,7 +29,7 @@ import torch
 
 import papr_bench as pb
 import papr_kernels
-from papr_kernels.proposal import Proposal
+from papr_kernels.proposal import Proposal, conv_relu_blocks
 
 timm = pytest.importorskip("timm")
 
@@ -383,7 +383,7 @@ class ProposalVariant(torch.nn.Module):
         return f[-1] if isinstance(f, (list, tuple)) else f
 
 
-class ConvReLU(torch.nn.Module):
+class ConvReLUOp(torch.nn.Module):
     """relu(conv(x)) of a biased Conv2d as one call of
     `op(x, weight, bias, stride, padding, dilation, groups)` (torch.cudnn_convolution_relu)."""
 
@@ -396,26 +396,16 @@ class ConvReLU(torch.nn.Module):
         return self.op(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def _is_conv_relu_block(module):
-    """A reparameterized timm MobileOneBlock: act(attn(reparam_conv(x))) with a biased,
-    zero-padded Conv2d, an identity attention (`attn`, or `se` if a timm names it so) and a ReLU."""
-    conv = getattr(module, "reparam_conv", None)
-    attn = getattr(module, "attn", getattr(module, "se", None))
-    return type(module).__name__ == "MobileOneBlock" and isinstance(conv, torch.nn.Conv2d) and \
-        conv.bias is not None and conv.padding_mode == "zeros" and \
-        not isinstance(conv.padding, str) and isinstance(attn, torch.nn.Identity) and \
-        isinstance(getattr(module, "act", None), torch.nn.ReLU)
-
-
 def fuse_conv_relu(network, op):
-    """(a deep copy of `network` with each reparameterized MobileOne block replaced by a
-    ConvReLU of its convolution and `op`, the number of blocks replaced)."""
+    """(a deep copy of `network` with each reparameterized MobileOne block
+    (`papr_kernels.proposal.conv_relu_blocks`) replaced by a ConvReLUOp of its convolution and
+    `op`, the number of blocks replaced)."""
     fused = copy.deepcopy(network)
-    blocks = [name for name, m in fused.named_modules() if _is_conv_relu_block(m)]
+    blocks = [name for name, _ in conv_relu_blocks(fused)]
     for name in blocks:
         parent, _, child = name.rpartition(".")
         setattr(fused.get_submodule(parent), child,
-                ConvReLU(fused.get_submodule(name).reparam_conv, op))
+                ConvReLUOp(fused.get_submodule(name).reparam_conv, op))
     return fused, len(blocks)
 
 

@@ -19,10 +19,11 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import spec
 
-__all__ = ["Proposal", "create"]
+__all__ = ["Proposal", "create", "ConvReLU", "fuse_conv_relu"]
 
 
 class Proposal(nn.Module):
@@ -372,4 +373,76 @@ def create(name: Union[str, nn.Module, Callable] = "mobileone_s0", pretrained: b
         ) from exc
     network.eval()
     network = reparameterize_model(network)  # a no-op for models without reparameterizable blocks
+    fuse_conv_relu(network)
     return Proposal(network, dtype, compiled, image_size)
+
+
+class ConvReLU(nn.Conv2d):
+    """A reparameterized block's convolution with the block's ReLU folded in: relu(conv(x)).
+
+    On CPU in bf16 it is one oneDNN convolution with the ReLU as its post-op, where torch's
+    separate bf16 ReLU pass cost about as much as the convolutions it follows (MobileOne-S0 at
+    B = 8, 1 thread: 1.5x faster; docs/design.md, "The proposal network"). The values are those
+    of the two ops: the ReLU commutes with rounding the output to bf16, and the convolution is
+    oneDNN's either way. Elsewhere (fp32, where fusing measured no gain, other devices,
+    autocast, gradients, and anything that records the graph: torch.compile fuses it itself,
+    export and ONNX see standard ops) it runs as the two ops. Its parameters and state_dict
+    keys are the convolution's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fuses_on_cpu(x, self.weight):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                "relu", [], "")
+        return F.relu(super().forward(x), inplace=True)   # as the block's ReLU(inplace=True)
+
+
+def conv_relu_blocks(network: nn.Module):
+    """(name, block) of each reparameterized timm MobileOne / RepVGG block of `network` whose
+    output is relu(reparam_conv(x)): a biased, zero-padded Conv2d, no attention (`attn`, or
+    `se` where timm names it so) and a ReLU (or, folded already, a ConvReLU and an Identity)."""
+    for name, block in network.named_modules():
+        conv = getattr(block, "reparam_conv", None)
+        attn = getattr(block, "attn", getattr(block, "se", None))
+        if type(block).__name__ in ("MobileOneBlock", "RepVggBlock") and \
+                isinstance(conv, nn.Conv2d) and conv.bias is not None and \
+                conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and \
+                isinstance(attn, nn.Identity) and (
+                    (type(conv) is nn.Conv2d and isinstance(block.act, nn.ReLU)) or
+                    (type(conv) is ConvReLU and isinstance(block.act, nn.Identity))):
+            yield name, block
+
+
+def fuse_conv_relu(network: nn.Module) -> int:
+    """Fold the ReLU of each block of `conv_relu_blocks` into its convolution (a `ConvReLU`,
+    the same parameters; the block's `act` becomes an Identity), in place. Returns how many
+    blocks it folded (again: 0)."""
+    count = 0
+    for _, block in conv_relu_blocks(network):
+        if type(block.reparam_conv) is nn.Conv2d:
+            block.reparam_conv.__class__ = ConvReLU
+            block.act = nn.Identity()
+            count += 1
+    return count
+
+
+def _fuses_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ConvReLU runs as one oneDNN call: a plain bf16 CPU tensor (no subclass: no
+    fake or traced tensor) and weight, oneDNN on and able to run bf16 (as torch's own bf16
+    convolution requires), no autocast, no gradient, nothing recording or watching the ops
+    (torch.compile, export, jit.trace, a dispatch mode such as FlopCounterMode: they see the
+    standard convolution and ReLU)."""
+    return x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and \
+        x.device.type == "cpu" and type(x) is torch.Tensor and x.dim() == 4 and \
+        _MKLDNN_BF16 and torch.backends.mkldnn.enabled and \
+        not torch.is_autocast_enabled("cpu") and \
+        not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and \
+        not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and \
+        not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
+
+
+# oneDNN's convolution with a fused post-op (the op torch.compile's CPU backend emits), and
+# the bf16 support torch's own mkldnn convolution checks for.
+_MKLDNN_BF16 = torch.backends.mkldnn.is_available() and \
+    hasattr(torch.ops.mkldnn, "_convolution_pointwise") and \
+    torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -494,7 +494,7 @@ def test_fuse_conv_relu_swaps_every_reparameterized_block_of_a_copy():
     fused, count = test_e2e.fuse_conv_relu(network, _conv_then_relu)
     # MobileOne-S0: the stem, then 2 x (2, 8, 10, 1) blocks (a depthwise and a pointwise each)
     assert count == 1 + 2 * (2 + 8 + 10 + 1) == 43
-    assert sum(isinstance(m, test_e2e.ConvReLU) for m in fused.modules()) == 43
+    assert sum(isinstance(m, test_e2e.ConvReLUOp) for m in fused.modules()) == 43
     assert not any(type(m).__name__ == "MobileOneBlock" for m in fused.modules())
     assert sum(type(m).__name__ == "MobileOneBlock" for m in network.modules()) == 43  # untouched
     assert not {p.data_ptr() for p in fused.parameters()} & \
@@ -682,6 +682,62 @@ def test_families_cpu_proposal_sizes_time_papr_with_the_smaller_proposal_beside_
         for at, m in zip(("224 px (as given)", "160 px", "128 px"), medians)]
     with pytest.raises(SystemExit):
         families_cpu.parse_args(["--proposal-sizes", "160,0"])
+
+
+def test_families_cpu_runs_the_models_and_their_proposal_in_bf16(capsys, monkeypatch):
+    """--dtype bf16: each model in bf16, images too, so the proposal follows them into bf16 (its
+    folded convolutions take oneDNN's fused path where the CPU runs bf16 there)."""
+    pytest.importorskip("timm")
+    import families_cpu
+    from papr_kernels import proposal as papr_proposal
+    seen = []
+    fuses = papr_proposal._fuses_on_cpu
+    monkeypatch.setattr(papr_proposal, "_fuses_on_cpu",
+                        lambda x, w: seen.append(x.dtype) or fuses(x, w))
+    threads = torch.get_num_threads()
+    try:
+        rows = families_cpu.main(["--dry", "--models", "vit_small_patch16_224,convnext_tiny",
+                                  "--batch", "2", "--runs", "1", "--threads", "1",
+                                  "--dtype", "bf16"])
+    finally:
+        torch.set_num_threads(threads)
+    assert {r["dtype"] for r in rows} == {torch.bfloat16}
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(r["speedup"] > 0 and r["gflops"] > 0 for r in rows)
+    assert "1 threads, bf16, B=2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        families_cpu.parse_args(["--dtype", "fp16"])
+
+
+def test_proposal_cpu_times_the_folded_proposal_beside_the_same_network_unfolded(capsys):
+    """benchmarks/proposal_cpu.py: both proposals give the same features (bit for bit), all 43
+    MobileOne-S0 blocks folded in one and none in the other."""
+    pytest.importorskip("timm")
+    import proposal_cpu
+    from papr_kernels import proposal as papr_proposal
+    folded, unfolded, blocks = proposal_cpu.proposals("mobileone_s0")
+    assert blocks == 43
+    assert sum(type(m) is papr_proposal.ConvReLU for m in folded.network.modules()) == 43
+    assert not any(type(m) is papr_proposal.ConvReLU for m in unfolded.network.modules())
+    threads = torch.get_num_threads()
+    try:
+        rows = proposal_cpu.main(["--batches", "1", "--runs", "1", "--size", "64",
+                                  "--models", "test_vit"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["dtype"], r["batch"], r.get("same")) for r in rows] == [
+        ("fp32", 1, True), ("bf16", 1, True), ("fp32", 1, None), ("bf16", 1, None)]
+    assert all(r["folded"] > 0 and r["unfolded"] > 0 for r in rows)
+    end_to_end = rows[2]
+    assert end_to_end["model"] == "test_vit" and all(
+        end_to_end[k] > 0 for k in ("unpruned", "papr-folded", "papr-unfolded"))
+    out = capsys.readouterr().out
+    assert "| bf16 | 1 |" in out
+    assert out.strip().splitlines()[-1] == (
+        f"| test_vit | bf16 | 1 | {rows[3]['unpruned'] / rows[3]['papr-unfolded']:.2f}x | "
+        f"{rows[3]['unpruned'] / rows[3]['papr-folded']:.2f}x | "
+        f"{100 * rows[3]['unfolded'] / rows[3]['papr-unfolded']:.0f}% | "
+        f"{100 * rows[3]['folded'] / rows[3]['papr-folded']:.0f}% |")
 
 
 def test_proposal_overlap_is_one_at_the_full_size_and_counts_shared_indices():

@@ -512,3 +512,137 @@ def test_a_patched_vit_with_a_smaller_proposal_keeps_the_reference_tokens_of_its
         expected, _ = reference_tokens(model, reference_features, images, 0.5)
     assert entering[0].shape == expected.shape == (2, 1 + 98, 384)
     torch.testing.assert_close(entering[0], expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the CPU bf16 convolution with its ReLU folded in (ConvReLU) -------------------------------
+
+def _plain_mobileone(seed=0):
+    """A reparameterized MobileOne-S0 as timm leaves it (no folding), random weights and
+    biases (timm's init folds into zero biases, which a lost bias would pass)."""
+    timm = pytest.importorskip("timm")
+    from timm.utils.model import reparameterize_model
+    torch.manual_seed(seed)
+    network = timm.create_model("mobileone_s0", pretrained=False, features_only=True,
+                                out_indices=(-1,)).eval()
+    network = reparameterize_model(network)
+    with torch.no_grad():
+        for conv in network.modules():
+            if isinstance(conv, nn.Conv2d):
+                conv.weight.normal_(0, (2 / conv.weight[0].numel()) ** 0.5)
+                conv.bias.normal_(0, 0.1)
+    return network.to(memory_format=torch.channels_last)
+
+
+def _count_fused(monkeypatch):
+    """A list that grows by one for each ConvReLU call that takes the fused oneDNN path."""
+    calls, fuses = [], papr_proposal._fuses_on_cpu
+
+    def counting(x, weight):
+        fused = fuses(x, weight)
+        calls.extend([True] if fused else [])
+        return fused
+    monkeypatch.setattr(papr_proposal, "_fuses_on_cpu", counting)
+    return calls
+
+
+def test_create_folds_the_relu_of_each_reparameterized_block_into_its_convolution():
+    network = papr_proposal.create("mobileone_s0", pretrained=False).network
+    convs = [m for m in network.modules() if isinstance(m, nn.Conv2d)]
+    # MobileOne-S0: the stem, then 2 x (2, 8, 10, 1) blocks (a depthwise and a pointwise each)
+    assert len(convs) == 43 and all(type(c) is papr_proposal.ConvReLU for c in convs)
+    assert not any(isinstance(m, nn.ReLU) for m in network.modules())
+    assert papr_proposal.fuse_conv_relu(network) == 0             # folded once
+    plain = _plain_mobileone()
+    assert network.state_dict().keys() == plain.state_dict().keys()   # checkpoints still load
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_folded_convolutions_give_the_features_of_the_plain_network(monkeypatch, dtype, batch):
+    plain = _plain_mobileone()
+    folded = _plain_mobileone()
+    assert papr_proposal.fuse_conv_relu(folded) == 43
+    plain, folded = plain.to(dtype), folded.to(dtype)
+    fused_calls = _count_fused(monkeypatch)
+    images = torch.randn(batch, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    images = images.to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, out = plain(images)[-1], folded(images)[-1]
+    assert out.shape == (batch, 1024, 3, 4) and 0.05 < (out > 0).float().mean() < 0.95
+    # bit for bit: the ReLU commutes with rounding to bf16, the convolution is oneDNN's
+    assert torch.equal(out, expected), (out.float() - expected.float()).abs().max()
+    fused_here = dtype == torch.bfloat16 and papr_proposal._MKLDNN_BF16
+    assert len(fused_calls) == (43 if fused_here else 0)
+
+
+def test_the_fused_path_is_checked_against_the_two_ops(monkeypatch):
+    """What the bit-for-bit test above catches: a fused call with the wrong padding, without the
+    ReLU post-op, or without the bias."""
+    if not papr_proposal._MKLDNN_BF16:
+        pytest.skip("oneDNN bf16 convolutions are not supported on this CPU: nothing is fused")
+    plain = _plain_mobileone().bfloat16()
+    images = torch.randn(2, 3, 64, 64).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = plain(images)[-1]
+    pointwise = torch.ops.mkldnn._convolution_pointwise
+    broken = {
+        "no ReLU": lambda x, w, b, p, s, d, g, attr, *a: pointwise(x, w, b, p, s, d, g, "none",
+                                                                    *a),
+        "no bias": lambda x, w, b, *a: pointwise(x, w, None, *a),
+        "no padding": lambda x, w, b, p, *a: pointwise(x, w, b, [0, 0], *a) if w.shape[-1] == 1
+        else pointwise(x, w, b, [p[0] - 1 if p[0] else 0, p[1]], *a),
+    }
+    for what, op in broken.items():
+        folded = _plain_mobileone().bfloat16()
+        papr_proposal.fuse_conv_relu(folded)
+        monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", op)
+        with torch.no_grad():
+            try:
+                out = folded(images)[-1]
+            except RuntimeError:
+                continue    # a shape error is caught too
+        monkeypatch.undo()
+        assert not torch.equal(out, expected), what
+
+
+def test_folded_convolutions_run_as_the_two_ops_under_autocast_and_gradients(monkeypatch):
+    plain, folded = _plain_mobileone(), _plain_mobileone()
+    papr_proposal.fuse_conv_relu(folded)
+    fused_calls = _count_fused(monkeypatch)
+    images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):   # fp32 weights, bf16 compute
+        expected, out = plain(images)[-1], folded(images)[-1]
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    plain, folded = plain.bfloat16().requires_grad_(True), folded.bfloat16().requires_grad_(True)
+    images = images.bfloat16().requires_grad_(True)
+    out, expected = folded(images)[-1], plain(images)[-1]
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    grad = images.grad.clone()
+    images.grad = None
+    expected.sum().backward()
+    assert torch.equal(grad, images.grad) and grad.abs().sum() > 0
+    assert fused_calls == []
+
+
+def test_a_proposal_exports_its_folded_convolutions_as_standard_ops():
+    network = papr_proposal.create("mobileone_s0", pretrained=False).network.bfloat16()
+    images = torch.randn(1, 3, 64, 64).bfloat16().contiguous(memory_format=torch.channels_last)
+    program = torch.export.export(network, (images,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("mkldnn" in t for t in targets), targets
+    assert any("conv2d" in t for t in targets) and any("relu" in t for t in targets)
+
+
+def test_a_dispatch_mode_sees_the_folded_convolutions_as_the_two_ops():
+    """FlopCounterMode (any TorchDispatchMode) sees conv + ReLU, so it counts the FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    plain, folded = _plain_mobileone().bfloat16(), _plain_mobileone().bfloat16()
+    papr_proposal.fuse_conv_relu(folded)
+    images = torch.randn(1, 3, 64, 64).bfloat16().contiguous(memory_format=torch.channels_last)
+    counts = []
+    for network in (plain, folded):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            network(images)
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0]
