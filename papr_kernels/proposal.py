@@ -3,13 +3,14 @@
     proposal = papr_kernels.proposal.create("mobileone_s0")   # any timm ConvNet, stride 32
     f = proposal(images)                                      # (B, K, h, w), no grad
 
-`create` builds the timm model with `features_only=True, out_indices=(-1,)` (its last stage)
-and its pretrained weights (timm downloads them once into its cache; `pretrained=False` gives
-random weights, for tests only: PaPr needs a trained ConvNet), reparameterizes it where timm can
-(MobileOne's branches fold into single convolutions), puts it in eval mode, freezes it and runs
-it under `torch.no_grad`. A user `nn.Module` that returns (B, K, h, w) (or a list/tuple whose
-last entry is that) is wrapped the same way: note that this puts that module itself in eval mode
-and freezes its parameters (in place). Any other callable is wrapped as is.
+`create` builds the timm model with `features_only=True, out_indices=(-1,)` (its last stage) and
+its pretrained weights (timm downloads them once into its cache; `pretrained=False` gives random
+weights, for tests only: PaPr needs a trained ConvNet), reparameterizes it where timm can
+(MobileOne's branches fold into single convolutions, and their ReLUs into those: `ConvReLU`),
+puts it in eval mode, freezes it and runs it under `torch.no_grad`. A user `nn.Module` that
+returns (B, K, h, w) (or a list/tuple whose last entry is that) is wrapped the same way: note
+that this puts that module itself in eval mode and freezes its parameters (in place). Any other
+callable is wrapped as is.
 """
 import itertools
 import numbers
@@ -23,7 +24,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import spec
 
-__all__ = ["Proposal", "create", "ConvReLU", "fuse_conv_relu"]
+__all__ = ["Proposal", "create", "ConvReLU", "conv_relu_blocks", "fuse_conv_relu"]
 
 
 class Proposal(nn.Module):
@@ -382,12 +383,12 @@ class ConvReLU(nn.Conv2d):
 
     On CPU in bf16 it is one oneDNN convolution with the ReLU as its post-op, where torch's
     separate bf16 ReLU pass cost about as much as the convolutions it follows (MobileOne-S0 at
-    B = 8, 1 thread: 1.5x faster; docs/design.md, "The proposal network"). The values are those
-    of the two ops: the ReLU commutes with rounding the output to bf16, and the convolution is
-    oneDNN's either way. Elsewhere (fp32, where fusing measured no gain, other devices,
-    autocast, gradients, and anything that records the graph: torch.compile fuses it itself,
-    export and ONNX see standard ops) it runs as the two ops. Its parameters and state_dict
-    keys are the convolution's."""
+    B = 8, 1 thread: 1.4x faster; docs/design.md, "The ReLU folded into its convolution").
+    The values are those of the two ops: the ReLU commutes with rounding the output to bf16,
+    and the convolution is oneDNN's either way. Elsewhere (fp32, where fusing measured no gain,
+    other devices, autocast, gradients, and anything that records or watches the ops:
+    torch.compile fuses it itself, export and ONNX see standard ops) it runs as the two ops.
+    Its parameters and state_dict keys are the convolution's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fuses_on_cpu(x, self.weight):
