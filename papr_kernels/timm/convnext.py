@@ -6,7 +6,7 @@ ones (residual zeroed too), as in the published method.
 ConvNeXt-V2's GlobalResponseNorm (in the mlp) takes an L2 norm over positions: it spans the kept
 positions, i.e. the dense block with the mlp's hidden activations zeroed at pruned positions
 (zeros add nothing to the norm). The rows reach the mlp with a spatial shape, (B, k, 1, C) or
-(B, C, k, 1), so timm's own module computes exactly that.
+(B, C, 1, k), so timm's own module computes exactly that.
 
 A pruned stage runs channels-last (memory format): the depthwise conv's output and the shortcut
 seen as (B, H, W, C) are then contiguous, so the fused gather + norm reads whole rows instead of
@@ -34,8 +34,8 @@ class PaPrConvNeXtBlock(Patched):
         shortcut = self.shortcut(x).permute(0, 2, 3, 1)              # dense, viewed (B, H, W, C)
         y = self.conv_dw(x).permute(0, 2, 3, 1)                      # channels-last: contiguous
         rows = _stages.gather_norm(self.norm, y, indices, channels_first=self.use_conv_mlp)
-        if self.use_conv_mlp:       # 1x1 convs: run them on (B, C, k, 1)
-            rows = self.mlp(rows.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+        if self.use_conv_mlp:       # 1x1 convs
+            rows = _stages.on_rows_as_map(self.mlp, rows)
         else:       # (B, k, 1, C): a GlobalResponseNorm's norm over dims (1, 2) spans the k rows
             rows = self.mlp(rows.unsqueeze(2)).squeeze(2)
         gamma = self.gamma
