@@ -199,10 +199,11 @@ def test_fp16_and_bf16_adds_round_like_torch(backend, dtype):
     _same(impl.scatter_back(x.to(device), idx.to(device), v.to(device), False),
           reference.scatter_back(x, idx, v, False), device)
 
-    bits = torch.randint(-2**15, 2**15, (2, 1, 512, 4), generator=gen).to(torch.int16)
+    # Rows of 40 channels: the CPU kernel's vectorized body (16 or 32 lanes) and its tail.
+    bits = torch.randint(-2**15, 2**15, (2, 1, 64, 40), generator=gen).to(torch.int16)
     x, v = bits.view(dtype)[0], bits.view(dtype)[1]
     v[:, ::2] = (-x[:, ::2].float() * 1.001).to(dtype)   # near-cancellations, subnormals
-    idx = torch.arange(512)[None]
+    idx = torch.arange(64)[None]
     got = impl.scatter_back(x.to(device), idx.to(device), v.to(device), False).cpu()
     want = reference.scatter_back(x, idx, v, False)
     nan = want.isnan()

