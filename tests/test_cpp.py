@@ -345,6 +345,16 @@ def test_direct_row_op_misuse_raises():
         ops.put_rows_(x, idx, values[:, :3], False)
     with pytest.raises(RuntimeError):  # an expanded out would be written by several rows at once
         ops.put_rows_(torch.zeros(2, 1, 1, 6).expand(2, 5, 7, 6), idx, values, False)
+    row_of = torch.full((2, 35), -1, dtype=torch.int32)
+    for args, words in (((x[0], row_of, values, None), "4-D"),
+                        ((x, row_of.long(), values, None), "row_of must be int32"),
+                        ((x, row_of[:, :34], values, None), r"row_of must be \(B, H\*W\)"),
+                        ((x, row_of, values[:, :, :5], None), r"values must be \(B, k, C\)"),
+                        ((x, row_of, values.double(), None), "values .* dtype of shortcut"),
+                        ((x, row_of, values, torch.ones(5)), r"gamma must be \(C,\)"),
+                        ((x, row_of, values, torch.ones(6).double()), "gamma .* dtype")):
+        with pytest.raises(RuntimeError, match=words):
+            ops.masked_residual(*args)
 
 
 def test_package_works_without_the_extension():

@@ -349,6 +349,31 @@ def _counting(monkeypatch, owner, name):
     return calls
 
 
+@pytest.mark.parametrize("backend", backend_params("cpp"), indirect=True)
+@pytest.mark.parametrize("name", ["convnext", "convnext-conv_mlp", "convnextv2"])
+def test_patched_convnext_on_cpp_runs_the_fused_block_output(backend, name, monkeypatch):
+    """Each pruned block's output is the C++ masked_residual (one call per block, the stage's
+    row map passed in); a recorded forward (training) composes the differentiable row ops
+    instead. Both match the hand-written dense-and-mask reference."""
+    from papr_kernels.ops import extension
+    monkeypatch.setenv("PAPR_KERNELS_BACKEND", "cpp")
+    model, images = _small(name)
+    by_hand, proposal = th.MODELS[name][2], th._proposal()
+    with torch.no_grad():
+        expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
+        ptimm.patch(model, proposal, 0.5)
+        fused = _counting(monkeypatch, extension, "_masked_residual_op")
+        maps = _counting(monkeypatch, hier, "kept_row_map")
+        got = model(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    blocks = sum(len(stage.blocks) for stage in model.stages)
+    assert fused["n"] == blocks
+    assert maps["n"] == 4
+    recorded = model(images)
+    torch.testing.assert_close(recorded.detach(), expected, rtol=1e-4, atol=1e-4)
+    assert recorded.requires_grad and fused["n"] == blocks
+
+
 @pytest.mark.parametrize("name", ["convnext", "convnext-conv_mlp"])
 def test_convnext_gathers_from_contiguous_channels_last_maps(name, monkeypatch):
     """Each pruned block reads its conv_dw output as a contiguous (B, H, W, C) map (whole rows,

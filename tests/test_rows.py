@@ -243,9 +243,13 @@ def _custom_ops(name):
                                                                    list(x.shape))),
                 (ops.triton_scatter_back.default, lambda x, i, v: (x, row_of(x, i), v)),
                 (ops.triton_scatter_back_.default, lambda x, i, v: (x.clone(), i, v))]
+    cpp = [(ops.masked_residual.default, lambda x, i, v: (x, reference.kept_row_map(
+               i, _positions(x)), v, v[0, 0])),
+           (ops.masked_residual.default, lambda x, i, v: (x, reference.kept_row_map(
+               i, _positions(x)), v, None))] if name == "cpp" else []
     return [(ops.gather_rows.default, lambda x, i, v: (x, i)),          # cpp, cuda: 4-D x
             (ops.put_rows_.default, lambda x, i, v: (torch.zeros_like(x), i, v, False)),
-            (ops.put_rows_.default, lambda x, i, v: (x.clone(), i, v, True))]
+            (ops.put_rows_.default, lambda x, i, v: (x.clone(), i, v, True))] + cpp
 
 
 @pytest.mark.parametrize("backend", backend_params("triton", "cpp", "cuda"), indirect=True)
@@ -401,11 +405,12 @@ def test_a_given_row_map_is_checked(backend):
         hier.scatter_rows(v, idx, like=x, row_of=[0] * 12, backend=name)
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"), indirect=True)
-def test_triton_dense_kernels_follow_the_given_map_and_mask_entries_past_k(backend):
+@pytest.mark.parametrize("backend", backend_params("triton", "cpp"), indirect=True)
+def test_dense_kernels_follow_the_given_map_and_mask_entries_past_k(backend):
     """The kernels read the caller's map (not one rebuilt from the indices); an entry outside
-    [0, k) reads as a pruned position (no value row past k is read)."""
-    _, device = backend
+    [0, k) reads as a pruned position (no value row past k is read). cpp: masked_residual only
+    (its scatters take no map)."""
+    name, device = backend
     impl = _impl(backend)
     gen = torch.Generator().manual_seed(13)
     x = _x("nchw", 2, 6, torch.float32, device, gen, h=3, w=4)
@@ -413,16 +418,20 @@ def test_triton_dense_kernels_follow_the_given_map_and_mask_entries_past_k(backe
     v = _values(2, 5, 6, torch.float32, device, gen)
     row_of = reference.kept_row_map(other, 12)
     xr, vr, otr = x.cpu(), v.cpu(), other.cpu()
-    _same(impl.scatter_rows(v, idx, x.shape, row_of=row_of),
-          reference.scatter_rows(vr, otr, x.shape), device)
-    _same(impl.scatter_back(x, idx, v, False, row_of=row_of),
-          reference.scatter_back(xr, otr, vr), device)
+    scatters = name == "triton"
+    if scatters:
+        _same(impl.scatter_rows(v, idx, x.shape, row_of=row_of),
+              reference.scatter_rows(vr, otr, x.shape), device)
+        _same(impl.scatter_back(x, idx, v, False, row_of=row_of),
+              reference.scatter_back(xr, otr, vr), device)
     _same(impl.masked_residual(x, idx, v, None, row_of=row_of),
           reference.masked_residual(xr, otr, vr, None), device)
     for bad in (-7, 5, 2**31 - 1):
         row_of = torch.full((2, 12), bad, dtype=torch.int32, device=device)
-        _same(impl.scatter_rows(v, idx, x.shape, row_of=row_of), torch.zeros(xr.shape), device)
-        _same(impl.scatter_back(x, idx, v, False, row_of=row_of), xr.contiguous(), device)
+        if scatters:
+            _same(impl.scatter_rows(v, idx, x.shape, row_of=row_of), torch.zeros(xr.shape),
+                  device)
+            _same(impl.scatter_back(x, idx, v, False, row_of=row_of), xr.contiguous(), device)
         _same(impl.masked_residual(x, idx, v, None, row_of=row_of), torch.zeros(xr.shape),
               device)
 

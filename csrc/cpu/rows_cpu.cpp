@@ -1,4 +1,5 @@
-// CPU kernels of papr_kernels::gather_rows / put_rows_ (row ops of the hierarchical models).
+// CPU kernels of papr_kernels::gather_rows / put_rows_ (row ops of the hierarchical models) and
+// masked_residual (the fused output of a pruned ConvNeXt block; CPU only).
 // The grid side is (B, H, W, C) with any strides, position p at (p / W, p % W); the row side is
 // (B, k, C). One torch::stable::parallel_for over the B * k rows; memcpy (or a tight add loop) when both
 // sides have a unit channel stride, a strided element loop otherwise (the strided gather in
@@ -30,35 +31,51 @@ void check_positions(const int64_t* idx, int64_t n, int64_t positions, const cha
                 " outside [0, H*W) = [0, ", positions, ")");
 }
 
-// torch's elementwise a + b: in opmath (float for fp16/bf16), rounded once to T by torch's own
-// header-only Half / BFloat16 conversions.
+// torch's elementwise a + b and a * b: in opmath (float for fp16/bf16), rounded once to T.
+// bfloat16: torch's round-to-nearest-even (NaN -> 0x7fc0) written branch-free on the bits, so
+// that the row loops below vectorize; float16: torch's own header-only Half conversion.
+inline uint16_t round_to_bf16_bits(float v) {
+  const uint32_t u = float_to_bits(v);
+  const uint16_t rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return v != v ? uint16_t(0x7fc0) : rounded;
+}
 inline float add_like_torch(float a, float b) { return a + b; }
 inline double add_like_torch(double a, double b) { return a + b; }
 inline f16 add_like_torch(f16 a, f16 b) {
   return f16{torch::headeronly::Half(to_float(a) + to_float(b)).x};
 }
 inline bf16 add_like_torch(bf16 a, bf16 b) {
-  return bf16{torch::headeronly::BFloat16(to_float(a) + to_float(b)).x};
+  return bf16{round_to_bf16_bits(to_float(a) + to_float(b))};
+}
+inline float mul_like_torch(float a, float b) { return a * b; }
+inline double mul_like_torch(double a, double b) { return a * b; }
+inline f16 mul_like_torch(f16 a, f16 b) {
+  return f16{torch::headeronly::Half(to_float(a) * to_float(b)).x};
+}
+inline bf16 mul_like_torch(bf16 a, bf16 b) {
+  return bf16{round_to_bf16_bits(to_float(a) * to_float(b))};
 }
 
-// dst[c] += src[c] over one contiguous row, rounded as add_like_torch. Loops the compiler
-// vectorizes: plain adds for float / double; for bfloat16 the widening (a shift) and torch's
-// round-to-nearest-even written branch-free on the bits (NaN -> 0x7fc0, as torch's BFloat16),
-// ~3x faster than the scalar conversions per element (ConvNeXt / MetaFormer / Swin add-backs).
+// Row loops over a unit channel stride, with an AVX2 clone (bfloat16: 3-4x faster than the
+// scalar conversions of before; the same bits).
+#define PAPR_ROW_LOOP __attribute__((target_clones("avx2", "default")))
+
+// dst[c] += src[c] (scatter_back: the add-backs of Swin and MetaFormer).
 template <typename T>
-void add_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+PAPR_ROW_LOOP void add_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
   for (int64_t c = 0; c < n; ++c) dst[c] = add_like_torch(dst[c], src[c]);
 }
 
-template <>
-__attribute__((target_clones("avx2", "default"))) void add_row<bf16>(bf16* __restrict__ dst_, const bf16* __restrict__ src_, int64_t n) {
-  uint16_t* __restrict__ dst = &dst_->bits;
-  const uint16_t* __restrict__ src = &src_->bits;
-  for (int64_t c = 0; c < n; ++c) {
-    const float sum = bits_to_float(uint32_t(dst[c]) << 16) + bits_to_float(uint32_t(src[c]) << 16);
-    const uint32_t u = float_to_bits(sum);
-    const uint16_t rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    dst[c] = sum != sum ? uint16_t(0x7fc0) : rounded;
+// out[c] = values[c] * gamma[c] + shortcut[c], the product rounded first (masked_residual).
+template <typename T>
+PAPR_ROW_LOOP void residual_row(T* __restrict__ out, const T* __restrict__ values,
+                                const T* __restrict__ gamma, const T* __restrict__ shortcut,
+                                int64_t n) {
+  if (gamma == nullptr) {
+    for (int64_t c = 0; c < n; ++c) out[c] = add_like_torch(values[c], shortcut[c]);
+  } else {
+    for (int64_t c = 0; c < n; ++c)
+      out[c] = add_like_torch(mul_like_torch(values[c], gamma[c]), shortcut[c]);
   }
 }
 
@@ -138,6 +155,57 @@ void put_rows_kernel(const Tensor& out, const int64_t* idx, const Tensor& values
   });
 }
 
+// ConvNeXt's pruned block output: every position p of (B, H, W, C) written once, the kept ones
+// (r = row_of[b, p] in [0, k)) as values[b, r] * gamma + shortcut[b, p], the others zero (any
+// other map entry reads as pruned: nothing is read out of bounds whatever the map holds).
+template <typename T>
+void masked_residual_kernel(const Tensor& shortcut, const int32_t* row_of, const T* vp,
+                            const T* gp, const RowsShape& s, T* out) {
+  const T* sp = static_cast<const T*>(shortcut.const_data_ptr());
+  const int64_t sb = shortcut.stride(0), sh = shortcut.stride(1), sw = shortcut.stride(2),
+                sc = shortcut.stride(3);
+  const int64_t C = s.C, k = s.k, W = s.W, N = s.H * s.W;
+  torch::stable::parallel_for(0, s.B * N, row_grain(C * int64_t(sizeof(T))), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / N, p = t - b * N, r = row_of[t];
+      T* dst = out + t * C;
+      if (r < 0 || r >= k) {
+        std::memset(dst, 0, static_cast<size_t>(C) * sizeof(T));  // +0.0 in every float type
+        continue;
+      }
+      const int64_t h = p / W, w = p - h * W;
+      const T* src = sp + b * sb + h * sh + w * sw;
+      const T* vals = vp + (b * k + r) * C;
+      if (sc == 1 || C == 1) {
+        residual_row(dst, vals, gp, src, C);
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T branch = gp == nullptr ? vals[c] : mul_like_torch(vals[c], gp[c]);
+          dst[c] = add_like_torch(branch, src[c * sc]);
+        }
+      }
+    }
+  });
+}
+
+Tensor masked_residual_cpu(const Tensor& shortcut, const Tensor& row_of_in,
+                           const Tensor& values_in, std::optional<Tensor> gamma_in) {
+  const RowsShape s = check_masked_residual(shortcut, row_of_in, values_in, gamma_in);
+  Tensor out = empty_on(shortcut, {s.B, s.H, s.W, s.C});
+  if (out.numel() == 0) return out;
+  const Tensor row_of = as_contiguous(row_of_in), values = as_contiguous(values_in);
+  const std::optional<Tensor> gamma =
+      gamma_in.has_value() ? std::optional<Tensor>(as_contiguous(*gamma_in)) : std::nullopt;
+  dispatch_float(shortcut.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    masked_residual_kernel<T>(shortcut, row_of.const_data_ptr<int32_t>(),
+                              static_cast<const T*>(values.const_data_ptr()),
+                              gamma ? static_cast<const T*>(gamma->const_data_ptr()) : nullptr, s,
+                              static_cast<T*>(out.mutable_data_ptr()));
+  });
+  return out;
+}
+
 Tensor gather_rows_cpu(const Tensor& x, const Tensor& indices_in) {
   const RowsShape s = check_gather_rows(x, indices_in);
   Tensor out = empty_on(x, {s.B, s.k, s.C});
@@ -169,4 +237,5 @@ void put_rows_cpu(Tensor out, const Tensor& indices_in, const Tensor& values, bo
 STABLE_TORCH_LIBRARY_IMPL(papr_kernels, CPU, m) {
   m.impl("gather_rows", TORCH_BOX(&papr::gather_rows_cpu));
   m.impl("put_rows_", TORCH_BOX(&papr::put_rows_cpu));
+  m.impl("masked_residual", TORCH_BOX(&papr::masked_residual_cpu));
 }

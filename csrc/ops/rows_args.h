@@ -4,6 +4,7 @@
 // in bounds.
 #pragma once
 #include <cstdint>
+#include <optional>
 
 #include "../stable.h"
 
@@ -58,6 +59,38 @@ inline RowsShape check_put_rows(const Tensor& out, const Tensor& indices, const 
   check_no_overlap(out, values, "put_rows_", "out", "values");
   check_no_overlap(out, indices, "put_rows_", "out", "indices");
   return RowsShape{out.size(0), out.size(1), out.size(2), out.size(3), indices.size(1)};
+}
+
+inline RowsShape check_masked_residual(const Tensor& shortcut, const Tensor& row_of,
+                                       const Tensor& values, const std::optional<Tensor>& gamma) {
+  const char* op = "masked_residual";
+  PAPR_CHECK(shortcut.dim() == 4, "papr_kernels.masked_residual: shortcut must be 4-D (B, H, W, C), got ",
+             sizes_of(shortcut));
+  check_rows_dtype(shortcut, op, "shortcut");
+  const int64_t B = shortcut.size(0), H = shortcut.size(1), W = shortcut.size(2),
+                C = shortcut.size(3);
+  PAPR_CHECK(row_of.dim() == 2 && row_of.size(0) == B && row_of.size(1) == H * W,
+             "papr_kernels.masked_residual: row_of must be (B, H*W) = (", B, ", ", H * W,
+             "), got ", sizes_of(row_of));
+  PAPR_CHECK(row_of.scalar_type() == ScalarType::Int,
+             "papr_kernels.masked_residual: row_of must be int32, got ", row_of.scalar_type());
+  PAPR_CHECK(values.dim() == 3 && values.size(0) == B && values.size(2) == C,
+             "papr_kernels.masked_residual: values must be (B, k, C) with B = ", B, ", C = ", C,
+             ", got ", sizes_of(values));
+  PAPR_CHECK(values.scalar_type() == shortcut.scalar_type(), "papr_kernels.masked_residual: values (",
+             values.scalar_type(), ") must have the dtype of shortcut (", shortcut.scalar_type(), ")");
+  if (gamma.has_value()) {
+    PAPR_CHECK(gamma->dim() == 1 && gamma->size(0) == C,
+               "papr_kernels.masked_residual: gamma must be (C,) = (", C, ",), got ",
+               sizes_of(*gamma));
+    PAPR_CHECK(gamma->scalar_type() == shortcut.scalar_type(), "papr_kernels.masked_residual: gamma (",
+               gamma->scalar_type(), ") must have the dtype of shortcut (", shortcut.scalar_type(), ")");
+    PAPR_CHECK(same_device(*gamma, shortcut), "papr_kernels.masked_residual: gamma and shortcut must be on one device");
+  }
+  PAPR_CHECK(same_device(row_of, shortcut) && same_device(values, shortcut),
+             "papr_kernels.masked_residual: row_of (", device_of(row_of), "), values (",
+             device_of(values), ") and shortcut (", device_of(shortcut), ") must be on one device");
+  return RowsShape{B, H, W, C, values.size(1)};
 }
 
 }  // namespace papr

@@ -1,14 +1,14 @@
 """The "cpp" (CPU) and "cuda" backends: the C++/CUDA extension (csrc/).
 
 `papr_kernels._C` registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row
-ops of the hierarchical models `gather_rows/put_rows_` (schemas in csrc/ops/) with their CPU
-kernels; `papr_kernels._C_cuda`, when built, adds the CUDA kernels (loaded only by a CUDA build
-of torch: it links libtorch_cuda). Both use only torch's stable ABI and CPython's limited API,
+ops of the hierarchical models `gather_rows/put_rows_/masked_residual` (schemas in csrc/ops/)
+with their CPU kernels; `papr_kernels._C_cuda`, when built, adds the CUDA kernels (loaded only
+by a CUDA build of torch: it links libtorch_cuda). Both use only torch's stable ABI and CPython's limited API,
 so one build loads into every torch >= 2.10 (`build_info()["stable_abi"]`). This module adds
 their fake kernels (torch.compile, meta tensors) and adapts them to
-the backend interface of backends.py (prune and the row ops `gather_rows`,
-`scatter_rows`, `scatter_back`). It imports without the extension; `unavailable_reason` then
-says why.
+the backend interface of backends.py (prune and the row ops `gather_rows`, `scatter_rows`,
+`scatter_back`; on CPU also the fused `masked_residual`). It imports without the extension;
+`unavailable_reason` then says why.
 """
 import glob
 import json
@@ -17,6 +17,8 @@ import warnings
 from typing import Optional
 
 import torch
+
+from .. import reference
 
 STABLE_ABI_TARGET = "2.10"   # setup.py's: the oldest torch the extension loads into
 
@@ -105,6 +107,12 @@ if _IMPORT_ERROR is None:
     def _put_rows_fake(out, indices, values, accumulate):
         return None
 
+    _masked_residual_op = _ns.masked_residual.default
+
+    @torch.library.register_fake("papr_kernels::masked_residual")
+    def _masked_residual_fake(shortcut, row_of, values, gamma):
+        return shortcut.new_empty(shortcut.shape)
+
     # No autograd kernel on the op itself: the package's PruneFunction (function.py) owns autograd
     # and calls prune_backward; a Python autograd kernel here would cost ~25 us per call at B = 1.
 
@@ -182,3 +190,20 @@ def scatter_back(x, indices, values, inplace=False):
     out = x if inplace else x.clone(memory_format=torch.contiguous_format)
     _put_rows_op(_grid(out), indices, values, True)
     return out
+
+
+# The fused glue of a pruned ConvNeXt block (hierarchical.masked_residual), a CPU kernel only.
+ROW_MAP_OPS = ("masked_residual",)
+
+
+def masked_residual(shortcut, indices, values, gamma, row_of=None):
+    """values * gamma + shortcut at `indices`, zero elsewhere: a new contiguous tensor of
+    shortcut's shape; `row_of` is the stage's `kept_row_map` (built here when None). On CUDA
+    (no kernel) the composition of the row ops."""
+    if shortcut.device.type != "cpu":
+        return reference.masked_residual(shortcut, indices, values, gamma, gather=gather_rows,
+                                         scatter=scatter_rows)
+    grid = _grid(shortcut)
+    if row_of is None:
+        row_of = reference.kept_row_map(indices, grid.shape[1] * grid.shape[2])
+    return _masked_residual_op(grid, row_of, values, gamma).view(shortcut.shape)
