@@ -31,12 +31,12 @@ The glue of a pruned block, for inference (outside SPEC; the patched timm models
     y    = masked_residual(shortcut, idx, values, gamma, row_of=row_of)
            # ConvNeXt: shortcut + gamma * values at the kept positions, 0 elsewhere
 
-A backend with a fused kernel for them (`triton`) runs each in one pass; on any other backend,
-and whenever autograd records or autocast is on, they are the composition of the row ops above
-(`papr_kernels.reference` states it once). The ops that write every position (`scatter_rows`,
-out-of-place `scatter_back`, `masked_residual`) take the stage's `row_of` (optional): the
-Triton kernels then look each position's kept row up instead of building the map per call;
-the other backends ignore it.
+A backend with a fused kernel runs it in one pass (`triton`: both; `cpp`: masked_residual);
+elsewhere, and whenever autograd records or autocast is on, they are the composition of the
+row ops above (`papr_kernels.reference` states it once). The ops that write every position
+(`scatter_rows`, out-of-place `scatter_back`, `masked_residual`) take the stage's `row_of`
+(optional): the kernels that read a map (the backend's ROW_MAP_OPS) then look each position's
+kept row up instead of building the map per call; the other backends ignore it.
 """
 from typing import Optional, Sequence
 
