@@ -3,7 +3,7 @@ family, side by side in one process: what PaPr buys a user serving that model on
 
     python benchmarks/families_cpu.py [--models a,b@224,...] [--batch 8] [--runs 5]
         [--threads 1] [--clock process|wall] [--dtype fp32|bf16] [--proposal-sizes 160,128]
-        [--dry]
+        [--stages 0/0,1] [--dry]
 
 For each model: the unpruned model, PaPr (MobileOne-S0 proposal, its time counted) at the
 family's default z and at z = 0.5, the bound at z = 0.5 where it is cheap to build (the ViT-like
@@ -15,7 +15,9 @@ counted through its math form, the proposal included), the proposal's share of t
 and PaPr / bound (bound time / PaPr time). `name@S` runs a model at S x S pixels (`img_size=S`).
 `--proposal-sizes S,...` adds, for each S, PaPr at z = 0.5 and the proposal alone with the
 proposal's opt-in `image_size=S` (`papr-z0.5-pS`, `proposal-pS`: the same network, its images
-resized to S x S; it keeps other tokens, docs/design.md). `--dtype bf16`: the models and
+resized to S x S; it keeps other tokens, docs/design.md). `--stages 0/0,1` adds, for the
+hierarchical families (Swin, ConvNeXt, MetaFormer), PaPr at their default z pruning only those
+stages (`papr-z0.65-s0`, `papr-z0.65-s01`; sets separated by /). `--dtype bf16`: the models and
 images in bf16 (the proposal follows them), as on a CPU with AMX / AVX512-BF16.
 Random weights: speed does not depend on them.
 
@@ -44,6 +46,7 @@ import papr_kernels
 from papr_kernels import proposal as papr_proposal
 from papr_kernels import timm as papr_timm
 from papr_kernels.timm.hiera import PaPrHiera
+from papr_kernels.timm._stages import HierarchicalModel
 from papr_kernels.timm.naflexvit import PaPrNaFlexVit
 from papr_kernels.timm.vit import PrunedOnce
 from test_e2e import BoundViT, _proposal_runner, counted_gflops
@@ -117,9 +120,10 @@ def bound(model, proposal, z):
     return patched
 
 
-def configs(model, proposal, proposal_sizes=()):
+def configs(model, proposal, proposal_sizes=(), stage_sets=()):
     """{config: (fn, z)} of one model, in timing order; for each of `proposal_sizes` S, PaPr at
-    BOUND_Z and the proposal alone with the proposal at `image_size=S` (the same network)."""
+    BOUND_Z and the proposal alone with the proposal at `image_size=S` (the same network); for
+    each of `stage_sets` (hierarchical families), PaPr at the default z on those stages only."""
     default = papr_timm.patch(copy.deepcopy(model), proposal)   # the family's default z
     patched = {default.papr_z: default}
     if BOUND_Z not in patched:
@@ -136,6 +140,10 @@ def configs(model, proposal, proposal_sizes=()):
         papr = papr_timm.patch(copy.deepcopy(model), smaller, BOUND_Z)
         out[f"papr-z{BOUND_Z:g}-p{size}"] = (papr, BOUND_Z)
         out[f"proposal-p{size}"] = (_proposal_runner(papr), None)
+    if isinstance(default, HierarchicalModel):
+        for stages in stage_sets:
+            papr = papr_timm.patch(copy.deepcopy(model), proposal, stages=stages)
+            out[f"papr-z{papr.papr_z:g}-s{''.join(map(str, stages))}"] = (papr, papr.papr_z)
     return out
 
 
@@ -164,14 +172,14 @@ def time_alternating(fns, images, runs, clock):
 
 
 def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=(),
-                  dtype=torch.float32):
+                  dtype=torch.float32, stage_sets=()):
     """The rows (dicts) of one model: one per config."""
     name, img_size = parse_model(spec)
     model, size = create(name, img_size, dry)
     model.to(dtype)
     images = torch.randn(batch, 3, size, size,
                          generator=torch.Generator().manual_seed(0)).to(dtype)
-    fns = configs(model, proposal, proposal_sizes)
+    fns = configs(model, proposal, proposal_sizes, stage_sets)
     times = time_alternating({c: fn for c, (fn, _) in fns.items()}, images, runs, clock)
     proposal_gflops = {c: counted_gflops(fn, images) for c, (fn, _) in fns.items()
                        if c.startswith("proposal")}
@@ -251,8 +259,16 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--proposal-sizes", default="",
                         help="comma-separated S: also PaPr with the proposal at image_size=S")
+    parser.add_argument("--stages", default="",
+                        help="stage sets like 0/0,1: also PaPr of the hierarchical families on "
+                             "those stages only")
     parser.add_argument("--dry", action="store_true", help="depth-1 models (a smoke test)")
     args = parser.parse_args(argv)
+    try:
+        args.stages = tuple(tuple(int(i) for i in group.split(","))
+                            for group in args.stages.split("/") if group)
+    except ValueError:
+        parser.error(f"--stages must be stage sets like 0/0,1, got {args.stages!r}")
     if args.batch < 1 or args.runs < 1:
         parser.error("--batch and --runs must be >= 1")
     try:
@@ -281,7 +297,7 @@ def main(argv=None):
     rows = []
     for spec in args.models.split(","):
         rows += measure_model(spec, proposal, args.batch, args.runs, CLOCKS[args.clock],
-                              args.dry, args.proposal_sizes, DTYPES[args.dtype])
+                              args.dry, args.proposal_sizes, DTYPES[args.dtype], args.stages)
         print(f"{spec} done", flush=True)
     print()
     if args.proposal_sizes:

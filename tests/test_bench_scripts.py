@@ -684,6 +684,31 @@ def test_families_cpu_proposal_sizes_time_papr_with_the_smaller_proposal_beside_
         families_cpu.parse_args(["--proposal-sizes", "160,0"])
 
 
+def test_families_cpu_stage_sets_prune_only_those_stages_of_hierarchical_families(capsys):
+    """--stages 0/0,1: PaPr at the default z on stage 0, then stages 0 and 1, for ConvNeXt (its
+    blocks' counted FLOPs fall with each stage pruned); a ViT gets no such rows."""
+    pytest.importorskip("timm")
+    import families_cpu
+    threads = torch.get_num_threads()
+    try:
+        rows = families_cpu.main(["--dry", "--models", "convnext_tiny,vit_small_patch16_224",
+                                  "--batch", "2", "--runs", "1", "--threads", "1",
+                                  "--stages", "0/0,1"])
+    finally:
+        torch.set_num_threads(threads)
+    convnext = {r["config"]: r for r in rows if r["model"] == "convnext_tiny"}
+    assert list(convnext) == ["unpruned", "papr-z0.65", "papr-z0.5", "proposal",
+                              "papr-z0.65-s0", "papr-z0.65-s01"]
+    blocks = {c: r["gflops"] - r["proposal_gflops"] for c, r in convnext.items()}
+    assert blocks["unpruned"] > blocks["papr-z0.65-s0"] > blocks["papr-z0.65-s01"] > \
+        blocks["papr-z0.65"]
+    assert convnext["papr-z0.65-s01"]["z"] == 0.65
+    assert [r["config"] for r in rows if r["model"] == "vit_small_patch16_224"] == \
+        ["unpruned", "papr-z0.5", "bound-z0.5", "proposal"]
+    with pytest.raises(SystemExit):
+        families_cpu.parse_args(["--stages", "0/a"])
+
+
 def test_families_cpu_runs_the_models_and_their_proposal_in_bf16(capsys, monkeypatch):
     """--dtype bf16: each model in bf16, images too, so the proposal follows them into bf16 (its
     folded convolutions take oneDNN's fused path where the CPU runs bf16 there)."""
