@@ -89,6 +89,10 @@ def patch(model: nn.Module, proposal: Union[str, nn.Module, Callable] = "mobileo
             attention) in the second half of the blocks; 0 disables merging.
         stages: Swin / ConvNeXt / MetaFormer: the stages to prune (default: all four).
         align_corners: of the bicubic resize of the proposal map (True as published).
+
+    Whether it pays is measured per family, dtype and batch size in docs/cpu-families.md and
+    docs/gpu.md: e.g. Swin / ConvNeXt / MetaFormer in bf16 on a CPU are slower pruned at one
+    image (0.85-0.94x, whatever `stages`) and faster from B = 8.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
