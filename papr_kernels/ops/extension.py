@@ -1,14 +1,13 @@
 """The "cpp" (CPU) and "cuda" backends: the C++/CUDA extension (csrc/).
 
-`papr_kernels._C` registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row
-ops of the hierarchical models `gather_rows/put_rows_/masked_residual` (schemas in csrc/ops/)
-with their CPU kernels; `papr_kernels._C_cuda`, when built, adds the CUDA kernels (loaded only
-by a CUDA build of torch: it links libtorch_cuda). Both use only torch's stable ABI and CPython's limited API,
-so one build loads into every torch >= 2.10 (`build_info()["stable_abi"]`). This module adds
-their fake kernels (torch.compile, meta tensors) and adapts them to
-the backend interface of backends.py (prune and the row ops `gather_rows`, `scatter_rows`,
-`scatter_back`; on CPU also the fused `masked_residual`). It imports without the extension;
-`unavailable_reason` then says why.
+`papr_kernels._C` registers `torch.ops.papr_kernels.prune_forward/prune_backward` and the row ops
+of the hierarchical models `gather_rows/put_rows_/masked_residual` (schemas in csrc/ops/) with
+their CPU kernels; `papr_kernels._C_cuda`, when built, adds the CUDA kernels (loaded only by a CUDA
+build of torch: it links libtorch_cuda). Both use only torch's stable ABI and CPython's limited
+API, so one build loads into every torch >= 2.10 (`build_info()["stable_abi"]`). This module adds
+their fake kernels (torch.compile, meta tensors) and adapts them to the backend interface of
+backends.py (prune and the row ops `gather_rows`, `scatter_rows`, `scatter_back`; on CPU also the
+fused `masked_residual`). It imports without the extension; `unavailable_reason` then says why.
 """
 import glob
 import json
