@@ -593,6 +593,19 @@ def test_in_own_thread_calls_the_timed_function_in_one_other_thread():
     assert in_thread.event_times_s == [0.001] * 2 and in_thread.event_median_s() == 0.001
 
 
+def _families_cpu_dry(*args):
+    """benchmarks/families_cpu.py's rows for depth-1 models, B = 2, one run, on one thread (two
+    would spin against other processes on a busy machine, ~20x slower); torch's thread count
+    restored."""
+    import families_cpu
+    threads = torch.get_num_threads()
+    try:
+        return families_cpu.main(["--dry", "--batch", "2", "--runs", "1", "--threads", "1",
+                                  *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_families_cpu_dry_run_tables_every_family_with_well_formed_ratios(capsys):
     """benchmarks/families_cpu.py on depth-1 models, 1 run: every default model builds under its
     timm name, gets its family's configs, and its ratios are those of its own medians; the FLOP
@@ -601,11 +614,7 @@ def test_families_cpu_dry_run_tables_every_family_with_well_formed_ratios(capsys
     import families_cpu
     import test_e2e
     from papr_kernels import keep_count
-    threads = torch.get_num_threads()
-    try:   # one thread: two would spin against other processes on a busy machine (~20x slower)
-        rows = families_cpu.main(["--dry", "--batch", "2", "--runs", "1", "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    rows = _families_cpu_dry()
     by_model = defaultdict(dict)
     for r in rows:
         by_model[r["model"]][r["config"]] = r
@@ -654,12 +663,7 @@ def test_families_cpu_proposal_sizes_time_papr_with_the_smaller_proposal_beside_
     convolutions at 160 / 128 px cost (5/7)^2 / (4/7)^2 of 224's (grids 5 x 5, 4 x 4 for 7 x 7)."""
     pytest.importorskip("timm")
     import families_cpu
-    threads = torch.get_num_threads()
-    try:
-        rows = families_cpu.main(["--dry", "--models", "vit_small_patch16_224", "--batch", "2",
-                                  "--runs", "1", "--threads", "1", "--proposal-sizes", "160,128"])
-    finally:
-        torch.set_num_threads(threads)
+    rows = _families_cpu_dry("--models", "vit_small_patch16_224", "--proposal-sizes", "160,128")
     by_config = {r["config"]: r for r in rows}
     assert list(by_config) == ["unpruned", "papr-z0.5", "bound-z0.5", "proposal",
                                "papr-z0.5-p160", "proposal-p160", "papr-z0.5-p128",
@@ -689,13 +693,8 @@ def test_families_cpu_stage_sets_prune_only_those_stages_of_hierarchical_familie
     blocks' counted FLOPs fall with each stage pruned); a ViT gets no such rows."""
     pytest.importorskip("timm")
     import families_cpu
-    threads = torch.get_num_threads()
-    try:
-        rows = families_cpu.main(["--dry", "--models", "convnext_tiny,vit_small_patch16_224",
-                                  "--batch", "2", "--runs", "1", "--threads", "1",
-                                  "--stages", "0/0,1"])
-    finally:
-        torch.set_num_threads(threads)
+    rows = _families_cpu_dry("--models", "convnext_tiny,vit_small_patch16_224",
+                             "--stages", "0/0,1")
     convnext = {r["config"]: r for r in rows if r["model"] == "convnext_tiny"}
     assert list(convnext) == ["unpruned", "papr-z0.65", "papr-z0.5", "proposal",
                               "papr-z0.65-s0", "papr-z0.65-s01"]
@@ -719,13 +718,7 @@ def test_families_cpu_runs_the_models_and_their_proposal_in_bf16(capsys, monkeyp
     fuses = papr_proposal._fuses_on_cpu
     monkeypatch.setattr(papr_proposal, "_fuses_on_cpu",
                         lambda x, w: seen.append(x.dtype) or fuses(x, w))
-    threads = torch.get_num_threads()
-    try:
-        rows = families_cpu.main(["--dry", "--models", "vit_small_patch16_224,convnext_tiny",
-                                  "--batch", "2", "--runs", "1", "--threads", "1",
-                                  "--dtype", "bf16"])
-    finally:
-        torch.set_num_threads(threads)
+    rows = _families_cpu_dry("--models", "vit_small_patch16_224,convnext_tiny", "--dtype", "bf16")
     assert {r["dtype"] for r in rows} == {torch.bfloat16}
     assert seen and set(seen) == {torch.bfloat16}
     assert all(r["speedup"] > 0 and r["gflops"] > 0 for r in rows)

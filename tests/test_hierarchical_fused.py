@@ -319,12 +319,8 @@ def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, na
     back in place, which reads no map, so their stages build none (a recorded forward, out of
     place, builds them)."""
     from papr_kernels.ops.triton import rows as tr
-    monkeypatch.setenv("PAPR_KERNELS_BACKEND", "triton")
-    model, images = _small(name)
-    by_hand, proposal = th.MODELS[name][2], th._proposal()
+    model, images, expected = _patched_small(name, "triton", monkeypatch)
     with torch.no_grad():
-        expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
-        ptimm.patch(model, proposal, 0.5)
         selects = _counting(monkeypatch, hier, "select")
         maps = _counting(monkeypatch, tr._kept_row_map_kernel, "run")
         got = model(images)
@@ -335,6 +331,18 @@ def test_patched_models_on_triton_match_the_dense_and_mask_reference(backend, na
         recorded = model(images)                     # grad enabled: the out-of-place add back
         torch.testing.assert_close(recorded.detach(), expected, rtol=1e-4, atol=1e-4)
         assert recorded.requires_grad and maps["n"] == 4
+
+
+def _patched_small(name, backend, monkeypatch):
+    """(model, images, expected): the reduced model `name` patched with z = 0.5 on every stage
+    to run on `backend`, and the hand-written dense-and-mask reference's output for the images."""
+    monkeypatch.setenv("PAPR_KERNELS_BACKEND", backend)
+    model, images = _small(name)
+    by_hand, proposal = th.MODELS[name][2], th._proposal()
+    with torch.no_grad():
+        expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
+    ptimm.patch(model, proposal, 0.5)
+    return model, images, expected
 
 
 def _counting(monkeypatch, owner, name):
@@ -356,12 +364,8 @@ def test_patched_convnext_on_cpp_runs_the_fused_block_output(backend, name, monk
     row map passed in); a recorded forward (training) composes the differentiable row ops
     instead. Both match the hand-written dense-and-mask reference."""
     from papr_kernels.ops import extension
-    monkeypatch.setenv("PAPR_KERNELS_BACKEND", "cpp")
-    model, images = _small(name)
-    by_hand, proposal = th.MODELS[name][2], th._proposal()
+    model, images, expected = _patched_small(name, "cpp", monkeypatch)
     with torch.no_grad():
-        expected = by_hand(model, proposal, images, 0.5, (0, 1, 2, 3))
-        ptimm.patch(model, proposal, 0.5)
         fused = _counting(monkeypatch, extension, "_masked_residual_op")
         maps = _counting(monkeypatch, hier, "kept_row_map")
         got = model(images)
