@@ -605,6 +605,67 @@ def test_the_fused_path_is_checked_against_the_two_ops(monkeypatch):
         assert not torch.equal(out, expected), what
 
 
+def test_folded_convolutions_pack_their_weights_once_per_shape_and_weights(monkeypatch):
+    """bf16 on CPU: each ConvReLU reorders its weight into oneDNN's layout at its first call
+    for an input shape (43 reorders), not at the next call of that shape; again at another batch
+    size, after load_state_dict of other weights, after an in-place edit and after a round trip
+    through fp32, each time giving the features of a plain network with those weights.
+    deepcopy and pickle leave the packed weights behind; packing that fails falls back to the
+    plain weight."""
+    if not papr_proposal._MKLDNN_BF16:
+        pytest.skip("oneDNN bf16 convolutions are not supported on this CPU: nothing is fused")
+    import copy
+    import pickle
+    reorder, packs = torch._C._nn.mkldnn_reorder_conv2d_weight, []
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight",
+                        lambda *args: packs.append(1) or reorder(*args))
+    folded = _plain_mobileone().bfloat16()
+    papr_proposal.fuse_conv_relu(folded)
+
+    def images(batch):
+        return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch)
+                           ).bfloat16().contiguous(memory_format=torch.channels_last)
+
+    def check(batch, seed, reorders):
+        plain = _plain_mobileone(seed).bfloat16()
+        packs.clear()
+        with torch.no_grad():
+            out = folded(images(batch))[-1]
+            assert torch.equal(out, plain(images(batch))[-1])
+        assert len(packs) == reorders
+
+    check(2, 0, 43)
+    check(2, 0, 0)                                  # the same shape and weights: packed already
+    check(3, 0, 43)                                 # another batch size
+    folded.load_state_dict(_plain_mobileone(1).bfloat16().state_dict())
+    check(3, 1, 43)                                 # other weights, copied in place
+    check(3, 1, 0)
+    folded.float().bfloat16()
+    check(3, 1, 43)                                 # new storage (fp32 and back)
+    for conv in (m for m in folded.modules() if type(m) is papr_proposal.ConvReLU):
+        conv.weight.data = conv.weight.detach().clone()   # the same values, a new storage
+    check(3, 1, 43)
+    stem = next(m for m in folded.modules() if type(m) is papr_proposal.ConvReLU)
+    with torch.no_grad():
+        stem.weight.mul_(1.5)
+    plain = _plain_mobileone(1).bfloat16()
+    with torch.no_grad():
+        next(m for m in plain.modules() if isinstance(m, nn.Conv2d)).weight.copy_(stem.weight)
+        packs.clear()
+        assert torch.equal(folded(images(3))[-1], plain(images(3))[-1]) and len(packs) == 1
+    for clone in (copy.deepcopy(folded), pickle.loads(pickle.dumps(folded))):
+        assert not any("_papr_packed" in m.__dict__ for m in clone.modules())
+        with torch.no_grad():
+            assert torch.equal(clone(images(3))[-1], plain(images(3))[-1])
+
+    def failing(*args):
+        raise RuntimeError("no packing here")
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", failing)
+    fresh = copy.deepcopy(folded)
+    with torch.no_grad():
+        assert torch.equal(fresh(images(2))[-1], plain(images(2))[-1])
+
+
 def test_folded_convolutions_run_as_the_two_ops_under_autocast_and_gradients(monkeypatch):
     plain, folded = _plain_mobileone(), _plain_mobileone()
     papr_proposal.fuse_conv_relu(folded)
