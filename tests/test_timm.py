@@ -119,6 +119,22 @@ def assert_bf16_and_autocast_match(model, net, images, reference):
     torch.testing.assert_close(autocast, expected_autocast, rtol=0.05, atol=0.1)
 
 
+def assert_spatial_order_in_inference_mode(model, net, reference):
+    """patch(model, net, z=0.4, order="spatial") on two images: forward_features under
+    inference_mode equals `reference(images, z, order)` (the family's hand-written features) in
+    spatial order, which differs from score order's."""
+    images = images_for(model, batch=2)
+    papr_timm.patch(model, net, z=0.4, order="spatial")
+    assert model.papr_order == "spatial"
+    with torch.no_grad():
+        expected = reference(images, 0.4, "spatial")
+        assert not torch.allclose(expected, reference(images, 0.4, "score"),
+                                  atol=1e-2)   # the order changes the tokens' rows
+    with torch.inference_mode():
+        torch.testing.assert_close(model.forward_features(images), expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def count_block_tokens(model):
     """A list that a forward fills with the token count entering each block's MLP."""
     counts = []

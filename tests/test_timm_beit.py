@@ -19,7 +19,8 @@ from timm.models.beit import Beit  # noqa: E402
 import papr_kernels.timm as papr_timm  # noqa: E402
 from papr_kernels import reference  # noqa: E402
 
-from test_timm import (assert_bf16_and_autocast_match, checkpointing_grads,  # noqa: E402
+from test_timm import (assert_bf16_and_autocast_match,  # noqa: E402
+                       assert_spatial_order_in_inference_mode, checkpointing_grads,
                        count_block_tokens, make_proposal)
 
 TINY = dict(img_size=96, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -172,16 +173,9 @@ def test_patched_beit_matches_hand_written_pipeline(config):
 def test_spatial_order_and_inference_mode():
     model = make_beit(use_shared_rel_pos_bias=True, use_rel_pos_bias=True, init_values=0.1)
     net = make_proposal()
-    images = images_for(model)
-    papr_timm.patch(model, net, z=0.4, order="spatial")
-    assert model.papr_order == "spatial"
-    with torch.no_grad():
-        expected = reference_features(model, net, images, 0.4, order="spatial")
-        assert not torch.allclose(expected, reference_features(model, net, images, 0.4),
-                                  atol=1e-2)   # the order changes the tokens' rows
-    with torch.inference_mode():
-        torch.testing.assert_close(model.forward_features(images), expected,
-                                   rtol=1e-5, atol=1e-5)
+    assert_spatial_order_in_inference_mode(
+        model, net, lambda images, z, order: reference_features(model, net, images, z,
+                                                                order=order))
 
 
 def test_unfused_attention():
