@@ -96,8 +96,8 @@ bench-quick: install
 	$(PY) benchmarks/report.py .benchmarks/quick.json --no-plot
 
 # The C++ extension built with -fsanitize=address,undefined (CPU part only) into build/sanitize,
-# then the cpp parity, property, bad-input, kernel and fused-glue tests run against it with the ASan runtime
-# preloaded into python. Any ASan or UBSan report fails the run.
+# then the cpp parity, property, bad-input, kernel and fused-glue tests run against it with the
+# ASan runtime preloaded into python. Any ASan or UBSan report fails the run.
 SANITIZE_DIR := build/sanitize
 SANITIZE_TESTS ?= tests/test_parity.py tests/test_properties.py tests/test_errors.py tests/test_autograd.py tests/test_cpp.py \
 	tests/test_rows.py tests/test_hierarchical_fused.py
