@@ -234,19 +234,19 @@ def test_row_ops_run_on_fake_tensors(backend):
 def _custom_ops(name):
     """(op, args builder) of the custom ops behind backend `name`'s row functions."""
     ops = torch.ops.papr_kernels
+
+    def row_of(x, i):
+        return reference.kept_row_map(i, _positions(x))
     if name == "triton":
-        def row_of(x, i):
-            return reference.kept_row_map(i, _positions(x))
         return [(ops.triton_kept_row_map.default, lambda x, i, v: (i, _positions(x))),
                 (ops.triton_gather_rows.default, lambda x, i, v: (x, i)),
                 (ops.triton_scatter_rows.default, lambda x, i, v: (v, row_of(x, i),
                                                                    list(x.shape))),
                 (ops.triton_scatter_back.default, lambda x, i, v: (x, row_of(x, i), v)),
                 (ops.triton_scatter_back_.default, lambda x, i, v: (x.clone(), i, v))]
-    cpp = [(ops.masked_residual.default, lambda x, i, v: (x, reference.kept_row_map(
-               i, _positions(x)), v, v[0, 0])),
-           (ops.masked_residual.default, lambda x, i, v: (x, reference.kept_row_map(
-               i, _positions(x)), v, None))] if name == "cpp" else []
+    cpp = [(ops.masked_residual.default, lambda x, i, v: (x, row_of(x, i), v, v[0, 0])),
+           (ops.masked_residual.default, lambda x, i, v: (x, row_of(x, i), v, None))
+           ] if name == "cpp" else []
     return [(ops.gather_rows.default, lambda x, i, v: (x, i)),          # cpp, cuda: 4-D x
             (ops.put_rows_.default, lambda x, i, v: (torch.zeros_like(x), i, v, False)),
             (ops.put_rows_.default, lambda x, i, v: (x.clone(), i, v, True))] + cpp
@@ -408,9 +408,9 @@ def test_a_given_row_map_is_checked(backend):
 @pytest.mark.parametrize("backend", backend_params("triton", "cpp"), indirect=True)
 def test_dense_kernels_follow_the_given_map_and_mask_entries_past_k(backend):
     """The kernels read the caller's map (not one rebuilt from the indices); an entry outside
-    [0, k) reads as a pruned position (no value row past k is read). cpp: masked_residual only
-    (its scatters take no map)."""
-    name, device = backend
+    [0, k) reads as a pruned position (no value row past k is read). Each op the backend lists
+    in ROW_MAP_OPS (cpp: masked_residual only; its scatters take no map)."""
+    _, device = backend
     impl = _impl(backend)
     gen = torch.Generator().manual_seed(13)
     x = _x("nchw", 2, 6, torch.float32, device, gen, h=3, w=4)
@@ -418,7 +418,7 @@ def test_dense_kernels_follow_the_given_map_and_mask_entries_past_k(backend):
     v = _values(2, 5, 6, torch.float32, device, gen)
     row_of = reference.kept_row_map(other, 12)
     xr, vr, otr = x.cpu(), v.cpu(), other.cpu()
-    scatters = name == "triton"
+    scatters = "scatter_rows" in impl.ROW_MAP_OPS and "scatter_back" in impl.ROW_MAP_OPS
     if scatters:
         _same(impl.scatter_rows(v, idx, x.shape, row_of=row_of),
               reference.scatter_rows(vr, otr, x.shape), device)
