@@ -3,7 +3,7 @@ family, side by side in one process: what PaPr buys a user serving that model on
 
     python benchmarks/families_cpu.py [--models a,b@224,...] [--batch 8] [--runs 5]
         [--threads 1] [--clock process|wall] [--dtype fp32|bf16] [--proposal-sizes 160,128]
-        [--stages 0/0,1] [--dry]
+        [--stages 0/0,1] [--compile] [--dry]
 
 For each model: the unpruned model, PaPr (MobileOne-S0 proposal, its time counted) at the
 family's default z and at z = 0.5, the bound at z = 0.5 where it is cheap to build (the ViT-like
@@ -18,7 +18,10 @@ proposal's opt-in `image_size=S` (`papr-z0.5-pS`, `proposal-pS`: the same networ
 resized to S x S; it keeps other tokens, docs/design.md). `--stages 0/0,1` adds, for the
 hierarchical families (Swin, ConvNeXt, MetaFormer), PaPr at their default z pruning only those
 stages (`papr-z0.65-s0`, `papr-z0.65-s01`; sets separated by /). `--dtype bf16`: the models and
-images in bf16 (the proposal follows them), as on a CPU with AMX / AVX512-BF16.
+images in bf16 (the proposal follows them), as on a CPU with AMX / AVX512-BF16. `--compile`
+times every config through `torch.compile` (static shapes; the PaPr models with their proposal
+and selection traced in, the proposal-alone rows compiled alone; compiling is the warm-up, not
+timed); the FLOP counts are the eager models'.
 Random weights: speed does not depend on them.
 
 `--clock process` (the default) times the CPU seconds the process used (time.process_time, all
@@ -49,6 +52,7 @@ from papr_kernels.timm.hiera import PaPrHiera
 from papr_kernels.timm._stages import HierarchicalModel
 from papr_kernels.timm.naflexvit import PaPrNaFlexVit
 from papr_kernels.timm.vit import PrunedOnce
+from papr_bench import allow_recompiles
 from test_e2e import BoundViT, _proposal_runner, counted_gflops
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit_small_distilled_patch16_224",
@@ -172,15 +176,17 @@ def time_alternating(fns, images, runs, clock):
 
 
 def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=(),
-                  dtype=torch.float32, stage_sets=()):
-    """The rows (dicts) of one model: one per config."""
+                  dtype=torch.float32, stage_sets=(), compiled=False):
+    """The rows (dicts) of one model: one per config; `compiled`: each timed through
+    torch.compile."""
     name, img_size = parse_model(spec)
     model, size = create(name, img_size, dry)
     model.to(dtype)
     images = torch.randn(batch, 3, size, size,
                          generator=torch.Generator().manual_seed(0)).to(dtype)
     fns = configs(model, proposal, proposal_sizes, stage_sets)
-    times = time_alternating({c: fn for c, (fn, _) in fns.items()}, images, runs, clock)
+    timed = {c: torch.compile(fn, dynamic=False) if compiled else fn for c, (fn, _) in fns.items()}
+    times = time_alternating(timed, images, runs, clock)
     proposal_gflops = {c: counted_gflops(fn, images) for c, (fn, _) in fns.items()
                        if c.startswith("proposal")}
     rows = []
@@ -262,6 +268,8 @@ def parse_args(argv=None):
     parser.add_argument("--stages", default="",
                         help="stage sets like 0/0,1: also PaPr of the hierarchical families on "
                              "those stages only")
+    parser.add_argument("--compile", action="store_true",
+                        help="time every config through torch.compile")
     parser.add_argument("--dry", action="store_true", help="depth-1 models (a smoke test)")
     args = parser.parse_args(argv)
     try:
@@ -285,19 +293,22 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        allow_recompiles()   # each model and config is its own graph
     torch.manual_seed(1)
     proposal = papr_proposal.create("mobileone_s0", pretrained=False)
     print(f"torch {torch.__version__}, timm {timm.__version__}, commit {commit()}, "
           f"{torch.get_num_threads()} threads, {args.dtype}, B={args.batch}, median of {args.runs} "
           f"alternating runs, {args.clock} clock, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+          f"{', torch.compile' if args.compile else ''}"
           f"{', DRY (depth-1 models)' if args.dry else ''}"
           f"{f', proposal sizes {args.proposal_sizes}' if args.proposal_sizes else ''}",
           flush=True)
     rows = []
     for spec in args.models.split(","):
         rows += measure_model(spec, proposal, args.batch, args.runs, CLOCKS[args.clock],
-                              args.dry, args.proposal_sizes, DTYPES[args.dtype], args.stages)
+                              args.dry, args.proposal_sizes, DTYPES[args.dtype], args.stages, args.compile)
         print(f"{spec} done", flush=True)
     print()
     if args.proposal_sizes:

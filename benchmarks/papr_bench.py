@@ -79,18 +79,19 @@ def providers(device: str) -> List[str]:
     return [EAGER, COMPILE, USER_COMPILE] + backend_providers(device) + [FLOOR]
 
 
-def _allow_recompiles() -> None:
+def allow_recompiles() -> None:
+    """Every (model, shape, dtype, batch, grad mode) is its own static graph: allow them all, so
+    that no case silently falls back to eager after dynamo's default limit of 8."""
     import torch._dynamo
-    # Every (shape, dtype, batch, grad mode) is its own static graph: allow them all, so that no
-    # case silently falls back to eager after the default limit of 8.
-    for name in ("recompile_limit", "cache_size_limit"):
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 4096)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled_reference():
-    _allow_recompiles()
+    allow_recompiles()
     return torch.compile(reference.prune, dynamic=False)
 
 
@@ -126,7 +127,7 @@ def user_prune(x: torch.Tensor, f: torch.Tensor, z: float, num_prefix_tokens: in
 
 @functools.lru_cache(maxsize=None)
 def compiled_user_prune():
-    _allow_recompiles()
+    allow_recompiles()
     return torch.compile(user_prune, dynamic=False)
 
 

@@ -348,16 +348,6 @@ def gpu_images(batch, device, dtype):
     return torch.randn(batch, 3, 224, 224, generator=gen).to(device, dtype)
 
 
-def _allow_recompiles():
-    import torch._dynamo
-    # Every (model, provider, batch, z) is its own static graph: let them all compile, so that
-    # no case silently falls back to eager after dynamo's default limit of 8.
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 4096)
-
-
 def _proposal_runner(patched):
     """The proposal as the patched model runs it (device/dtype handling included)."""
     state = patched._papr
@@ -556,7 +546,7 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
         fn, pipeline = graphed(fn, img), pipeline + ", CUDA graph replay (captured at this batch)"
     warmup = 3 if compiled_proposal else 1
     if mode == "compile":
-        _allow_recompiles()
+        pb.allow_recompiles()
         fn, warmup = torch.compile(fn, dynamic=False), 3
 
     def run():

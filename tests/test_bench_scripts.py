@@ -708,6 +708,30 @@ def test_families_cpu_stage_sets_prune_only_those_stages_of_hierarchical_familie
         families_cpu.parse_args(["--stages", "0/a"])
 
 
+def test_families_cpu_compile_times_every_config_compiled_by_torch_compile(capsys, monkeypatch):
+    """--compile: every config (the patched ConvNeXt's row ops and masked residual included) is
+    timed through torch.compile, each compiled to at least one graph during the warm-up."""
+    pytest.importorskip("timm")
+    import families_cpu
+    import torch._dynamo
+    timed = {}
+    time_alternating = families_cpu.time_alternating
+    monkeypatch.setattr(families_cpu, "time_alternating",
+                        lambda fns, *args: timed.update(fns) or time_alternating(fns, *args))
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    try:
+        rows = _families_cpu_dry("--models", "convnext_tiny", "--compile")
+        assert graphs["unique_graphs"] - before >= len(timed)
+    finally:
+        torch._dynamo.reset()
+    assert list(timed) == [r["config"] for r in rows] == \
+        ["unpruned", "papr-z0.65", "papr-z0.5", "proposal"]
+    assert all(r["median_s"] > 0 for r in rows)
+    assert ", torch.compile, DRY" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_families_cpu_runs_the_models_and_their_proposal_in_bf16(capsys, monkeypatch):
     """--dtype bf16: each model in bf16, images too, so the proposal follows them into bf16 (its
     folded convolutions take oneDNN's fused path where the CPU runs bf16 there)."""
