@@ -505,7 +505,7 @@ def test_full_models_with_mobileone_proposal(model_name, by_hand):
     assert (got - dense).abs().max() > 1e-3                      # pruning changed the output
 
 
-@pytest.mark.parametrize("name", ["swin", "swinv2", "convnext"])
+@pytest.mark.parametrize("name", ["swin", "swinv2", "convnext", "caformer"])
 def test_patched_model_compiles_without_graph_breaks(models, images, name):
     """torch.compile(fullgraph=True) of a patched model: the selection, gathers and scatters
     trace (fake kernels, no data-dependent check under compile) and match eager. aot_eager

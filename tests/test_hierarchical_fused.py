@@ -10,7 +10,8 @@ build on it:
   order="spatial")`.
 - the patched models with the Triton backend against the hand-written dense-and-mask reference
   of tests/test_hierarchical.py; ConvNeXt gathers from a contiguous channels-last map;
-  torch.compile(fullgraph=True) of patched models on the Triton backend.
+  torch.compile(fullgraph=True) of patched models on the Triton backend; the 1x1 convolutions on
+  kept rows stay channels-last under Inductor.
 """
 import pytest
 import torch
@@ -428,6 +429,39 @@ def test_patched_convnext_on_triton_compiles_without_graph_breaks(backend, monke
     assert ops.count("papr_kernels.triton_kept_row_map.default") == 4
     assert ops.count("papr_kernels.triton_masked_residual.default") == 5
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pointwise_convs_on_kept_rows_stay_channels_last_under_inductor(dtype, monkeypatch):
+    """The 1x1 convolutions of a branch run on the kept rows (`_stages.on_rows_as_map`:
+    MetaFormer's NCHW stages, ConvNeXt conv_mlp) write channels-last outputs under Inductor as
+    in eager, with eager's values. Inductor gives the map's size-1 dim stride 0, which ATen does
+    not read as channels-last: without the weights' channels-last views the first convolution
+    wrote NCHW (a transposing copy per convolution)."""
+    from torch._inductor.select_algorithm import extern_kernels
+    outputs, convolution = [], extern_kernels.convolution
+    monkeypatch.setattr(extern_kernels, "convolution",
+                        lambda *args, **kwargs: outputs.append(convolution(*args, **kwargs)) or
+                        outputs[-1])
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 8, 1)).to(dtype)
+    norm = torch.nn.LayerNorm(8).to(dtype)
+    rows = torch.randn(2, 37, 8).to(dtype)
+
+    def branch(rows):
+        return _stages.on_rows_as_map(mlp, norm(rows * 2))
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            expected = branch(rows)
+            got = torch.compile(branch)(rows)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, expected)
+    assert [tuple(o.shape) for o in outputs] == [(2, 32, 1, 37), (2, 8, 1, 37)]
+    assert [o.stride(1) for o in outputs] == [1, 1]                 # channels-last
 
 
 @pytest.mark.parametrize("backend", backend_params(), indirect=True)

@@ -120,12 +120,41 @@ def gather_norm(norm: nn.Module, x: torch.Tensor, indices: torch.Tensor,
     return on_rows_as_map(norm, rows) if channels_first else norm(rows)
 
 
-def on_rows_as_map(module, rows: torch.Tensor) -> torch.Tensor:
-    """`module` of NCHW maps (1x1 convs, per-channel scales, LayerNorm2d, GRN) run on the rows
-    (B, k, C) seen as a (B, C, 1, k) map, channels-last in memory without a copy, and its output
-    returned as rows (B, k, C'). Width k, not height: torch reads a (B, C, k, 1) view as NCHW
-    and oneDNN then reorders every 1x1 convolution's input and output (8x slower in bf16 here)."""
-    return module(rows.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2)
+def on_rows_as_map(modules, rows: torch.Tensor) -> torch.Tensor:
+    """`modules` (one, or a sequence applied in order) of NCHW maps (1x1 convs, per-channel
+    scales, LayerNorm2d, GRN) run on the rows (B, k, C) seen as a (B, C, 1, k) map, channels-last
+    in memory without a copy, and the output returned as rows (B, k, C'). Width k, not height:
+    torch reads a (B, C, k, 1) view as NCHW and oneDNN then reorders every 1x1 convolution's
+    input and output (8x slower in bf16 here)."""
+    x = rows.transpose(1, 2).unsqueeze(2)
+    for module in modules if isinstance(modules, (tuple, list)) else (modules,):
+        x = _run_channels_last(module, x)
+    return x.squeeze(2).transpose(1, 2)
+
+
+def _run_channels_last(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for a channels-last (B, C, 1, k) x. Under torch.compile its 1x1 convolutions'
+    weights are passed as channels-last views of themselves (the same memory): Inductor gives the
+    size-1 dim of x stride 0, which ATen no longer reads as channels-last, and only the weight
+    then keeps the convolution channels-last (else its output is NCHW: a transposing copy per
+    convolution, CAFormer-S18 bf16 B = 8 on CPU: 27 of 198 ms). Not under export (standard
+    views only there)."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return module(x)
+    weights = {f"{name}.weight": _channels_last_view(conv.weight)
+               for name, conv in module.named_modules()
+               if isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1)}
+    return torch.func.functional_call(module, weights, (x,)) if weights else module(x)
+
+
+def _channels_last_view(weight: torch.Tensor) -> torch.Tensor:
+    """A (O, I, 1, 1) weight as channels-last strides (I, 1, I, I): the same elements in the same
+    memory, which ATen's memory-format heuristic reads as channels-last; as it is when its
+    elements are not laid out (O, I) row-major."""
+    channels = weight.shape[1]
+    if weight.stride(1) != 1 or weight.stride(0) != channels:
+        return weight
+    return weight.as_strided(weight.shape, (channels, 1, channels, channels))
 
 
 def add_back(x: torch.Tensor, indices: torch.Tensor, delta: torch.Tensor, row_of=None):

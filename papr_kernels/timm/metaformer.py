@@ -38,17 +38,16 @@ class PaPrMetaFormerBlock(Patched):
         x = self.res_scale1(x) + self.layer_scale1(self.drop_path1(self.token_mixer(self.norm1(x))))
         nchw = x.dim() == 4
         rows = self._papr_norm2_rows(x, indices, nchw)                # (B, k, C)
+        branch = (self.mlp, self.drop_path2, self.layer_scale2)
         if nchw:           # 1x1 convs and (C, 1, 1) scales
-            rows = _stages.on_rows_as_map(self._papr_mlp_branch, rows)
+            rows = _stages.on_rows_as_map(branch, rows)
         else:
-            rows = self._papr_mlp_branch(rows)
+            for module in branch:
+                rows = module(rows)
         base = self.res_scale2(x)
         base = base.permute(0, 2, 3, 1) if nchw else base            # (B, H, W, C) / (B, N, C)
         out = _stages.add_back(base, indices, rows, row_of)
         return out.permute(0, 3, 1, 2) if nchw else out
-
-    def _papr_mlp_branch(self, rows):
-        return self.layer_scale2(self.drop_path2(self.mlp(rows)))
 
     def _papr_norm2_rows(self, x, indices, nchw):
         """norm2 of the kept rows (B, k, C): gathered then normed for a per-position LayerNorm,
