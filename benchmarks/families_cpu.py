@@ -308,7 +308,8 @@ def main(argv=None):
     rows = []
     for spec in args.models.split(","):
         rows += measure_model(spec, proposal, args.batch, args.runs, CLOCKS[args.clock],
-                              args.dry, args.proposal_sizes, DTYPES[args.dtype], args.stages, args.compile)
+                              args.dry, args.proposal_sizes, DTYPES[args.dtype], args.stages,
+                              args.compile)
         print(f"{spec} done", flush=True)
     print()
     if args.proposal_sizes:
