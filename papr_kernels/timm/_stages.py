@@ -137,7 +137,8 @@ def _run_channels_last(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weights are passed as channels-last views of themselves (the same memory): Inductor gives the
     size-1 dim of x stride 0, which ATen no longer reads as channels-last, and only the weight
     then keeps the convolution channels-last (else its output is NCHW: a transposing copy per
-    convolution, CAFormer-S18 bf16 B = 8 on CPU: 27 of 198 ms). Not under export (standard
+    convolution, CAFormer-S18 bf16 B = 8 on CPU: 27 of 198 ms). Effective from torch 2.14
+    (2.11's Inductor re-strides the views too: no effect, no harm). Not under export (standard
     views only there)."""
     if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return module(x)
