@@ -21,6 +21,9 @@ def pytest_addoption(parser):
                     help="smallest shapes and few rounds: proves the suite runs (CI)")
     group.addoption("--bench-device", default=None, choices=["cpu", "cuda"],
                     help="device to benchmark (default: cuda when available, else cpu)")
+    group.addoption("--bench-families", action="store_true", default=False,
+                    help="test_e2e_gpu: the other families' models (FAMILY_MODELS) instead "
+                         "of the ViTs, Swin-T and ConvNeXt-T")
 
 
 @pytest.hookimpl(tryfirst=True)

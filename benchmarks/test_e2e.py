@@ -218,6 +218,14 @@ QUICK_MODELS = {"vit_tiny_patch16_224": dict(depth=2), "convnext_atto": dict(dep
 GPU_Z = (0.7, 0.5, 0.3)
 # Swin-T / ConvNeXt-T (issue 17): the published z = 0.65 and 0.5, in bf16 and fp32.
 HIERARCHICAL_GPU_Z = (0.65, 0.5)
+# `--bench-families` (`tools/gpu_check.sh e2e-families`): instead of the models above, one of each
+# family added since (bf16 eager, B = 64 and 256; no bound: BoundViT is timm's ViT forward):
+# Hiera and NaFlexVit prune every block, attention included (z = 0.5); MetaFormer its MLPs
+# (z = 0.65 and 0.5). Quick mode: small ones (MetaFormer names fix their depths: full size).
+FAMILY_MODELS = {"hiera_base_224": (0.5,), "naflexvit_base_patch16_gap": (0.5,),
+                 "caformer_s18": HIERARCHICAL_GPU_Z}
+QUICK_FAMILY_MODELS = {"hiera_tiny_224": dict(stages=(1, 1, 1, 1)),
+                       "naflexvit_base_patch16_gap": dict(depth=1), "caformer_s18": {}}
 GPU_MODES = ("eager", "compile")
 GPU_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 COMPILED_PROPOSAL_MODEL = "vit_base_patch16_224"
@@ -241,19 +249,31 @@ SMALL_BATCH_PROVIDERS = ("unpruned", "papr-z0.5", *GRAPHED_PROVIDERS, UNPRUNED_A
 CUDA_ONLY_PROVIDERS = {**CUDA_ONLY_LEVERS, **dict.fromkeys(GRAPHED_PROVIDERS, "a CUDA graph")}
 
 
+def _quick_kwargs(name):
+    """The create_model overrides of a quick-mode model."""
+    return QUICK_MODELS[name] if name in QUICK_MODELS else QUICK_FAMILY_MODELS[name]
+
+
 def _quick_id(name):
     return name + "".join(f"-{k}{''.join(map(str, v)) if isinstance(v, tuple) else v}"
-                          for k, v in QUICK_MODELS[name].items())
+                          for k, v in _quick_kwargs(name).items())
 
 
 def _is_vit(name):
     return name.startswith(("vit_", "deit_"))
 
 
-def gpu_cases(device, quick):
+def _is_hierarchical(name):
+    """Whether the patched model runs the row ops (a dense grid kept), not `prune`."""
+    return name.startswith(("swin", "convnext", "caformer"))
+
+
+def gpu_cases(device, quick, families=False):
     """[(model, dtype, mode, batch, provider)] in run order (model and dtype outermost: one model
     set up at a time). ViTs in bf16; Swin-T / ConvNeXt-T in bf16 and fp32 at z = 0.65 and 0.5;
-    then ViT-B's small-batch group."""
+    then ViT-B's small-batch group. `families`: the FAMILY_MODELS cases instead."""
+    if families:
+        return family_cases(device, quick)
     if quick:
         models, modes, batches = tuple(QUICK_MODELS), ("eager",), (1,)
     elif device == "cuda":
@@ -282,6 +302,20 @@ def gpu_cases(device, quick):
     return cases + small_batch_cases(device, quick, batches)
 
 
+def family_cases(device, quick):
+    """The cases of `--bench-families`: each of FAMILY_MODELS (quick: QUICK_FAMILY_MODELS at
+    z = 0.5, B = 1, fp32) unpruned, PaPr at its z, the proposal alone and unpruned again, bf16
+    eager at B = 64 and 256."""
+    if quick:
+        models, dtype, batches = dict.fromkeys(QUICK_FAMILY_MODELS, (0.5,)), "fp32", (1,)
+    elif device == "cuda":
+        models, dtype, batches = FAMILY_MODELS, "bf16", (64, 256)
+    else:
+        return []
+    return [(model, dtype, "eager", b, p) for model, zs in models.items() for b in batches
+            for p in ("unpruned", *(f"papr-z{z}" for z in zs), "proposal", UNPRUNED_AGAIN)]
+
+
 def small_batch_cases(device, quick, regular_batches):
     """The small-batch group of ViT-B bf16 eager (quick: the tiny ViT) at each batch of
     SMALL_BATCHES (QUICK_SMALL_BATCHES) that its regular group does not time."""
@@ -297,9 +331,10 @@ def _gpu_generate(metafunc):
     device = metafunc.config.getoption("--bench-device") or pb.default_device()
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"
+    families = metafunc.config.getoption("--bench-families")
     cases = [pytest.param(m, dt, mode, b, p,
                           id=f"{_quick_id(m) if quick else m}-{dt}-{mode}-B{b}-{p}")
-             for m, dt, mode, b, p in gpu_cases(device, quick)]
+             for m, dt, mode, b, p in gpu_cases(device, quick, families)]
     if not cases:
         cases = [pytest.param(None, None, None, None, None, id="cpu", marks=pytest.mark.skip(
             reason="the bf16 end-to-end benchmark runs on CUDA (on CPU only its tiny "
@@ -331,7 +366,7 @@ def _gpu_models(device, model_name, quick, dtype):
     """(unpruned, patched copy) of one model in `dtype`, random weights."""
     from papr_kernels import timm as papr_timm
     torch.manual_seed(0)
-    kwargs = QUICK_MODELS[model_name] if quick else {}
+    kwargs = _quick_kwargs(model_name) if quick else {}
     model = timm.create_model(model_name, pretrained=False, **kwargs).eval().to(device, dtype)
     torch.manual_seed(1)
     proposal = papr_kernels.proposal.create("mobileone_s0", pretrained=False)
@@ -539,7 +574,8 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
         patched.papr_z = z
         fn, pipeline = patched, "papr_kernels.timm.patch"
         backend = papr_kernels.backends.resolve(
-            None, device, () if _is_vit(model_name) else papr_kernels.backends.ROW_OPS).__name__
+            None, device, papr_kernels.backends.ROW_OPS if _is_hierarchical(model_name)
+            else ()).__name__
     if compiled_proposal:
         pipeline += ", proposal torch.compile'd (Proposal(compiled=True))"
     if captured:

@@ -322,6 +322,28 @@ def test_gpu_check_dry_run_measures_the_checkout_and_brings_back_every_table(tmp
         set(files)
 
 
+@pytest.mark.slow
+def test_gpu_check_dry_run_of_the_other_families_prints_their_rows(tmp_path):
+    """tools/gpu_check.sh e2e-families on tiny CPU cases: Hiera, NaFlexVit and MetaFormer each
+    unpruned and PaPr at z = 0.5, in the end-to-end table on stdout."""
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", OUT=str(tmp_path / "out"),
+               PY=f"{sys.executable} -S", PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    run = subprocess.run(["bash", "tools/gpu_check.sh", "e2e-families"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    out = run.stdout
+    assert "bench-e2e-gpu-families rc=0" in out, out + run.stderr
+    table = out[out.index("**End to end, side by side**"):]
+    for model in ("hiera_tiny_224-stages1111", "naflexvit_base_patch16_gap-depth1",
+                  "caformer_s18"):
+        row = next((line for line in table.splitlines()
+                    if line.startswith(f"| {model} | fp32 | eager | 1 | 0.5 |")), None)
+        assert row is not None, table
+        images_per_s = [cell.strip() for cell in row.split("|")[6:9]]   # unpruned, bound, PaPr
+        assert images_per_s[0] != "-" and images_per_s[1] == "-" and images_per_s[2] != "-", row
+    assert "vit_tiny" not in table and "convnext_atto" not in table
+
+
 class _FakeTimed:
     """Stands for papr_bench.Timed on a GPU: each call takes `seconds[i]` (the last repeats)
     and records it as its CUDA-event time."""

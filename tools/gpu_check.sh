@@ -15,13 +15,14 @@
 #      z = 0.5 (unpruned, PaPr, bound, proposal). `e2e-compile`: that compile run with its own
 #      time; `e2e-compile-hier`: Swin-T / ConvNeXt-T compiled at B = 256 (issue 17, about 8
 #      minutes); `e2e-fp32`: Swin-T / ConvNeXt-T in fp32; `e2e-cp`: ViT-B eager with the proposal
-#      compiled (Proposal(compiled=True)) beside the plain eager rows (about 3 minutes).
+#      compiled (Proposal(compiled=True)) beside the plain eager rows (about 3 minutes);
+#      `e2e-families`: Hiera-B, NaFlexVit-B and CAFormer-S18 bf16 eager (about a minute).
 #      Each run writes $OUT/<run>.json (also when its timeout stops it: SIGINT, and pytest-benchmark
 #      saves what was measured) and <run>.log; the tables go to stdout.
 #   5. (issue 14) `percall`: benchmarks/per_call_gpu.py, host and GPU time per call of every
 #      backend against the copy floor, into $OUT/per-call-gpu.md.
 #   Usage: [PY=python3] bash tools/gpu_check.sh [build|wheel] [tests] [bench] [compile] [percall]
-#          [e2e] [e2e-compile] [e2e-compile-hier] [e2e-fp32] [e2e-cp]
+#          [e2e] [e2e-compile] [e2e-compile-hier] [e2e-fp32] [e2e-cp] [e2e-families]
 # Default: build tests bench (about 7 minutes on an H100 with 16 cores). `compile` (torch.compile
 # provider, up to 5 minutes) is a separate call: one call may run 10 minutes at most.
 # A session's 15 device minutes (machine start included) fit two calls, most important first,
@@ -153,9 +154,9 @@ echo "per-call channels_last rc=$? in $((SECONDS - start)) s"; per_call_tables "
 tail -5 "$OUT/per-call-gpu.log"
 fi
 # Issues 12 and 17: side by side in one process per run (CUDA-event medians of >= 10 rounds).
-# e2e_run NAME SECONDS KEXPR: the test_e2e.py cases matching KEXPR into $OUT/NAME.json and
-# NAME.log, stopped after SECONDS or at E2E_END (SECONDS of this shell) when that is sooner;
-# prints its exit status, failures and summary line.
+# e2e_run NAME SECONDS KEXPR [OPTION...]: the test_e2e.py cases matching KEXPR (with the pytest
+# OPTIONs) into $OUT/NAME.json and NAME.log, stopped after SECONDS or at E2E_END (SECONDS of this
+# shell) when that is sooner; prints its exit status, failures and summary line.
 E2E_END=
 e2e_run() {
     local start=$SECONDS limit=$2
@@ -165,8 +166,8 @@ e2e_run() {
     if [ "$limit" -lt 30 ]; then
         echo "$1 SKIPPED: ${limit} s left of E2E_BUDGET_S"; return
     fi
-    $STOP "$limit" $BENCH benchmarks/test_e2e.py -k "$3" --benchmark-json="$OUT/$1.json" \
-        >"$OUT/$1.log" 2>&1
+    $STOP "$limit" $BENCH benchmarks/test_e2e.py -k "$3" "${@:4}" \
+        --benchmark-json="$OUT/$1.json" >"$OUT/$1.log" 2>&1
     echo "$1 rc=$? in $((SECONDS - start)) s (limit $limit s)"
     grep -E "^(FAILED|ERROR) " "$OUT/$1.log" | cut -c1-300 | head -20
     grep -E "KeyboardInterrupt|^=* ?[0-9].* in [0-9.]+s" "$OUT/$1.log" | tail -2
@@ -190,6 +191,11 @@ fi
 if step e2e-compile-hier; then
 e2e_run bench-e2e-gpu-compile-hier 480 \
     "test_e2e_gpu and compile and not vit_ and $BF16 and B256"
+fi
+# The families added after the GPU runs (test_e2e.py FAMILY_MODELS: Hiera-B, NaFlexVit-B,
+# CAFormer-S18), bf16 eager at B = 64 / 256: about a minute, when a lease has it to spare.
+if step e2e-families; then
+e2e_run bench-e2e-gpu-families 150 "test_e2e_gpu and eager and $BF16" --bench-families
 fi
 if step e2e-fp32; then
 e2e_run bench-e2e-gpu-fp32 150 "test_e2e_gpu and eager and not vit_ and fp32"
