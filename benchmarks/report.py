@@ -340,6 +340,14 @@ def targets_table(tg):
     return "\n".join(lines)
 
 
+FAMILY_ORDER = ("vit", "swin", "convnext")   # by a model name's first word; the rest after them
+
+
+def family_rank(model):
+    first = model.split("_")[0]
+    return FAMILY_ORDER.index(first) if first in FAMILY_ORDER else len(FAMILY_ORDER)
+
+
 def e2e_rows(rows):
     e2e = [dict(r) for r in rows if r["suite"] == "e2e"]
     base = {(r["shape"], r.get("device"), r["B"]): r for r in e2e if r["provider"] == "unpruned"}
@@ -349,8 +357,7 @@ def e2e_rows(rows):
         r["speedup"] = b["median_s"] / r["median_s"] if b else None
         r["flop_ratio"] = b["gflops_per_image"] / r["gflops_per_image"] if b else None
     order = {"unpruned": 0, "papr-z0.7": 1, "papr-z0.65": 2, "papr-z0.5": 3, "papr-z0.3": 4}
-    models = {"vit": 0, "swin": 1, "convnext": 2}
-    return sorted(e2e, key=lambda r: (models.get(r["shape"].split("_")[0], 9), r["shape"],
+    return sorted(e2e, key=lambda r: (family_rank(r["shape"]), r["shape"],
                                       r.get("device") or "", r["B"], order.get(r["provider"], 9)))
 
 
@@ -404,9 +411,8 @@ def e2e_gpu_groups(rows):
 
 def e2e_gpu_ratios(groups):
     """One dict per (model, dtype, mode, B, z): images/s and the ratios (None where missing)."""
-    models = {"vit": 0, "swin": 1, "convnext": 2}
     out = []
-    for key in sorted(groups, key=lambda k: (models.get(k[0].split("_")[0], 9), k[0], k[1],
+    for key in sorted(groups, key=lambda k: (family_rank(k[0]), k[0], k[1],
                                              k[2] != "eager", k[2], k[3])):
         g = groups[key]
         zs = sorted({m.group(1) for m in map(PAPR_OR_BOUND.fullmatch, g) if m},
@@ -453,9 +459,8 @@ def e2e_gpu_table(ratios):
 def proposal_levers(groups):
     """One dict per proposal variant of each e2e-gpu group that timed a lever: its median and
     its time over the default `proposal`'s (None where that is missing)."""
-    models = {"vit": 0, "swin": 1, "convnext": 2}
     out = []
-    for key in sorted(groups, key=lambda k: (models.get(k[0].split("_")[0], 9), k[0], k[1],
+    for key in sorted(groups, key=lambda k: (family_rank(k[0]), k[0], k[1],
                                              k[2], k[3])):
         g = groups[key]
         if not any(p in g for p in PROPOSAL_LEVERS):
