@@ -46,10 +46,12 @@ wheel-smoke: wheel
 abi-audit: install
 	$(VENV)/bin/torch-abi-audit -v --check both papr_kernels
 
-# The wheel built against the pinned torch, installed into a fresh venv with torch 2.13.0 (CPU
-# build, on this machine's disk): the extension's tests pass there without a rebuild.
+# The wheel built against the pinned torch, installed into a fresh venv with each of these torch
+# versions (2.13.0: the CPU build on this machine's disk; 2.10.0: from PyPI, the oldest the stable
+# ABI admits): the extension's tests pass there without a rebuild.
+TORCH_COMPAT_VERSIONS ?= 2.13.0 2.10.0
 torch-compat: wheel
-	tools/torch_compat.sh
+	for v in $(TORCH_COMPAT_VERSIONS); do TORCH_COMPAT_VERSION=$$v tools/torch_compat.sh || exit 1; done
 
 # The patched-model tests again with the oldest timm pyproject.toml admits.
 timm-compat: install
