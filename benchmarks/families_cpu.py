@@ -3,7 +3,7 @@ family, side by side in one process: what PaPr buys a user serving that model on
 
     python benchmarks/families_cpu.py [--models a,b@224,...] [--batch 8] [--runs 5]
         [--threads 1] [--clock process|wall] [--dtype fp32|bf16] [--proposal-sizes 160,128]
-        [--stages 0/0,1] [--compile] [--dry]
+        [--stages 0/0,1] [--proposal-fp32] [--compile] [--dry]
 
 For each model: the unpruned model, PaPr (MobileOne-S0 proposal, its time counted) at the
 family's default z and at z = 0.5, the bound at z = 0.5 where it is cheap to build (the ViT-like
@@ -15,7 +15,10 @@ counted through its math form, the proposal included), the proposal's share of t
 and PaPr / bound (bound time / PaPr time). `name@S` runs a model at S x S pixels (`img_size=S`).
 `--proposal-sizes S,...` adds, for each S, PaPr at z = 0.5 and the proposal alone with the
 proposal's opt-in `image_size=S` (`papr-z0.5-pS`, `proposal-pS`: the same network, its images
-resized to S x S; it keeps other tokens, docs/design.md). `--stages 0/0,1` adds, for the
+resized to S x S; it keeps other tokens, docs/design.md). `--proposal-fp32` adds PaPr at
+z = 0.5 and the proposal alone with the proposal fixed to float32 whatever the images
+(`create(..., dtype=torch.float32)`: `papr-z0.5-pfp32`, `proposal-pfp32`), the way out for bf16
+models on a CPU without bf16 convolutions. `--stages 0/0,1` adds, for the
 hierarchical families (Swin, ConvNeXt, MetaFormer), PaPr at their default z pruning only those
 stages (`papr-z0.65-s0`, `papr-z0.65-s01`; sets separated by /). `--dtype bf16`: the models and
 images in bf16 (the proposal follows them), as on a CPU with AMX / AVX512-BF16. `--compile`
@@ -124,10 +127,11 @@ def bound(model, proposal, z):
     return patched
 
 
-def configs(model, proposal, proposal_sizes=(), stage_sets=()):
+def configs(model, proposal, proposal_sizes=(), stage_sets=(), proposal_fp32=False):
     """{config: (fn, z)} of one model, in timing order; for each of `proposal_sizes` S, PaPr at
-    BOUND_Z and the proposal alone with the proposal at `image_size=S` (the same network); for
-    each of `stage_sets` (hierarchical families), PaPr at the default z on those stages only."""
+    BOUND_Z and the proposal alone with the proposal at `image_size=S` (the same network); with
+    `proposal_fp32`, the same with a copy of the proposal fixed to float32; for each of
+    `stage_sets` (hierarchical families), PaPr at the default z on those stages only."""
     default = papr_timm.patch(copy.deepcopy(model), proposal)   # the family's default z
     patched = {default.papr_z: default}
     if BOUND_Z not in patched:
@@ -144,6 +148,11 @@ def configs(model, proposal, proposal_sizes=(), stage_sets=()):
         papr = papr_timm.patch(copy.deepcopy(model), smaller, BOUND_Z)
         out[f"papr-z{BOUND_Z:g}-p{size}"] = (papr, BOUND_Z)
         out[f"proposal-p{size}"] = (_proposal_runner(papr), None)
+    if proposal_fp32:   # a copy: one network cast back and forth would time the casts
+        fixed = papr_proposal.Proposal(copy.deepcopy(proposal.network), dtype=torch.float32)
+        papr = papr_timm.patch(copy.deepcopy(model), fixed, BOUND_Z)
+        out[f"papr-z{BOUND_Z:g}-pfp32"] = (papr, BOUND_Z)
+        out["proposal-pfp32"] = (_proposal_runner(papr), None)
     if isinstance(default, HierarchicalModel):
         for stages in stage_sets:
             papr = papr_timm.patch(copy.deepcopy(model), proposal, stages=stages)
@@ -153,7 +162,7 @@ def configs(model, proposal, proposal_sizes=(), stage_sets=()):
 
 def proposal_config(config):
     """The config of the proposal alone that PaPr config `config` runs: proposal[-pS]."""
-    size = re.search(r"-p\d+$", config)
+    size = re.search(r"-p(\d+|fp32)$", config)
     return "proposal" + (size.group(0) if size else "")
 
 
@@ -176,7 +185,7 @@ def time_alternating(fns, images, runs, clock):
 
 
 def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=(),
-                  dtype=torch.float32, stage_sets=(), compiled=False):
+                  dtype=torch.float32, stage_sets=(), compiled=False, proposal_fp32=False):
     """The rows (dicts) of one model: one per config; `compiled`: each timed through
     torch.compile."""
     name, img_size = parse_model(spec)
@@ -184,7 +193,7 @@ def measure_model(spec, proposal, batch, runs, clock, dry=False, proposal_sizes=
     model.to(dtype)
     images = torch.randn(batch, 3, size, size,
                          generator=torch.Generator().manual_seed(0)).to(dtype)
-    fns = configs(model, proposal, proposal_sizes, stage_sets)
+    fns = configs(model, proposal, proposal_sizes, stage_sets, proposal_fp32)
     timed = {c: torch.compile(fn, dynamic=False) if compiled else fn for c, (fn, _) in fns.items()}
     times = time_alternating(timed, images, runs, clock)
     proposal_gflops = {c: counted_gflops(fn, images) for c, (fn, _) in fns.items()
@@ -238,7 +247,7 @@ def proposal_table(rows):
     lines = ["| model | proposal at | ms / batch | time / full-size proposal's |", "|---|---|---|---|"]
     full = {r["model"]: r["median_s"] for r in rows if r["config"] == "proposal"}
     for r in rows:
-        if r["config"].startswith("proposal"):
+        if r["config"].startswith("proposal") and r["config"] != "proposal-pfp32":
             at = r["config"][len("proposal-p"):] + " px" if r["config"] != "proposal" else \
                 f"{r['size']} px (as given)"
             lines.append(f"| {r['model']} | {at} | {r['median_s'] * 1e3:.1f} | "
@@ -268,6 +277,8 @@ def parse_args(argv=None):
     parser.add_argument("--stages", default="",
                         help="stage sets like 0/0,1: also PaPr of the hierarchical families on "
                              "those stages only")
+    parser.add_argument("--proposal-fp32", action="store_true",
+                        help="also PaPr with the proposal fixed to float32")
     parser.add_argument("--compile", action="store_true",
                         help="time every config through torch.compile")
     parser.add_argument("--dry", action="store_true", help="depth-1 models (a smoke test)")
@@ -303,13 +314,14 @@ def main(argv=None):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
           f"{', torch.compile' if args.compile else ''}"
           f"{', DRY (depth-1 models)' if args.dry else ''}"
-          f"{f', proposal sizes {args.proposal_sizes}' if args.proposal_sizes else ''}",
+          f"{f', proposal sizes {args.proposal_sizes}' if args.proposal_sizes else ''}"
+          f"{', proposal also in fp32' if args.proposal_fp32 else ''}",
           flush=True)
     rows = []
     for spec in args.models.split(","):
         rows += measure_model(spec, proposal, args.batch, args.runs, CLOCKS[args.clock],
                               args.dry, args.proposal_sizes, DTYPES[args.dtype], args.stages,
-                              args.compile)
+                              args.compile, args.proposal_fp32)
         print(f"{spec} done", flush=True)
     print()
     if args.proposal_sizes:

@@ -14,6 +14,7 @@ callable is wrapped as is.
 """
 import itertools
 import numbers
+import warnings
 import weakref
 from typing import Callable, Optional, Tuple, Union
 
@@ -100,6 +101,7 @@ class Proposal(nn.Module):
         state["_compiled_network"] = None
         state.pop("_snapshots", None)
         state.pop("_versions", None)    # weak references: not picklable, and about this process
+        state.pop("_dtypes_seen", None)  # about this machine's CPU
         return state
 
     def _apply(self, fn, recurse=True):
@@ -230,6 +232,9 @@ class Proposal(nn.Module):
         compute dtype); the images at `image_size`, in the dtype and memory format it runs in."""
         autocast = torch.is_autocast_enabled(images.device.type)
         dtype = self.follow(images.device, None if autocast else images.dtype)
+        if self.dtype is None:
+            self._warn_if_slow(images.device, torch.get_autocast_dtype(images.device.type)
+                               if autocast else dtype, autocast)
         images = self._resize(images, dtype or images.dtype)
         if dtype is None:
             return images
@@ -237,6 +242,34 @@ class Proposal(nn.Module):
         if images.dim() == 4 and _is_channels_last(self):
             return images.contiguous(memory_format=torch.channels_last)
         return images
+
+    def _warn_if_slow(self, device: torch.device, dtype: Optional[torch.dtype],
+                      autocast: bool) -> None:
+        """Warn (once per proposal, device and dtype) where the network follows the images (or
+        autocast) into a dtype this CPU's oneDNN cannot convolve in: torch's slow fallback."""
+        if dtype is None or torch.compiler.is_compiling():
+            return
+        seen = self.__dict__.setdefault("_dtypes_seen", set())
+        if (device.type, dtype) in seen:
+            return
+        seen.add((device.type, dtype))
+        if not _slow_on_cpu(device, dtype):
+            return
+        warnings.warn(
+            f"the proposal runs in {dtype} ({'autocast' if autocast else 'the images'} dtype) "
+            f"on a CPU whose oneDNN has no {dtype} convolutions (no AVX512-BF16 / AMX / "
+            f"AVX512-FP16): torch's fallback convolution is many times slower there than "
+            f"float32 (MobileOne-S0 27x on a 2-core AMD EPYC); to run it in float32 whatever "
+            f"the images, pass papr_kernels.proposal.create(..., dtype=torch.float32)",
+            stacklevel=4)
+
+
+def _slow_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's CPU convolutions in `dtype` are its slow fallback (a loop over groups,
+    no oneDNN): bf16 / fp16 where oneDNN cannot run them on this CPU."""
+    if torch.device(device).type != "cpu" or dtype not in _MKLDNN_SUPPORTED:
+        return False
+    return not (torch.backends.mkldnn.is_available() and _MKLDNN_SUPPORTED[dtype]())
 
 
 def _check_image_size(value) -> Optional[Tuple[int, int]]:
@@ -480,6 +513,10 @@ def _fuses_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
         not torch.compiler.is_compiling() and not torch.compiler.is_exporting() and \
         not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
 
+
+# Whether oneDNN runs convolutions in that dtype on this CPU (else ATen falls back to its slow one).
+_MKLDNN_SUPPORTED = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}
 
 # oneDNN's convolution with a fused post-op (the op torch.compile's CPU backend emits), and
 # the bf16 support torch's own mkldnn convolution checks for.

@@ -678,6 +678,30 @@ def test_families_cpu_dry_run_tables_every_family_with_well_formed_ratios(capsys
     assert "| vit_base_patch16_224 | VisionTransformer | 224 | unpruned | " in table[5]
 
 
+def test_families_cpu_proposal_fp32_times_papr_with_a_float32_copy_of_the_proposal(monkeypatch):
+    """--proposal-fp32 with bf16 models: PaPr at z = 0.5 and the proposal alone with a copy of
+    the proposal fixed to float32 (its own network: the default one stays bf16), each PaPr row's
+    share that of its own proposal."""
+    pytest.importorskip("timm")
+    import families_cpu
+    runs = []
+    monkeypatch.setattr(families_cpu, "time_alternating", lambda fns, images, runs_, clock: (
+        runs.append(fns), {c: [0.5 + i] for i, c in enumerate(fns)})[1])
+    rows = _families_cpu_dry("--models", "vit_small_patch16_224", "--dtype", "bf16",
+                             "--proposal-fp32")
+    by_config = {r["config"]: r for r in rows}
+    assert list(by_config) == ["unpruned", "papr-z0.5", "bound-z0.5", "proposal",
+                               "papr-z0.5-pfp32", "proposal-pfp32"]
+    fns = runs[0]
+    default, fixed = fns["papr-z0.5"].papr_proposal, fns["papr-z0.5-pfp32"].papr_proposal
+    assert fixed.dtype == torch.float32 and default.dtype is None
+    assert next(fixed.network.parameters()).dtype == torch.float32
+    assert next(default.network.parameters()).dtype == torch.bfloat16
+    papr = by_config["papr-z0.5-pfp32"]
+    assert papr["z"] == 0.5 and papr["proposal_gflops"] == by_config["proposal"]["gflops"]
+    assert papr["proposal_share"] == by_config["proposal-pfp32"]["median_s"] / papr["median_s"]
+
+
 def test_families_cpu_proposal_sizes_time_papr_with_the_smaller_proposal_beside_the_default(
         capsys):
     """--proposal-sizes 160,128: PaPr at z = 0.5 and the proposal alone with the proposal at

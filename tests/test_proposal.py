@@ -4,6 +4,7 @@ lever that changes it) and the wrapper's guarantees. Counted with dynamo's
 CompileCounter backend, so no Inductor compile runs here."""
 import fractions
 import io
+import warnings
 
 import pytest
 import torch
@@ -707,3 +708,58 @@ def test_a_dispatch_mode_sees_the_folded_convolutions_as_the_two_ops():
             network(images)
         counts.append(counter.get_total_flops())
     assert counts[0] > 0 and counts[1] == counts[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_following_images_into_a_dtype_this_cpu_only_emulates_warns_once_with_the_fix(
+        monkeypatch, dtype):
+    """bf16 / fp16 convolutions without oneDNN's support (no AVX512-BF16 / AMX / AVX512-FP16)
+    run ATen's slow fallback; the proposal still follows the images, and says how not to."""
+    monkeypatch.setitem(papr_proposal._MKLDNN_SUPPORTED, dtype, lambda: False)
+    proposal = papr_proposal.create(Features())
+    images = _images().to(dtype)
+    with pytest.warns(UserWarning, match=r"dtype=torch\.float32") as caught:
+        f = proposal(images)
+    assert len(caught) == 1 and str(dtype) in str(caught[0].message)
+    assert f.dtype == dtype                       # followed all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # no cast on the next call: no warning
+        proposal(images)
+
+
+@pytest.mark.parametrize("fixed", [None, torch.float32])
+def test_no_warning_where_the_cpu_runs_that_dtype_or_the_dtype_is_fixed(monkeypatch, fixed):
+    supported = fixed is None
+    monkeypatch.setitem(papr_proposal._MKLDNN_SUPPORTED, torch.bfloat16, lambda: supported)
+    proposal = papr_proposal.create(Features(), dtype=fixed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = proposal(_images().to(torch.bfloat16))
+        proposal(_images())                       # float32 images: nothing to say either
+    assert f.dtype == (fixed or torch.bfloat16)
+
+
+def test_the_slow_dtype_warning_comes_again_after_unpickling(monkeypatch):
+    """(another machine may lack what this one has)"""
+    monkeypatch.setitem(papr_proposal._MKLDNN_SUPPORTED, torch.bfloat16, lambda: False)
+    proposal = papr_proposal.create(Features())
+    images = _images().bfloat16()
+    with pytest.warns(UserWarning, match="oneDNN has no torch.bfloat16 convolutions"):
+        proposal(images)
+    loaded = torch.load(io.BytesIO(_saved(proposal)), weights_only=False)
+    with pytest.warns(UserWarning, match="oneDNN has no torch.bfloat16 convolutions"):
+        loaded(images)
+
+
+def test_autocast_into_a_dtype_this_cpu_only_emulates_warns(monkeypatch):
+    monkeypatch.setitem(papr_proposal._MKLDNN_SUPPORTED, torch.bfloat16, lambda: False)
+    proposal = papr_proposal.create(Features())
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.warns(UserWarning, match=r"runs in torch\.bfloat16 \(autocast dtype\)"):
+        assert proposal(_images()).dtype == torch.bfloat16
+
+
+def _saved(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
