@@ -261,7 +261,7 @@ class Proposal(nn.Module):
             f"AVX512-FP16): torch's fallback convolution is many times slower there than "
             f"float32 (MobileOne-S0 27x on a 2-core AMD EPYC); to run it in float32 whatever "
             f"the images, pass papr_kernels.proposal.create(..., dtype=torch.float32)",
-            stacklevel=4)
+            stacklevel=2)
 
 
 def _slow_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
