@@ -259,7 +259,7 @@ class Proposal(nn.Module):
             f"the proposal runs in {dtype} ({'autocast' if autocast else 'the images'} dtype) "
             f"on a CPU whose oneDNN has no {dtype} convolutions (no AVX512-BF16 / AMX / "
             f"AVX512-FP16): torch's fallback convolution is many times slower there than "
-            f"float32 (MobileOne-S0 27x on a 2-core AMD EPYC); to run it in float32 whatever "
+            f"float32 (MobileOne-S0 ~18x on a 2-core AMD EPYC); to run it in float32 whatever "
             f"the images, pass papr_kernels.proposal.create(..., dtype=torch.float32)",
             stacklevel=2)
 
