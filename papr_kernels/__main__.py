@@ -41,6 +41,20 @@ def _extension_build() -> str:
             f"{abi}")
 
 
+def _cpu_convolutions() -> str:
+    """Which reduced-precision dtypes this CPU's oneDNN convolves in (a proposal that follows
+    bf16 / fp16 images runs torch's slow fallback convolution where it does not)."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    slow = [name for dtype, name in names.items()
+            if papr_proposal._slow_on_cpu(torch.device("cpu"), dtype)]
+    fast = [name for name in names.values() if name not in slow]
+    out = [f"{', '.join(fast)} by oneDNN"] if fast else []
+    if slow:
+        out.append(f"{', '.join(slow)} by torch's slow fallback (a proposal for such models: "
+                   f"proposal.create(..., dtype=torch.float32))")
+    return "; ".join(out)
+
+
 def info() -> None:
     """Versions, devices and each backend with why it can or cannot run (like xformers.info)."""
     cuda = torch.cuda.is_available()
@@ -53,6 +67,7 @@ def info() -> None:
         ("triton", _version("triton")),
         ("timm", _version("timm")),
         ("extension _C", _extension_build()),
+        ("CPU convolutions", _cpu_convolutions()),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -164,6 +164,23 @@ def test_info_lists_versions_and_backends(capsys):
         assert any(line.startswith(name) for line in text.splitlines())
 
 
+@pytest.mark.parametrize("bf16,fp16", [(True, False), (False, False), (True, True)])
+def test_info_says_which_reduced_precision_convolutions_this_cpu_runs_fast(
+        monkeypatch, capsys, bf16, fp16):
+    from papr_kernels import proposal
+    monkeypatch.setitem(proposal._MKLDNN_SUPPORTED, torch.bfloat16, lambda: bf16)
+    monkeypatch.setitem(proposal._MKLDNN_SUPPORTED, torch.float16, lambda: fp16)
+    assert main(["info"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("CPU convolutions"))
+    fast = [name for name, ok in (("bf16", bf16), ("fp16", fp16)) if ok]
+    slow = [name for name, ok in (("bf16", bf16), ("fp16", fp16)) if not ok]
+    if torch.backends.mkldnn.is_available():
+        assert (f"{', '.join(fast)} by oneDNN" in line) == bool(fast), line
+        assert (f"{', '.join(slow)} by torch's slow fallback" in line) == bool(slow), line
+        assert ("dtype=torch.float32" in line) == bool(slow), line
+
+
 def test_demo_prints_a_table_and_matches(capsys):
     assert main(["demo", "--batch", "2", "--repeats", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
