@@ -269,7 +269,12 @@ def _slow_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
     no oneDNN): bf16 / fp16 where oneDNN cannot run them on this CPU."""
     if torch.device(device).type != "cpu" or dtype not in _MKLDNN_SUPPORTED:
         return False
-    return not (torch.backends.mkldnn.is_available() and _MKLDNN_SUPPORTED[dtype]())
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return True
+    try:
+        return not _MKLDNN_SUPPORTED[dtype]()
+    except (AttributeError, RuntimeError):   # a build without the query: assume the fallback
+        return True
 
 
 def _check_image_size(value) -> Optional[Tuple[int, int]]:
@@ -514,9 +519,10 @@ def _fuses_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
         not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
 
 
-# Whether oneDNN runs convolutions in that dtype on this CPU (else ATen falls back to its slow one).
-_MKLDNN_SUPPORTED = {torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
-                     torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported}
+# Whether oneDNN runs convolutions in that dtype on this CPU (else ATen falls back to its slow
+# one); looked up when called: a torch build without oneDNN has no such ops.
+_MKLDNN_SUPPORTED = {torch.bfloat16: lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                     torch.float16: lambda: torch.ops.mkldnn._is_mkldnn_fp16_supported()}
 
 # oneDNN's convolution with a fused post-op (the op torch.compile's CPU backend emits), and
 # the bf16 support torch's own mkldnn convolution checks for.

@@ -763,3 +763,17 @@ def _saved(module):
     buffer = io.BytesIO()
     torch.save(module, buffer)
     return buffer.getvalue()
+
+
+def test_a_torch_without_onednn_or_its_query_counts_as_the_slow_fallback(monkeypatch):
+    def missing():
+        raise AttributeError("no such op")
+    cpu = torch.device("cpu")
+    monkeypatch.setitem(papr_proposal._MKLDNN_SUPPORTED, torch.bfloat16, missing)
+    assert papr_proposal._slow_on_cpu(cpu, torch.bfloat16)
+    monkeypatch.setitem(papr_proposal._MKLDNN_SUPPORTED, torch.bfloat16, lambda: True)
+    assert not papr_proposal._slow_on_cpu(cpu, torch.bfloat16)
+    assert not papr_proposal._slow_on_cpu(cpu, torch.float32)
+    assert not papr_proposal._slow_on_cpu(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert papr_proposal._slow_on_cpu(cpu, torch.bfloat16)
