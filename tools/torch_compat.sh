@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One wheel, two torch versions: install the newest dist/papr_kernels-*.whl (built against the
 # pinned torch, 2.14.1) into a fresh venv with another torch (default 2.13.0, the CPU build on
-# this machine's disk; TORCH_COMPAT_VERSION overrides: `make torch-compat` also runs 2.10.0, the
-# oldest the wheel claims) and run the extension's tests there, from
+# this machine's disk; TORCH_COMPAT_VERSION overrides: 2.10.0, the oldest the wheel claims, passed
+# on 2026-12-03) and run the extension's tests there, from
 # a copy of tests/ outside the source tree, so they import the wheel and not the checkout.
 # The wheel is never rebuilt for that torch: the stable ABI (csrc/stable.h) is what lets it load.
 # timm is not installed there (its torchvision dependency does not import beside torch 2.13.0),
