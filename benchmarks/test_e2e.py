@@ -263,11 +263,6 @@ def _is_vit(name):
     return name.startswith(("vit_", "deit_"))
 
 
-def _is_hierarchical(name):
-    """Whether the patched model runs the row ops (a dense grid kept), not `prune`."""
-    return name.startswith(("swin", "convnext", "caformer"))
-
-
 def gpu_cases(device, quick, families=False):
     """[(model, dtype, mode, batch, provider)] in run order (model and dtype outermost: one model
     set up at a time). ViTs in bf16; Swin-T / ConvNeXt-T in bf16 and fp32 at z = 0.65 and 0.5;
@@ -571,10 +566,11 @@ def test_e2e_gpu(benchmark, device, quick, model_name, dtype_name, mode, batch, 
     elif lever:
         fn, pipeline = proposal_lever(provider, patched, img)
     else:
+        from papr_kernels.timm._stages import HierarchicalModel   # needs timm, as _gpu_models
         patched.papr_z = z
         fn, pipeline = patched, "papr_kernels.timm.patch"
-        backend = papr_kernels.backends.resolve(
-            None, device, papr_kernels.backends.ROW_OPS if _is_hierarchical(model_name)
+        backend = papr_kernels.backends.resolve(   # the row ops where a dense grid is kept
+            None, device, papr_kernels.backends.ROW_OPS if isinstance(patched, HierarchicalModel)
             else ()).__name__
     if compiled_proposal:
         pipeline += ", proposal torch.compile'd (Proposal(compiled=True))"

@@ -269,12 +269,18 @@ def _slow_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
     no oneDNN): bf16 / fp16 where oneDNN cannot run them on this CPU."""
     if torch.device(device).type != "cpu" or dtype not in _MKLDNN_SUPPORTED:
         return False
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return True
+    return not (torch.backends.mkldnn.enabled and _onednn_convolves(dtype))
+
+
+def _onednn_convolves(dtype: torch.dtype) -> bool:
+    """Whether this torch has oneDNN and it runs convolutions in `dtype` (bf16 / fp16) on this
+    CPU; False for a build without the query."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
-        return not _MKLDNN_SUPPORTED[dtype]()
-    except (AttributeError, RuntimeError):   # a build without the query: assume the fallback
-        return True
+        return bool(_MKLDNN_SUPPORTED[dtype]())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _check_image_size(value) -> Optional[Tuple[int, int]]:
@@ -526,6 +532,5 @@ _MKLDNN_SUPPORTED = {torch.bfloat16: lambda: torch.ops.mkldnn._is_mkldnn_bf16_su
 
 # oneDNN's convolution with a fused post-op (the op torch.compile's CPU backend emits), and
 # the bf16 support torch's own mkldnn convolution checks for.
-_MKLDNN_BF16 = torch.backends.mkldnn.is_available() and \
-    hasattr(torch.ops.mkldnn, "_convolution_pointwise") and \
-    torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_MKLDNN_BF16 = _onednn_convolves(torch.bfloat16) and \
+    hasattr(torch.ops.mkldnn, "_convolution_pointwise")
