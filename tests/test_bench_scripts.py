@@ -755,8 +755,9 @@ def test_families_cpu_stage_sets_prune_only_those_stages_of_hierarchical_familie
 
 
 def test_families_cpu_compile_times_every_config_compiled_by_torch_compile(capsys, monkeypatch):
-    """--compile: every config (the patched ConvNeXt's row ops and masked residual included) is
-    timed through torch.compile, each compiled to at least one graph during the warm-up."""
+    """--compile: every config is timed through torch.compile, each compiled to at least one
+    graph during the warm-up (a depth-1 ViT: ~35 s; ConvNeXt took ~100 s, and compiling the
+    patched hierarchical models is test_timm_usage's and test_graph_tools' part)."""
     pytest.importorskip("timm")
     import families_cpu
     import torch._dynamo
@@ -768,12 +769,12 @@ def test_families_cpu_compile_times_every_config_compiled_by_torch_compile(capsy
     graphs = torch._dynamo.utils.counters["stats"]
     before = graphs["unique_graphs"]
     try:
-        rows = _families_cpu_dry("--models", "convnext_tiny", "--compile")
+        rows = _families_cpu_dry("--models", "vit_small_patch16_224", "--compile")
         assert graphs["unique_graphs"] - before >= len(timed)
     finally:
         torch._dynamo.reset()
     assert list(timed) == [r["config"] for r in rows] == \
-        ["unpruned", "papr-z0.65", "papr-z0.5", "proposal"]
+        ["unpruned", "papr-z0.5", "bound-z0.5", "proposal"]
     assert all(r["median_s"] > 0 for r in rows)
     assert ", torch.compile, DRY" in capsys.readouterr().out.splitlines()[0]
 
