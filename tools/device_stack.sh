@@ -33,7 +33,9 @@ if [ ! -x "$VENV/bin/python" ] && [ "$FREE_GB" -lt "${DEVICE_STACK_MIN_FREE_GB:-
     "DEVICE_STACK_MIN_FREE_GB=${DEVICE_STACK_MIN_FREE_GB:-8})" >&2
   exit 0
 fi
-[ "${DEVICE_STACK_CLEAN:-0}" = 1 ] && trap 'rm -rf "$VENV"' EXIT
+# Its own Inductor cache: CI runs this beside `make test` (the pinned torch compiling too).
+export TORCHINDUCTOR_CACHE_DIR="$ROOT/build/inductor-device-stack"
+[ "${DEVICE_STACK_CLEAN:-0}" = 1 ] && trap 'rm -rf "$VENV" "$TORCHINDUCTOR_CACHE_DIR"' EXIT
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --no-cache-dir "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
@@ -44,9 +46,6 @@ fi
 
 cd "$ROOT"
 export PYTHONPATH="$ROOT"
-# Its own Inductor cache: CI runs this beside `make test` (the pinned torch compiling too).
-export TORCHINDUCTOR_CACHE_DIR="$ROOT/build/inductor-device-stack"
-[ "${DEVICE_STACK_CLEAN:-0}" = 1 ] && trap 'rm -rf "$VENV" "$TORCHINDUCTOR_CACHE_DIR"' EXIT
 # test_large is left to `make test`: it checks only this package's kernels (64-bit offsets, no
 # torch-version-dependent code) and needs ~11 GB; two of it at once would not fit in 24 GB.
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests --ignore=tests/test_large.py
