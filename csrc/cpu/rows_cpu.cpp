@@ -56,9 +56,14 @@ inline bf16 mul_like_torch(bf16 a, bf16 b) {
   return bf16{round_to_bf16_bits(to_float(a) * to_float(b))};
 }
 
-// Row loops over a unit channel stride, with an AVX2 clone (bfloat16: 3-4x faster than the
-// scalar conversions of before; the same bits).
+// Row loops over a unit channel stride, with an AVX2 clone on x86-64 (bfloat16: 3-4x faster than
+// the scalar conversions of before; the same bits). target_clones needs ELF ifuncs, and "avx2" is
+// an x86 name (GCC rejects it on aarch64): elsewhere the loops build once, for the target.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__)
 #define PAPR_ROW_LOOP __attribute__((target_clones("avx2", "default")))
+#else
+#define PAPR_ROW_LOOP
+#endif
 
 // dst[c] += src[c] (scatter_back: the add-backs of Swin and MetaFormer).
 template <typename T>
