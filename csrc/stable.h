@@ -23,6 +23,15 @@
 #include <string>
 #include <vector>
 
+// A shim call that failed throws. Headers of torch >= 2.14 (at least; 2.11's do not) name the
+// check STABLE_TORCH_ERROR_CODE_CHECK; those of 2.10-2.11, which a --no-build-isolation build on
+// the user's torch compiles against, have only TORCH_ERROR_CODE_CHECK.
+#ifdef STABLE_TORCH_ERROR_CODE_CHECK
+#define PAPR_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
+#else
+#define PAPR_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
+#endif
+
 namespace papr {
 
 using Tensor = torch::stable::Tensor;
@@ -87,12 +96,12 @@ inline Tensor empty_on(const Tensor& t, std::initializer_list<int64_t> sizes,
   if (dtype) {
     shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(*dtype));
   } else {
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(t.get(), &shim_dtype));
+    PAPR_SHIM_CHECK(aoti_torch_get_dtype(t.get(), &shim_dtype));
   }
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
+  PAPR_SHIM_CHECK(aoti_torch_get_device_type(t.get(), &device_type));
+  PAPR_SHIM_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
   AtenTensorHandle out = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(n, size, stride, shim_dtype, device_type,
+  PAPR_SHIM_CHECK(aoti_torch_empty_strided(n, size, stride, shim_dtype, device_type,
                                                          device_index, &out));
   return Tensor(out);
 }
@@ -112,7 +121,7 @@ inline Tensor as_contiguous(const Tensor& t) {
 // An ATen op through the dispatcher: the stack holds the inputs, then the outputs.
 template <size_t N>
 void call_dispatcher(const char* op, const char* overload, std::array<StableIValue, N>& stack) {
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(op, overload, stack.data(), TORCH_ABI_VERSION));
+  PAPR_SHIM_CHECK(torch_call_dispatcher(op, overload, stack.data(), TORCH_ABI_VERSION));
 }
 
 // torch.sort(t, dim, descending).values.
