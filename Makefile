@@ -58,6 +58,13 @@ torch-compat: wheel
 timm-compat: install
 	tools/timm_compat.sh
 
+# The sdist on aarch64 (Grace, Graviton), from this x86 machine: setup.py under an emulated
+# aarch64 Python with torch 2.10, the extension's tests there, its scores against this host's bit
+# for bit (tools/aarch64_check.sh: ~5 minutes; needs root and apt).
+.PHONY: aarch64-check
+aarch64-check: install
+	tools/aarch64_check.sh
+
 clean:
 	rm -rf build dist *.egg-info papr_kernels/*.so $(PKG_STAMP)
 
