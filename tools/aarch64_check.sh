@@ -26,6 +26,7 @@ pin() { grep -E "^$1==" "$ROOT/requirements.txt"; }
 
 # 1. The cross compiler and the emulator.
 if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
+  apt-get update -q >/dev/null   # a fresh machine may have no package lists yet
   apt-get install -y -q g++-aarch64-linux-gnu qemu-user-static >/dev/null
 fi
 
