@@ -42,9 +42,11 @@ wheel-smoke: wheel
 	tools/wheel_smoke.sh
 
 # The extension uses only torch's stable ABI and CPython's limited API (issue 16): the audit
-# fails on any other libtorch or CPython symbol and prints the oldest torch the binary loads into.
+# fails on any other libtorch or CPython symbol and prints the oldest torch the binary loads into;
+# glibc_floor.py fails on a glibc / libstdc++ symbol version past manylinux_2_28.
 abi-audit: install
 	$(VENV)/bin/torch-abi-audit -v --check both papr_kernels
+	$(PY) tools/glibc_floor.py papr_kernels/_C*.so   # loads on glibc >= 2.28, as torch's wheels
 
 # The wheel built against the pinned torch, installed into a fresh venv with each of these torch
 # versions (2.13.0: the CPU build on this machine's disk): the extension's tests pass there without

@@ -144,8 +144,11 @@ def _extension():
     if with_cuda:
         info["archs"], info["ptx"] = _arch_info(cpp_extension)
         info["cuda"] = _nvcc_version(cuda_home) or torch.version.cuda
+    # csrc/compat first on the include path: its <sys/single_threaded.h> keeps the binary off
+    # glibc 2.32 (the header says why).
+    compat = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "compat")]
     exts = [cpp_extension.CppExtension(
-        "papr_kernels._C", sources, py_limited_api=True, extra_link_args=link,
+        "papr_kernels._C", sources, py_limited_api=True, extra_link_args=link, include_dirs=compat,
         extra_compile_args={"cxx": cxx + [_build_info_define(info)]})]
     if with_cuda:
         cuda_sources = ["csrc/cuda/module.cpp", "csrc/cuda/prune_cuda.cpp",
@@ -155,6 +158,7 @@ def _extension():
         # USE_CUDA: declares the stable shim's aoti_torch_get_current_cuda_stream.
         exts.append(cpp_extension.CUDAExtension(
             "papr_kernels._C_cuda", cuda_sources, py_limited_api=True, extra_link_args=link,
+            include_dirs=compat,
             extra_compile_args={"cxx": cxx + ["-DUSE_CUDA"],
                                 "nvcc": ["-O3", "--fmad=false", "-lineinfo"]}))
     print("papr_kernels build configuration:")

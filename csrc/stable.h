@@ -32,6 +32,15 @@
 #define PAPR_SHIM_CHECK(call) TORCH_ERROR_CODE_CHECK(call)
 #endif
 
+// glibc 2.34 moved dlsym (which torch's stable headers call) into libc.so.6 under a new symbol
+// version; binding the first one keeps the extension loadable on glibc 2.28-2.33 (manylinux_2_28,
+// like torch's wheels), where libdl, which libc10 links, provides it. The same function on every glibc.
+#if defined(__GLIBC__) && defined(__x86_64__)
+__asm__(".symver dlsym,dlsym@GLIBC_2.2.5");
+#elif defined(__GLIBC__) && defined(__aarch64__)
+__asm__(".symver dlsym,dlsym@GLIBC_2.17");
+#endif
+
 namespace papr {
 
 using Tensor = torch::stable::Tensor;

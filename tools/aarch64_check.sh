@@ -83,6 +83,7 @@ PATH="$ROOT/.venv/bin:$PATH" CXX=aarch64-linux-gnu-g++ FORCE_CUDA=0 MAX_JOBS="${
     echo "aarch64 build failed ($W/build.log); its errors, then its end:"
     grep -E "error" "$W/build.log" | head -n 20; tail -n 15 "$W/build.log"; exit 1; }
 readelf -h papr_kernels/_C.abi3.so | grep -q "AArch64" || { echo "not an aarch64 build"; exit 1; }
+OBJDUMP=aarch64-linux-gnu-objdump "$HOST_PY" "$ROOT/tools/glibc_floor.py" papr_kernels/_C.abi3.so
 
 # 5. Emulated: the extension loads into torch 2.10 on aarch64, and its tests pass there (the
 # selection of tools/torch_compat.sh; no triton, no GPU, and no Inductor: its C++ build would run
