@@ -23,9 +23,9 @@
 #include <string>
 #include <vector>
 
-// A shim call that failed throws. Headers of torch >= 2.14 (at least; 2.11's do not) name the
-// check STABLE_TORCH_ERROR_CODE_CHECK; those of 2.10-2.11, which a --no-build-isolation build on
-// the user's torch compiles against, have only TORCH_ERROR_CODE_CHECK.
+// A shim call that failed throws. torch 2.14's headers name the check
+// STABLE_TORCH_ERROR_CODE_CHECK; 2.10's and 2.11's (what a --no-build-isolation build on the
+// user's torch compiles against) have only TORCH_ERROR_CODE_CHECK.
 #ifdef STABLE_TORCH_ERROR_CODE_CHECK
 #define PAPR_SHIM_CHECK(call) STABLE_TORCH_ERROR_CODE_CHECK(call)
 #else
@@ -33,8 +33,9 @@
 #endif
 
 // glibc 2.34 moved dlsym (which torch's stable headers call) into libc.so.6 under a new symbol
-// version; binding the first one keeps the extension loadable on glibc 2.28-2.33 (manylinux_2_28,
-// like torch's wheels), where libdl, which libc10 links, provides it. The same function on every glibc.
+// version. Binding its first version keeps the extension loadable on glibc 2.28-2.33
+// (manylinux_2_28, like torch's wheels), where libdl (linked by libc10) provides it; the same
+// function on every glibc. tools/glibc_floor.py checks the whole floor.
 #if defined(__GLIBC__) && defined(__x86_64__)
 __asm__(".symver dlsym,dlsym@GLIBC_2.2.5");
 #elif defined(__GLIBC__) && defined(__aarch64__)
@@ -111,7 +112,7 @@ inline Tensor empty_on(const Tensor& t, std::initializer_list<int64_t> sizes,
   PAPR_SHIM_CHECK(aoti_torch_get_device_index(t.get(), &device_index));
   AtenTensorHandle out = nullptr;
   PAPR_SHIM_CHECK(aoti_torch_empty_strided(n, size, stride, shim_dtype, device_type,
-                                                         device_index, &out));
+                                           device_index, &out));
   return Tensor(out);
 }
 

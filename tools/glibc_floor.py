@@ -19,12 +19,17 @@ _VERSION = re.compile(r"\b(GLIBCXX|GLIBC|CXXABI|GCC)_([0-9.]+)\b")
 
 def required_versions(path):
     """{family: [version tuples]} from the library's version references."""
-    text = subprocess.run([os.environ.get("OBJDUMP", "objdump"), "-p", path], capture_output=True, text=True, check=True).stdout
+    objdump = os.environ.get("OBJDUMP", "objdump")
+    text = subprocess.run([objdump, "-p", path], capture_output=True, text=True, check=True).stdout
     refs = text.split("Version References:", 1)[1] if "Version References:" in text else ""
     found = {}
     for family, version in _VERSION.findall(refs):
         found.setdefault(family, []).append(tuple(int(v) for v in version.strip(".").split(".")))
     return found
+
+
+def _dotted(version):
+    return ".".join(map(str, version))
 
 
 def main(paths):
@@ -34,8 +39,8 @@ def main(paths):
     for path in paths:
         found = required_versions(path)
         newest = {family: max(versions) for family, versions in found.items()}
-        print(path + ": " + ", ".join(f"{f}_{'.'.join(map(str, v))}" for f, v in sorted(newest.items())))
-        too_new += [f"{path}: {family}_{'.'.join(map(str, v))}" for family, versions in found.items()
+        print(path + ": " + ", ".join(f"{f}_{_dotted(v)}" for f, v in sorted(newest.items())))
+        too_new += [f"{path}: {family}_{_dotted(v)}" for family, versions in found.items()
                     for v in versions if v > FLOOR[family]]
     if too_new:
         sys.exit("past manylinux_2_28 (glibc 2.28, GCC 8's libstdc++):\n  " + "\n  ".join(too_new))
